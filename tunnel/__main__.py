@@ -1,0 +1,3 @@
+from tunnel.cli import main
+
+main()

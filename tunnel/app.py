@@ -1,0 +1,44 @@
+"""The composition root: build the handler from a config, open the listeners, serve."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from tunnel.config import Config
+from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.handler import Handler
+from tunnel.net.listener import accept_loop, bound_address, open_listeners
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+async def serve(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``config`` until cancelled.
+
+    With ``nursery.start(serve, config)`` the caller gets the bound listeners back once they
+    accept connections (port 0 is resolved in ``listener.socket.getsockname()``).
+    """
+    handler = Handler(config)
+    listeners = await open_listeners(config.listeners)
+    try:
+        async with trio.open_nursery() as connections:
+            for listener in listeners:
+                log.info(
+                    "listening",
+                    extra=fields(
+                        address=bound_address(listener),
+                        routes=",".join(route.name for route in config.routes),
+                    ),
+                )
+                connections.start_soon(accept_loop, listener, handler, connections)
+            task_status.started(listeners)
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()

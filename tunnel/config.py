@@ -1,0 +1,468 @@
+"""Configuration: frozen dataclasses read from one TOML file, every key with a safe default.
+
+``Config.from_toml`` parses and validates; any problem raises ``ConfigError`` naming the dotted
+key (``routes[0].backends[1].url``), the way ``nginx -t`` names the line. Only keys whose
+behaviour exists are accepted: an unknown key is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from tunnel.errors import ConfigError
+
+MILLISECONDS = 0.001
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+DAYS = 24 * HOURS
+
+BYTES = 1
+KiB = 1024 * BYTES
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS}
+_SIZE_UNITS = {"": BYTES, "b": BYTES, "kib": KiB, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 1000**2}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+BALANCE_METHODS = ("round-robin",)
+LOG_FORMATS = ("text", "json")
+UPGRADE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?$")
+
+
+def parse_duration(text: str, key: str) -> float:
+    """``"10s"`` → 10.0 seconds. Units: ms, s, m, h, d. ``"0s"`` means "off" where allowed."""
+    if not isinstance(text, str):
+        raise ConfigError(key, f'expected a duration string such as "10s", got {text!r}')
+    match = _QUANTITY.match(text)
+    if not match or match.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(key, f'{text!r} is not a duration; write it like "500ms", "10s", "1h"')
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """``"32KiB"`` → 32768 bytes. Units: B, KiB, MiB, GiB (and KB, MB); a bare int is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(key, f'expected a size such as "32KiB", got {text!r}')
+    match = _QUANTITY.match(text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(key, f'{text!r} is not a size; write it like "512B", "32KiB", "1MiB"')
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_duration(seconds: float) -> str:
+    for unit, scale in (("h", HOURS), ("m", MINUTES), ("s", SECONDS)):
+        if seconds >= scale and (seconds / scale).is_integer():
+            return f"{int(seconds / scale)}{unit}"
+    if seconds == 0:
+        return "0s"
+    return f"{round(seconds / MILLISECONDS)}ms"
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listening address; ``host`` is ``""`` for every interface (written ``:port``)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> Address:
+        """Parse ``host:port``, ``[v6]:port`` or ``:port``."""
+        if not isinstance(text, str):
+            raise ConfigError(key, f'expected "host:port", got {text!r}')
+        host, port = _split_host_port(text, key, default_port=None)
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return _join_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One upstream server. ``path`` replaces the route's ``path_prefix`` when set (nginx style)."""
+
+    name: str
+    host: str
+    port: int
+    path: str = ""
+    scheme: str = "ws"
+
+    @classmethod
+    def parse_url(cls, url: str, key: str, name: str = "") -> BackendConfig:
+        """Parse ``host:port`` or ``ws://host:port[/path]``."""
+        if not isinstance(url, str) or not url:
+            raise ConfigError(
+                key, f'expected a backend URL like "ws://127.0.0.1:9000", got {url!r}'
+            )
+        if "://" not in url:
+            host, port = _split_host_port(url, key, default_port=None)
+            if not host:
+                raise ConfigError(key, f"{url!r} names no host")
+            return cls(name or _join_host_port(host, port), host, port)
+        parts = urlsplit(url)
+        if parts.scheme == "wss":
+            raise ConfigError(key, "wss:// backends need TLS to backends, which is not built yet")
+        if parts.scheme != "ws":
+            raise ConfigError(key, f"scheme {parts.scheme!r} is not supported; use ws://")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigError(key, f"{url!r}: query, fragment and credentials are not allowed")
+        host, port = _split_host_port(parts.netloc, key, default_port=80)
+        if not host:
+            raise ConfigError(key, f"{url!r} names no host")
+        path = parts.path if parts.path not in ("", "/") else ""
+        return cls(name or _join_host_port(host, port), host, port, path)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{_join_host_port(self.host, self.port)}{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    listen: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Where matching upgrade requests go. First matching route wins."""
+
+    name: str
+    backends: tuple[BackendConfig, ...]
+    hosts: tuple[str, ...] = ()
+    path_prefix: str = "/"
+    upgrades: tuple[str, ...] = ("websocket",)
+    balance: str = "round-robin"
+    preserve_host: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    handshake_timeout: float = 10 * SECONDS
+    connect_timeout: float = 5 * SECONDS
+    response_timeout: float = 10 * SECONDS
+    idle_timeout: float = 1 * HOURS
+    max_header_bytes: int = 32 * KiB
+    max_tunnels: int = 10_000
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    log_format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. Build it with ``from_toml``, ``from_file`` or ``from_mapping``."""
+
+    listeners: tuple[ListenerConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the file: {exc.strerror}") from exc
+        return cls.from_toml(text)
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("(file)", f"not valid TOML: {exc}") from exc
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Config:
+        _reject_unknown(data, ("server", "listeners", "routes"), "")
+        server = _parse_server(_table(data.get("server", {}), "server"))
+        listeners = tuple(
+            _parse_listener(item, f"listeners[{i}]")
+            for i, item in enumerate(_array(data.get("listeners", []), "listeners"))
+        )
+        routes = tuple(
+            _parse_route(item, f"routes[{i}]")
+            for i, item in enumerate(_array(data.get("routes", []), "routes"))
+        )
+        config = cls(listeners=listeners, routes=routes, server=server)
+        config.validate()
+        return config
+
+    def with_overrides(
+        self,
+        *,
+        listen: Sequence[str] = (),
+        backends: Sequence[str] = (),
+        log_format: str | None = None,
+    ) -> Config:
+        """Apply command-line flags: each given flag replaces the file's value entirely."""
+        config = self
+        if listen:
+            config = dataclasses.replace(
+                config,
+                listeners=tuple(ListenerConfig(Address.parse(a, f"--listen {a}")) for a in listen),
+            )
+        if backends:
+            parsed = tuple(BackendConfig.parse_url(b, f"--backend {b}") for b in backends)
+            config = dataclasses.replace(config, routes=(RouteConfig("default", parsed),))
+        if log_format is not None:
+            config = dataclasses.replace(
+                config, server=dataclasses.replace(config.server, log_format=log_format)
+            )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check what a single key cannot check alone; raise ``ConfigError`` naming the key."""
+        if not self.listeners:
+            raise ConfigError("listeners", "no listener; add [[listeners]] or pass --listen")
+        if not self.routes:
+            raise ConfigError("routes", "no route; add [[routes]] or pass --backend")
+        seen: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in seen:
+                raise ConfigError(f"routes[{i}].name", f"{route.name!r} is used twice")
+            seen.add(route.name)
+        if self.server.log_format not in LOG_FORMATS:
+            raise ConfigError("server.log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+
+    def to_toml(self) -> str:
+        """The effective configuration, every default spelled out (``tunnel check`` prints it)."""
+        s = self.server
+        lines = [
+            "[server]",
+            f'handshake_timeout = "{format_duration(s.handshake_timeout)}"',
+            f'connect_timeout = "{format_duration(s.connect_timeout)}"',
+            f'response_timeout = "{format_duration(s.response_timeout)}"',
+            f'idle_timeout = "{format_duration(s.idle_timeout)}"',
+            f'max_header_bytes = "{format_size(s.max_header_bytes)}"',
+            f"max_tunnels = {s.max_tunnels}",
+            f"trusted_proxies = {_toml_list(str(n) for n in s.trusted_proxies)}",
+            f'log_format = "{s.log_format}"',
+        ]
+        for listener in self.listeners:
+            lines += ["", "[[listeners]]", f'listen = "{listener.listen}"']
+        for route in self.routes:
+            lines += [
+                "",
+                "[[routes]]",
+                f'name = "{route.name}"',
+                f"hosts = {_toml_list(route.hosts)}",
+                f'path_prefix = "{route.path_prefix}"',
+                f"upgrades = {_toml_list(route.upgrades)}",
+                f'balance = "{route.balance}"',
+                f"preserve_host = {'true' if route.preserve_host else 'false'}",
+                "backends = [",
+                *(f'  {{ name = "{b.name}", url = "{b.url}" }},' for b in route.backends),
+                "]",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_list(items: Any) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str, int]:
+    port_text: str | None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(key, f"{text!r} opens [ but never closes it")
+        host, rest = text[1:close], text[close + 1 :]
+        _check_ip(host, text, key, version=6)
+        if rest and not rest.startswith(":"):
+            raise ConfigError(key, f"{text!r} is not [v6]:port")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" not in text:
+        host, port_text = text, None
+    else:
+        raise ConfigError(key, f"{text!r}: write IPv6 addresses in brackets, like [::1]:8080")
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(key, f"{text!r} needs a port, like host:8080 or [::1]:8080")
+        return host.lower(), default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"port {port_text!r} in {text!r} is not a number from 0 to 65535")
+    return host.lower(), int(port_text)
+
+
+def _check_ip(host: str, text: str, key: str, version: int) -> None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(key, f"{host!r} in {text!r} is not an IPv{version} address") from exc
+    if ip.version != version:
+        raise ConfigError(key, f"{host!r} in {text!r} is not an IPv{version} address")
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _table(value: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def _array(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected an array of tables ([[{key}]]), got {value!r}")
+    return value
+
+
+def _reject_unknown(table: Mapping[str, Any], known: Sequence[str], prefix: str) -> None:
+    for name in table:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(where, f"unknown key; known keys here: {', '.join(known)}")
+
+
+T = TypeVar("T")
+
+
+def _get(table: Mapping[str, Any], name: str, prefix: str, kind: type[T], default: T) -> T:
+    value = table.get(name, default)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{prefix}.{name}", f"expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(
+            f"{prefix}.{name}", f"expected {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _get_list(
+    table: Mapping[str, Any], name: str, prefix: str, default: Sequence[str]
+) -> tuple[str, ...]:
+    value = table.get(name, list(default))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{prefix}.{name}", f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _positive(value: T, key: str, check: Callable[[T], bool], problem: str) -> T:
+    if not check(value):
+        raise ConfigError(key, problem)
+    return value
+
+
+def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    _reject_unknown(table, names, "server")
+    d = ServerConfig()
+
+    def duration(name: str, default: float, allow_zero: bool) -> float:
+        key = f"server.{name}"
+        if name not in table:
+            return default
+        value = parse_duration(table[name], key)
+        floor = "0s (off) or more" if allow_zero else "more than 0s"
+        return _positive(value, key, lambda v: v > 0 or (allow_zero and v == 0), f"must be {floor}")
+
+    proxies: list[IPNetwork] = []
+    for cidr in _get_list(table, "trusted_proxies", "server", ()):
+        try:
+            proxies.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as exc:
+            raise ConfigError("server.trusted_proxies", f"{cidr!r} is not a CIDR: {exc}") from exc
+    max_header_bytes = parse_size(
+        table.get("max_header_bytes", d.max_header_bytes), "server.max_header_bytes"
+    )
+    max_tunnels = _get(table, "max_tunnels", "server", int, d.max_tunnels)
+    return ServerConfig(
+        handshake_timeout=duration("handshake_timeout", d.handshake_timeout, False),
+        connect_timeout=duration("connect_timeout", d.connect_timeout, False),
+        response_timeout=duration("response_timeout", d.response_timeout, False),
+        idle_timeout=duration("idle_timeout", d.idle_timeout, True),
+        max_header_bytes=_positive(
+            max_header_bytes,
+            "server.max_header_bytes",
+            lambda v: 1 * KiB <= v <= 1 * MiB,
+            "must be between 1KiB and 1MiB",
+        ),
+        max_tunnels=_positive(
+            max_tunnels, "server.max_tunnels", lambda v: v > 0, "must be 1 or more"
+        ),
+        trusted_proxies=tuple(proxies),
+        log_format=_get(table, "log_format", "server", str, d.log_format),
+    )
+
+
+def _parse_listener(item: Any, key: str) -> ListenerConfig:
+    table = _table(item, key)
+    _reject_unknown(table, ("listen",), key)
+    if "listen" not in table:
+        raise ConfigError(f"{key}.listen", 'missing; write listen = "127.0.0.1:8080"')
+    return ListenerConfig(Address.parse(table["listen"], f"{key}.listen"))
+
+
+def _parse_route(item: Any, key: str) -> RouteConfig:
+    table = _table(item, key)
+    names = [f.name for f in dataclasses.fields(RouteConfig)]
+    _reject_unknown(table, names, key)
+    name = _get(table, "name", key, str, key)
+    hosts = tuple(h.lower() for h in _get_list(table, "hosts", key, ()))
+    for host in hosts:
+        if not host or "*" in host or "/" in host:
+            raise ConfigError(f"{key}.hosts", f"{host!r} is not an exact host name")
+    path_prefix = _get(table, "path_prefix", key, str, "/")
+    if not path_prefix.startswith("/"):
+        raise ConfigError(f"{key}.path_prefix", f"{path_prefix!r} must start with /")
+    upgrades = tuple(u.lower() for u in _get_list(table, "upgrades", key, ("websocket",)))
+    if not upgrades:
+        raise ConfigError(f"{key}.upgrades", "must name at least one Upgrade token")
+    for token in upgrades:
+        if not UPGRADE_TOKEN.match(token):
+            raise ConfigError(f"{key}.upgrades", f"{token!r} is not an Upgrade token")
+    balance = _get(table, "balance", key, str, "round-robin")
+    if balance not in BALANCE_METHODS:
+        raise ConfigError(
+            f"{key}.balance", f"{balance!r} unknown; one of {', '.join(BALANCE_METHODS)}"
+        )
+    raw_backends = _array(table.get("backends", []), f"{key}.backends")
+    if not raw_backends:
+        raise ConfigError(f"{key}.backends", "a route needs at least one backend")
+    backends = []
+    for j, raw in enumerate(raw_backends):
+        bkey = f"{key}.backends[{j}]"
+        btable = _table(raw, bkey)
+        _reject_unknown(btable, ("name", "url"), bkey)
+        if "url" not in btable:
+            raise ConfigError(f"{bkey}.url", 'missing; write url = "ws://127.0.0.1:9000"')
+        bname = _get(btable, "name", bkey, str, "")
+        backends.append(BackendConfig.parse_url(btable["url"], f"{bkey}.url", bname))
+    if len({b.name for b in backends}) != len(backends):
+        raise ConfigError(f"{key}.backends", "backend names must be unique within a route")
+    return RouteConfig(
+        name=name,
+        backends=tuple(backends),
+        hosts=hosts,
+        path_prefix=path_prefix,
+        upgrades=upgrades,
+        balance=balance,
+        preserve_host=_get(table, "preserve_host", key, bool, True),
+    )

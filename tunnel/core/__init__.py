@@ -1,0 +1,1 @@
+"""Sans-io core: pure functions over h11 events and bytes; no sockets, no clock."""

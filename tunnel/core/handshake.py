@@ -1,0 +1,139 @@
+"""Validation of the client's upgrade request: pure functions over an ``h11.Request``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+from tunnel.core import headers
+from tunnel.errors import HandshakeError, MethodNotAllowed, UpgradeRequired
+
+WEBSOCKET_VERSION = "13"
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """An upgrade request that passed the route-independent checks."""
+
+    request: h11.Request
+    host: str
+    """The Host header as the client sent it (with port, original case)."""
+    hostname: str
+    """Lower-case host name without port, for routing."""
+    target: str
+    """Origin-form target (``/path?query``), even if the client sent absolute form."""
+    offered: tuple[str, ...]
+    """Upgrade tokens the client offered, lower-case, in its order of preference."""
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+
+def validate_request(request: h11.Request) -> UpgradeRequest:
+    """Check an upgrade request head before routing.
+
+    Tokens in ``Connection`` and ``Upgrade`` are compared case-insensitively.
+
+    Raises:
+        MethodNotAllowed: 405, the method is not GET.
+        HandshakeError: 400, HTTP version other than 1.1, a request body (``Content-Length`` > 0
+            or any ``Transfer-Encoding``), or an absolute-form target naming another host than
+            ``Host``.
+        UpgradeRequired: 426 with ``Upgrade: websocket``, when the request is not an upgrade
+            (no ``Upgrade`` header, or ``Connection`` without the ``upgrade`` token).
+
+    Not checked here: the Upgrade token against a route (``choose_upgrade``), WebSocket headers
+    (``check_websocket``), and the Host header's count and syntax, which h11 already enforces.
+    """
+    method = request.method.decode("ascii", "replace")
+    if method != "GET":
+        raise MethodNotAllowed(method)
+    if request.http_version != b"1.1":
+        version = request.http_version.decode("ascii", "replace")
+        raise HandshakeError(f"HTTP/{version} cannot upgrade; the tunnel needs HTTP/1.1")
+    raw = request.headers
+    if headers.values(raw, b"transfer-encoding"):
+        raise HandshakeError("an upgrade request must not have a body (Transfer-Encoding sent)")
+    for length in headers.values(raw, b"content-length"):
+        if length.strip() != b"0":
+            raise HandshakeError("an upgrade request must not have a body (Content-Length > 0)")
+    offered = tuple(headers.tokens(raw, b"upgrade"))
+    if not offered or "upgrade" not in headers.tokens(raw, b"connection"):
+        raise UpgradeRequired(
+            "this endpoint only accepts WebSocket upgrades (send Connection: Upgrade and "
+            "Upgrade: websocket)",
+            headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")],
+        )
+    host = headers.values(raw, b"host")[0].decode("latin-1")
+    hostname, _ = headers.split_host(host)
+    target = request.target.decode("latin-1")
+    if not target.startswith("/"):
+        target = _origin_form(target, host)
+    return UpgradeRequest(request, host, hostname, target, offered)
+
+
+def _origin_form(target: str, host: str) -> str:
+    """Turn an absolute-form target into origin form, refusing one that names another host."""
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise HandshakeError(f"request target {target!r} is neither a path nor an absolute URL")
+    if parts.netloc.lower() != host.lower():
+        raise HandshakeError(
+            f"absolute request target names host {parts.netloc!r} but Host is {host!r}"
+        )
+    path = parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
+
+
+def choose_upgrade(request: UpgradeRequest, allowed: Sequence[str]) -> str:
+    """Pick the first offered Upgrade token that the route allows.
+
+    Raises:
+        UpgradeRequired: 426 naming the allowed tokens in ``Upgrade``, when none is offered.
+
+    Not checked: the WebSocket headers of a websocket upgrade (``check_websocket``).
+    """
+    for token in request.offered:
+        if token in allowed:
+            return token
+    raise UpgradeRequired(
+        f"Upgrade {', '.join(request.offered)} is not allowed here; allowed: {', '.join(allowed)}",
+        headers=[("Upgrade", ", ".join(allowed)), ("Connection", "Upgrade")],
+    )
+
+
+def check_websocket(request: h11.Request) -> str:
+    """Check the RFC 6455 headers of a websocket upgrade and return the Sec-WebSocket-Key.
+
+    Raises:
+        HandshakeError: 400, ``Sec-WebSocket-Key`` missing, repeated, or not base64 of 16 bytes.
+        UpgradeRequired: 426 with ``Sec-WebSocket-Version: 13``, version missing or not 13.
+
+    Not checked: ``Origin`` (policy's job), subprotocols and extensions (the backend's).
+    """
+    raw = request.headers
+    versions = headers.tokens(raw, b"sec-websocket-version")
+    if versions != [WEBSOCKET_VERSION]:
+        sent = ", ".join(versions) or "none"
+        raise UpgradeRequired(
+            f"Sec-WebSocket-Version {sent} is not supported; use 13",
+            headers=[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
+        )
+    keys = headers.values(raw, b"sec-websocket-key")
+    if len(keys) != 1:
+        problem = "missing" if not keys else "sent more than once"
+        raise HandshakeError(f"Sec-WebSocket-Key is {problem}")
+    key = keys[0].strip()
+    try:
+        decoded = base64.b64decode(key, validate=True)
+    except binascii.Error:
+        decoded = b""
+    if len(decoded) != 16:
+        raise HandshakeError("Sec-WebSocket-Key is not the base64 of 16 bytes")
+    return key.decode("ascii")

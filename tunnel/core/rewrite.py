@@ -1,0 +1,113 @@
+"""Rewriting the client's upgrade request into the request sent to the backend."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import h11
+
+from tunnel.core import headers
+from tunnel.core.handshake import UpgradeRequest
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"content-length",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What the proxy knows about the hop it is forwarding: who sent it and where it goes."""
+
+    peer_ip: str
+    scheme: str = "http"
+    trusted_proxies: Sequence[IPNetwork] = ()
+    backend_host: str | None = None
+    """Host header toward the backend; ``None`` keeps the client's (``preserve_host``)."""
+    path_prefix: str = "/"
+    backend_path: str = ""
+    """When set, replaces ``path_prefix`` at the front of the path (nginx ``proxy_pass`` URI)."""
+
+
+def is_trusted(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> h11.Request:
+    """Build the request the backend receives.
+
+    Header casing and order survive (built from ``raw_items()``); hop-by-hop headers and every
+    header named in ``Connection`` are dropped; ``Connection: Upgrade`` and the chosen
+    ``Upgrade`` token are sent. ``X-Forwarded-For`` is replaced by the peer address, or appended
+    to when the peer is a trusted proxy, whose ``X-Forwarded-Proto``/``-Host`` are then kept.
+    ``Sec-WebSocket-*`` headers pass untouched.
+    """
+    request = upgrade.request
+    named = {name.encode("latin-1") for name in headers.tokens(request.headers, b"connection")}
+    dropped = headers.HOP_BY_HOP | named | _REPLACED
+    kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
+    trusted = is_trusted(hop.peer_ip, hop.trusted_proxies)
+    client_chain = _forwarded_for(request.headers) if trusted else []
+    chain = [*client_chain, hop.peer_ip]
+    proto = hop.scheme
+    forwarded_host = upgrade.host
+    if trusted:
+        proto = _last(request.headers, b"x-forwarded-proto") or proto
+        forwarded_host = _last(request.headers, b"x-forwarded-host") or forwarded_host
+    real_ip = next(
+        (ip for ip in reversed(chain) if not is_trusted(ip, hop.trusted_proxies)), chain[0]
+    )
+    host = hop.backend_host if hop.backend_host is not None else upgrade.host
+    added = [
+        (b"Connection", "Upgrade"),
+        (b"Upgrade", token),
+        (b"X-Forwarded-For", ", ".join(chain)),
+        (b"X-Forwarded-Proto", proto),
+        (b"X-Forwarded-Host", forwarded_host),
+        (b"X-Real-IP", real_ip),
+    ]
+    out = [(b"Host", host.encode("latin-1")), *kept]
+    out += [(name, value.encode("latin-1")) for name, value in added]
+    return h11.Request(
+        method=b"GET", target=_target(upgrade.target, hop), headers=out, http_version=b"1.1"
+    )
+
+
+def _target(target: str, hop: Forwarding) -> str:
+    if not hop.backend_path:
+        return target
+    rest = target[len(hop.path_prefix) :] if target.startswith(hop.path_prefix) else target
+    base = hop.backend_path
+    if base.endswith("/") and rest.startswith("/"):
+        rest = rest[1:]
+    elif rest and not base.endswith("/") and not rest.startswith(("/", "?")):
+        base += "/"
+    return base + rest
+
+
+def _forwarded_for(raw: headers.HeaderList) -> list[str]:
+    return [
+        item.strip().decode("latin-1")
+        for value in headers.values(raw, b"x-forwarded-for")
+        for item in value.split(b",")
+        if item.strip()
+    ]
+
+
+def _last(raw: headers.HeaderList, name: bytes) -> str | None:
+    found = headers.values(raw, name)
+    return found[-1].decode("latin-1") if found else None

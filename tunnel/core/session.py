@@ -1,0 +1,136 @@
+"""The two sans-io conversations of a handshake: reading the client's request head and reading
+the backend's reply. Bytes go in, events and bytes to forward come out; no I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h11
+
+from tunnel.core.response import check_switch, protocol_error
+from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
+
+
+class ClientClosed(Exception):
+    """The client went away before sending a complete request head (nothing to answer)."""
+
+
+class RequestHead:
+    """Accumulates client bytes until the request head is complete.
+
+    ``max_header_bytes`` bounds the whole head, whether it arrives in one read or many.
+    """
+
+    def __init__(self, max_header_bytes: int) -> None:
+        self._limit = max_header_bytes
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._received = 0
+
+    def feed(self, data: bytes) -> h11.Request | None:
+        """Feed bytes (``b""`` for EOF); return the request once its head is complete.
+
+        Raises:
+            HeadersTooLarge: 431, the head is larger than ``max_header_bytes``.
+            HandshakeError: 400, the bytes are not an HTTP/1.1 request head.
+            ClientClosed: EOF before any complete head.
+        """
+        self._received += len(data)
+        self._conn.receive_data(data)
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if not data and self._received == 0:
+                raise ClientClosed from exc
+            raise protocol_error(exc, limit=self._limit) from exc
+        if event is h11.NEED_DATA:
+            return None
+        if isinstance(event, h11.ConnectionClosed):
+            raise ClientClosed
+        if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields Request first
+            raise HandshakeError("malformed request")
+        if self._received - len(self.leftover) > self._limit:
+            raise HeadersTooLarge(self._limit)
+        return event
+
+    @property
+    def leftover(self) -> bytes:
+        """Bytes received after the head (a client may send frames before the 101)."""
+        return bytes(self._conn.trailing_data[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyProgress:
+    """What to do after feeding backend bytes."""
+
+    forward: bytes = b""
+    """Raw backend bytes to pass to the client now, verbatim."""
+    status: int | None = None
+    """The final status once the reply head is complete."""
+    switched: bool = False
+    """A valid 101 arrived: open the tunnel; ``leftover`` goes to the client after ``forward``."""
+    complete: bool = False
+    """A refusal has been relayed in full: close the connection."""
+    leftover: bytes = b""
+
+
+class BackendReply:
+    """Sends the rewritten request and follows the backend's reply.
+
+    A 101 is checked against the requested token and key, then forwarded verbatim; any other
+    final response is forwarded verbatim, body included, and ends the connection. Interim 1xx
+    responses other than 101 are consumed.
+    """
+
+    def __init__(
+        self, request: h11.Request, token: str, websocket_key: str | None, max_head_bytes: int
+    ) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        self._token = token
+        self._key = websocket_key
+        self._pending = bytearray()
+        self._status: int | None = None
+        self.request_bytes = (self._conn.send(request) or b"") + (
+            self._conn.send(h11.EndOfMessage()) or b""
+        )
+
+    def feed(self, data: bytes) -> ReplyProgress:
+        """Feed backend bytes (``b""`` for EOF).
+
+        Raises:
+            BadBackendResponse: 502, the reply is not HTTP, the backend closed before a complete
+                head, or the 101 does not match the request.
+        """
+        self._pending += data
+        self._conn.receive_data(data)
+        forward = bytearray()
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadBackendResponse(f"backend sent a malformed reply: {exc}") from exc
+            consumed = len(self._pending) - len(self._conn.trailing_data[0])
+            chunk = bytes(self._pending[:consumed])
+            del self._pending[:consumed]
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                if event is h11.PAUSED and self._status == 101:
+                    return ReplyProgress(
+                        bytes(forward), 101, switched=True, leftover=bytes(self._pending)
+                    )
+                if self._status is not None:
+                    forward += chunk
+                return ReplyProgress(bytes(forward), self._status)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    check_switch(event, self._token, self._key)
+                    self._status = 101
+                    forward += chunk
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                if self._status is None:
+                    raise BadBackendResponse("backend closed the connection before replying")
+                return ReplyProgress(bytes(forward), self._status, complete=True)
+            if isinstance(event, h11.Response):
+                self._status = event.status_code
+            forward += chunk
+            if isinstance(event, h11.EndOfMessage):
+                return ReplyProgress(bytes(forward), self._status, complete=True)

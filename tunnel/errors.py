@@ -1,0 +1,145 @@
+"""The one error tree of tunnel.
+
+Every refusal the proxy can give is an exception here; each carries the HTTP status it maps to and
+formats its own message, so the handler needs one ``except TunnelError`` and one function
+(``core.response.error_response``) to answer the client::
+
+    TunnelError
+    ├── HandshakeError (400)              the client's request head is unacceptable
+    │   ├── RequestTimeout (408)          the head did not arrive within handshake_timeout
+    │   ├── NoRoute (404)                 no route matches the Host and path
+    │   ├── MethodNotAllowed (405)
+    │   ├── UpgradeRequired (426)
+    │   ├── HeadersTooLarge (431)
+    │   ├── Forbidden (403)
+    │   └── TooManyRequests (429)
+    ├── Overloaded (503)                  max_tunnels reached; answered with Retry-After
+    ├── BackendError (502)                the backend side failed
+    │   ├── NoHealthyBackend (503)
+    │   ├── BackendUnreachable (502)
+    │   ├── BackendTimeout (504)
+    │   └── BadBackendResponse (502)      a 101 that does not match the request
+    └── ConfigError                       a bad configuration key (never sent to a client)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TunnelError(Exception):
+    """Base of every error tunnel raises on purpose."""
+
+    status: int = 500
+    reason: str = "Internal Server Error"
+
+    def __init__(self, message: str, *, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"
+
+
+class HandshakeError(TunnelError):
+    """The client's upgrade request cannot be accepted as sent."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class RequestTimeout(HandshakeError):
+    status = 408
+    reason = "Request Timeout"
+
+
+class NoRoute(HandshakeError):
+    status = 404
+    reason = "Not Found"
+
+
+class MethodNotAllowed(HandshakeError):
+    status = 405
+    reason = "Method Not Allowed"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"method {method} cannot open a tunnel; use GET", headers=[("Allow", "GET")]
+        )
+        self.method = method
+
+
+class UpgradeRequired(HandshakeError):
+    status = 426
+    reason = "Upgrade Required"
+
+
+class HeadersTooLarge(HandshakeError):
+    status = 431
+    reason = "Request Header Fields Too Large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request head is larger than max_header_bytes ({limit} bytes)")
+        self.limit = limit
+
+
+class Forbidden(HandshakeError):
+    status = 403
+    reason = "Forbidden"
+
+
+class TooManyRequests(HandshakeError):
+    status = 429
+    reason = "Too Many Requests"
+
+
+class Overloaded(TunnelError):
+    status = 503
+    reason = "Service Unavailable"
+
+    def __init__(self, limit: int, retry_after_seconds: int = 5) -> None:
+        super().__init__(
+            f"the proxy holds max_tunnels ({limit}) tunnels; retry later",
+            headers=[("Retry-After", str(retry_after_seconds))],
+        )
+        self.limit = limit
+
+
+class BackendError(TunnelError):
+    """The backend could not be reached or answered wrongly."""
+
+    status = 502
+    reason = "Bad Gateway"
+
+
+class NoHealthyBackend(BackendError):
+    status = 503
+    reason = "Service Unavailable"
+
+
+class BackendUnreachable(BackendError):
+    status = 502
+    reason = "Bad Gateway"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    reason = "Gateway Timeout"
+
+
+class BadBackendResponse(BackendError):
+    status = 502
+    reason = "Bad Gateway"
+
+
+class ConfigError(TunnelError):
+    """A configuration value is wrong; ``key`` is its dotted path, like ``routes[0].backends``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return self.message
