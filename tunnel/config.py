@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
+import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -48,7 +51,10 @@ def parse_duration(text: str, key: str) -> float:
     match = _QUANTITY.match(text)
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ConfigError(key, f'{text!r} is not a duration; write it like "500ms", "10s", "1h"')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{text!r} is too large")
+    return value
 
 
 def parse_size(text: str | int, key: str) -> int:
@@ -64,12 +70,15 @@ def parse_size(text: str | int, key: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    for unit, scale in (("h", HOURS), ("m", MINUTES), ("s", SECONDS)):
-        if seconds >= scale and (seconds / scale).is_integer():
-            return f"{int(seconds / scale)}{unit}"
+    """The spelling that ``parse_duration`` reads back as exactly ``seconds``, so ``to_toml``
+    round-trips: whole units when they are exact, else decimal seconds (``"1.001s"``)."""
     if seconds == 0:
         return "0s"
-    return f"{round(seconds / MILLISECONDS)}ms"
+    for unit, scale in (("h", HOURS), ("m", MINUTES), ("s", SECONDS), ("ms", MILLISECONDS)):
+        count = seconds / scale
+        if count.is_integer() and int(count) * scale == seconds:
+            return f"{int(count)}{unit}"
+    return f"{Decimal(repr(seconds)):f}s"
 
 
 def format_size(size: int) -> str:
@@ -120,7 +129,10 @@ class BackendConfig:
             if not host:
                 raise ConfigError(key, f"{url!r} names no host")
             return cls(name or _join_host_port(host, port), host, port)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # such as an unclosed "[" around an IPv6 host
+            raise ConfigError(key, f"{url!r} is not a valid URL") from exc
         if parts.scheme == "wss":
             raise ConfigError(key, "wss:// backends need TLS to backends, which is not built yet")
         if parts.scheme != "ws":
@@ -251,36 +263,45 @@ class Config:
         s = self.server
         lines = [
             "[server]",
-            f'handshake_timeout = "{format_duration(s.handshake_timeout)}"',
-            f'connect_timeout = "{format_duration(s.connect_timeout)}"',
-            f'response_timeout = "{format_duration(s.response_timeout)}"',
-            f'idle_timeout = "{format_duration(s.idle_timeout)}"',
-            f'max_header_bytes = "{format_size(s.max_header_bytes)}"',
+            f"handshake_timeout = {_toml_str(format_duration(s.handshake_timeout))}",
+            f"connect_timeout = {_toml_str(format_duration(s.connect_timeout))}",
+            f"response_timeout = {_toml_str(format_duration(s.response_timeout))}",
+            f"idle_timeout = {_toml_str(format_duration(s.idle_timeout))}",
+            f"max_header_bytes = {_toml_str(format_size(s.max_header_bytes))}",
             f"max_tunnels = {s.max_tunnels}",
             f"trusted_proxies = {_toml_list(str(n) for n in s.trusted_proxies)}",
-            f'log_format = "{s.log_format}"',
+            f"log_format = {_toml_str(s.log_format)}",
         ]
         for listener in self.listeners:
-            lines += ["", "[[listeners]]", f'listen = "{listener.listen}"']
+            lines += ["", "[[listeners]]", f"listen = {_toml_str(str(listener.listen))}"]
         for route in self.routes:
             lines += [
                 "",
                 "[[routes]]",
-                f'name = "{route.name}"',
+                f"name = {_toml_str(route.name)}",
                 f"hosts = {_toml_list(route.hosts)}",
-                f'path_prefix = "{route.path_prefix}"',
+                f"path_prefix = {_toml_str(route.path_prefix)}",
                 f"upgrades = {_toml_list(route.upgrades)}",
-                f'balance = "{route.balance}"',
+                f"balance = {_toml_str(route.balance)}",
                 f"preserve_host = {'true' if route.preserve_host else 'false'}",
                 "backends = [",
-                *(f'  {{ name = "{b.name}", url = "{b.url}" }},' for b in route.backends),
+                *(
+                    f"  {{ name = {_toml_str(b.name)}, url = {_toml_str(b.url)} }},"
+                    for b in route.backends
+                ),
                 "]",
             ]
         return "\n".join(lines) + "\n"
 
 
-def _toml_list(items: Any) -> str:
-    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+def _toml_str(text: str) -> str:
+    """A TOML basic string. Values come from users (names, paths), so quotes, backslashes and
+    control characters are escaped; JSON's escapes are valid TOML, and DEL must be escaped too."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join(_toml_str(item) for item in items) + "]"
 
 
 def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str, int]:

@@ -43,8 +43,8 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
     Raises:
         MethodNotAllowed: 405, the method is not GET.
         HandshakeError: 400, HTTP version other than 1.1, a request body (``Content-Length`` > 0
-            or any ``Transfer-Encoding``), or an absolute-form target naming another host than
-            ``Host``.
+            or any ``Transfer-Encoding``), a target that is neither a path nor a valid absolute
+            URL, or an absolute-form target naming another host than ``Host``.
         UpgradeRequired: 426 with ``Upgrade: websocket``, when the request is not an upgrade
             (no ``Upgrade`` header, or ``Connection`` without the ``upgrade`` token).
 
@@ -80,7 +80,10 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
 
 def _origin_form(target: str, host: str) -> str:
     """Turn an absolute-form target into origin form, refusing one that names another host."""
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError as exc:  # such as an unclosed "[" in the authority
+        raise HandshakeError(f"request target {target!r} is not a valid URL") from exc
     if parts.scheme.lower() not in ("http", "https", "ws", "wss") or not parts.netloc:
         raise HandshakeError(f"request target {target!r} is neither a path nor an absolute URL")
     if parts.netloc.lower() != host.lower():

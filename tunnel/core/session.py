@@ -32,7 +32,8 @@ class RequestHead:
         Raises:
             HeadersTooLarge: 431, the head is larger than ``max_header_bytes``.
             HandshakeError: 400, the bytes are not an HTTP/1.1 request head.
-            ClientClosed: EOF before any complete head.
+            ClientClosed: EOF before any byte (nothing to answer). EOF in the middle of a head
+                is a 400: the client may have only half-closed and can still read the answer.
         """
         self._received += len(data)
         self._conn.receive_data(data)
@@ -107,6 +108,11 @@ class BackendReply:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if not data and self._status is None:
+                    # h11 reports an early EOF as a state error; say what happened instead.
+                    raise BadBackendResponse(
+                        "backend closed the connection before replying"
+                    ) from exc
                 raise BadBackendResponse(f"backend sent a malformed reply: {exc}") from exc
             consumed = len(self._pending) - len(self._conn.trailing_data[0])
             chunk = bytes(self._pending[:consumed])

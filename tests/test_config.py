@@ -1,0 +1,546 @@
+"""Configuration: build a valid file, break one key, check that the error names that key."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from tunnel.config import (
+    Address,
+    BackendConfig,
+    Config,
+    ListenerConfig,
+    RouteConfig,
+    ServerConfig,
+    parse_duration,
+    parse_size,
+)
+from tunnel.errors import ConfigError
+
+OMIT = "<omit>"
+
+
+def doc(
+    *,
+    top: str = "",
+    server: str = "",
+    listen: str = '"127.0.0.1:8080"',
+    route: str = "",
+    backends: str = '[{ name = "a", url = "ws://127.0.0.1:9000" }]',
+    more: str = "",
+) -> str:
+    """A valid configuration file; each argument replaces one part of it."""
+    listen_line = "" if listen == OMIT else f"listen = {listen}"
+    return (
+        f"{top}\n[server]\n{server}\n\n[[listeners]]\n{listen_line}\n\n"
+        f'[[routes]]\nname = "chat"\n{route}\nbackends = {backends}\n{more}\n'
+    )
+
+
+def test_minimal_file_has_safe_defaults() -> None:
+    config = Config.from_toml(doc())
+    s = config.server
+    assert s.handshake_timeout == 10.0
+    assert s.connect_timeout == 5.0
+    assert s.response_timeout == 10.0
+    assert s.idle_timeout == 3600.0
+    assert s.max_header_bytes == 32 * 1024
+    assert s.max_tunnels == 10_000
+    assert s.trusted_proxies == ()
+    assert s.log_format == "text"
+    assert s == ServerConfig()
+    assert config.listeners == (ListenerConfig(Address("127.0.0.1", 8080)),)
+    (route,) = config.routes
+    assert route.name == "chat"
+    assert route.hosts == ()
+    assert route.path_prefix == "/"
+    assert route.upgrades == ("websocket",)
+    assert route.balance == "round-robin"
+    assert route.preserve_host is True
+    assert route.backends == (BackendConfig("a", "127.0.0.1", 9000),)
+
+
+def test_full_file_is_read() -> None:
+    config = Config.from_toml(
+        doc(
+            server='handshake_timeout = "500ms"\nconnect_timeout = "2s"\n'
+            'response_timeout = "1m"\nidle_timeout = "0s"\nmax_header_bytes = "64KiB"\n'
+            'max_tunnels = 5\ntrusted_proxies = ["10.0.0.0/8", "::1"]\nlog_format = "json"',
+            route='hosts = ["Chat.Example.com"]\npath_prefix = "/ws/"\n'
+            'upgrades = ["WebSocket", "mqtt"]\npreserve_host = false',
+        )
+    )
+    s = config.server
+    assert (s.handshake_timeout, s.connect_timeout, s.response_timeout) == (0.5, 2.0, 60.0)
+    assert s.idle_timeout == 0.0
+    assert s.max_header_bytes == 65536
+    assert s.max_tunnels == 5
+    assert s.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert s.log_format == "json"
+    (route,) = config.routes
+    assert route.hosts == ("chat.example.com",)
+    assert route.path_prefix == "/ws/"
+    assert route.upgrades == ("websocket", "mqtt")
+    assert route.preserve_host is False
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("10s", 10.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("1.5s", 1.5),
+        (" 2 s ", 2.0),
+        ("10S", 10.0),
+        ("0s", 0.0),
+    ],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text, "k") == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("32KiB", 32768),
+        ("32kib", 32768),
+        ("1MiB", 1048576),
+        ("1GiB", 1024**3),
+        ("512B", 512),
+        ("2KB", 2000),
+        ("1.5KiB", 1536),
+        ("4096", 4096),
+        (4096, 4096),
+    ],
+)
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text, "k") == size
+
+
+BAD = [
+    # (id, file text, dotted key, message substring)
+    ("not-toml", "[server\n", "(file)", "not valid TOML"),
+    ("unknown-top-level", doc(top='[admin]\nlisten = ":9901"'), "admin", "unknown key"),
+    ("server-not-table", doc(top="server = 5").replace("[server]\n", ""), "server", "table"),
+    (
+        "duration-no-unit",
+        doc(server='handshake_timeout = "10"'),
+        "server.handshake_timeout",
+        "is not a duration",
+    ),
+    (
+        "duration-bad-unit",
+        doc(server='connect_timeout = "10 parsecs"'),
+        "server.connect_timeout",
+        "is not a duration",
+    ),
+    (
+        "duration-number",
+        doc(server="response_timeout = 10"),
+        "server.response_timeout",
+        "expected a duration string",
+    ),
+    (
+        "duration-negative",
+        doc(server='idle_timeout = "-1s"'),
+        "server.idle_timeout",
+        "is not a duration",
+    ),
+    (
+        "duration-zero-not-allowed",
+        doc(server='handshake_timeout = "0s"'),
+        "server.handshake_timeout",
+        "must be more than 0s",
+    ),
+    (
+        "duration-infinite",
+        doc(server=f'idle_timeout = "{"9" * 400}h"'),
+        "server.idle_timeout",
+        "too large",
+    ),
+    (
+        "size-bad-unit",
+        doc(server='max_header_bytes = "32 potatoes"'),
+        "server.max_header_bytes",
+        "is not a size",
+    ),
+    (
+        "size-too-small",
+        doc(server='max_header_bytes = "100B"'),
+        "server.max_header_bytes",
+        "must be between 1KiB and 1MiB",
+    ),
+    (
+        "size-too-large",
+        doc(server='max_header_bytes = "2MiB"'),
+        "server.max_header_bytes",
+        "must be between 1KiB and 1MiB",
+    ),
+    (
+        "size-bool",
+        doc(server="max_header_bytes = true"),
+        "server.max_header_bytes",
+        "expected a size",
+    ),
+    ("tunnels-zero", doc(server="max_tunnels = 0"), "server.max_tunnels", "must be 1 or more"),
+    ("tunnels-string", doc(server='max_tunnels = "10"'), "server.max_tunnels", "expected int"),
+    ("tunnels-bool", doc(server="max_tunnels = true"), "server.max_tunnels", "expected an integer"),
+    (
+        "proxy-bad-cidr",
+        doc(server='trusted_proxies = ["10.0.0.0/33"]'),
+        "server.trusted_proxies",
+        "'10.0.0.0/33' is not a CIDR",
+    ),
+    (
+        "proxy-not-list",
+        doc(server='trusted_proxies = "10.0.0.0/8"'),
+        "server.trusted_proxies",
+        "expected a list of strings",
+    ),
+    (
+        "log-format",
+        doc(server='log_format = "xml"'),
+        "server.log_format",
+        "must be one of text, json",
+    ),
+    ("server-unknown-key", doc(server="workers = 2"), "server.workers", "unknown key"),
+    ("listen-no-port", doc(listen='"8080"'), "listeners[0].listen", "needs a port"),
+    ("listen-bad-port", doc(listen='"h:99999"'), "listeners[0].listen", "port '99999'"),
+    ("listen-empty-port", doc(listen='"h:"'), "listeners[0].listen", "port ''"),
+    ("listen-bare-v6", doc(listen='"::1:80"'), "listeners[0].listen", "in brackets"),
+    ("listen-open-bracket", doc(listen='"[::1:80"'), "listeners[0].listen", "never closes"),
+    ("listen-v4-in-brackets", doc(listen='"[127.0.0.1]:80"'), "listeners[0].listen", "IPv6"),
+    ("listen-junk-after-v6", doc(listen='"[::1]x80"'), "listeners[0].listen", "[v6]:port"),
+    ("listen-number", doc(listen="8080"), "listeners[0].listen", "host:port"),
+    ("listen-missing", doc(listen=OMIT), "listeners[0].listen", "missing"),
+    (
+        "listener-unknown-key",
+        doc(listen='":8080"\ntls = { cert = "a", key = "b" }'),
+        "listeners[0].tls",
+        "unknown key",
+    ),
+    (
+        "no-listener",
+        doc().replace('[[listeners]]\nlisten = "127.0.0.1:8080"', ""),
+        "listeners",
+        "no listener",
+    ),
+    ("no-route", doc().split("[[routes]]")[0], "routes", "no route"),
+    (
+        "routes-not-array",
+        doc(top="routes = 5").split("[[routes]]")[0],
+        "routes",
+        "expected an array",
+    ),
+    (
+        "backend-wss",
+        doc(backends='[{ url = "127.0.0.1:9000" }, { url = "wss://b:443" }]'),
+        "routes[0].backends[1].url",
+        "wss:// backends need TLS",
+    ),
+    (
+        "backend-http",
+        doc(backends='[{ url = "http://b:80" }]'),
+        "routes[0].backends[0].url",
+        "scheme 'http' is not supported",
+    ),
+    (
+        "backend-query",
+        doc(backends='[{ url = "ws://b:80/p?q=1" }]'),
+        "routes[0].backends[0].url",
+        "query, fragment and credentials are not allowed",
+    ),
+    (
+        "backend-credentials",
+        doc(backends='[{ url = "ws://u:p@b:80" }]'),
+        "routes[0].backends[0].url",
+        "credentials",
+    ),
+    (
+        "backend-no-host-url",
+        doc(backends='[{ url = "ws://:9000" }]'),
+        "routes[0].backends[0].url",
+        "names no host",
+    ),
+    (
+        "backend-no-host",
+        doc(backends='[{ url = ":9000" }]'),
+        "routes[0].backends[0].url",
+        "names no host",
+    ),
+    (
+        "backend-no-port",
+        doc(backends='[{ url = "localhost" }]'),
+        "routes[0].backends[0].url",
+        "needs a port",
+    ),
+    (
+        "backend-bad-port",
+        doc(backends='[{ url = "ws://b:http" }]'),
+        "routes[0].backends[0].url",
+        "port 'http'",
+    ),
+    (
+        "backend-unclosed-v6",
+        doc(backends='[{ url = "ws://[::1:9000/x" }]'),
+        "routes[0].backends[0].url",
+        "not a valid URL",
+    ),
+    (
+        "backend-empty-url",
+        doc(backends='[{ url = "" }]'),
+        "routes[0].backends[0].url",
+        "expected a backend URL",
+    ),
+    (
+        "backend-url-number",
+        doc(backends="[{ url = 9000 }]"),
+        "routes[0].backends[0].url",
+        "expected a backend URL",
+    ),
+    (
+        "backend-missing-url",
+        doc(backends='[{ name = "a" }]'),
+        "routes[0].backends[0].url",
+        "missing",
+    ),
+    (
+        "backend-unknown-key",
+        doc(backends='[{ url = "b:1", weight = 2 }]'),
+        "routes[0].backends[0].weight",
+        "unknown key",
+    ),
+    ("backends-empty", doc(backends="[]"), "routes[0].backends", "at least one backend"),
+    (
+        "backends-same-name",
+        doc(backends='[{ url = "b:1" }, { url = "ws://b:1" }]'),
+        "routes[0].backends",
+        "unique",
+    ),
+    ("route-unknown-key", doc(route='auth = "x"'), "routes[0].auth", "unknown key"),
+    (
+        "route-wildcard-host",
+        doc(route='hosts = ["*.example.com"]'),
+        "routes[0].hosts",
+        "not an exact host name",
+    ),
+    ("route-empty-host", doc(route='hosts = [""]'), "routes[0].hosts", "not an exact host name"),
+    (
+        "route-prefix-relative",
+        doc(route='path_prefix = "ws/"'),
+        "routes[0].path_prefix",
+        "must start with /",
+    ),
+    ("route-no-upgrades", doc(route="upgrades = []"), "routes[0].upgrades", "at least one"),
+    (
+        "route-bad-upgrade",
+        doc(route='upgrades = ["web socket"]'),
+        "routes[0].upgrades",
+        "is not an Upgrade token",
+    ),
+    (
+        "route-balance",
+        doc(route='balance = "least-conn"'),
+        "routes[0].balance",
+        "'least-conn' unknown; one of round-robin",
+    ),
+    (
+        "route-preserve-host-string",
+        doc(route='preserve_host = "yes"'),
+        "routes[0].preserve_host",
+        "expected bool",
+    ),
+    (
+        "route-name-twice",
+        doc(more='[[routes]]\nname = "chat"\nbackends = [{ url = "b:1" }]'),
+        "routes[1].name",
+        "'chat' is used twice",
+    ),
+    (
+        "second-route-bad-backend",
+        doc(more='[[routes]]\nname = "two"\nbackends = [{ url = "b:1" }, { url = "wss://c:1" }]'),
+        "routes[1].backends[1].url",
+        "wss://",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"), [pytest.param(*case[1:], id=case[0]) for case in BAD]
+)
+def test_bad_values_name_their_key(text: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(text)
+    assert caught.value.key == key
+    assert message in caught.value.problem
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "path", "name"),
+    [
+        ("127.0.0.1:9000", "127.0.0.1", 9000, "", "127.0.0.1:9000"),
+        ("Backend.Local:9000", "backend.local", 9000, "", "backend.local:9000"),
+        ("[::1]:9000", "::1", 9000, "", "[::1]:9000"),
+        ("ws://10.0.0.5:8080", "10.0.0.5", 8080, "", "10.0.0.5:8080"),
+        ("ws://10.0.0.5:8080/", "10.0.0.5", 8080, "", "10.0.0.5:8080"),
+        ("ws://backend:8080/socket/", "backend", 8080, "/socket/", "backend:8080"),
+        ("ws://[::1]:9000/x", "::1", 9000, "/x", "[::1]:9000"),
+        ("ws://backend", "backend", 80, "", "backend:80"),
+        ("WS://backend:81", "backend", 81, "", "backend:81"),
+    ],
+)
+def test_backend_urls(url: str, host: str, port: int, path: str, name: str) -> None:
+    backend = BackendConfig.parse_url(url, "k")
+    assert (backend.host, backend.port, backend.path, backend.name) == (host, port, path, name)
+    assert backend.scheme == "ws"
+    again = BackendConfig.parse_url(backend.url, "k")
+    assert (again.host, again.port, again.path) == (host, port, path)
+
+
+def test_backend_name_from_the_file_wins() -> None:
+    assert BackendConfig.parse_url("b:1", "k", name="primary").name == "primary"
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080),
+        ("localhost:8080", "localhost", 8080),
+        ("[::1]:8080", "::1", 8080),
+        ("[::]:0", "::", 0),
+        (":8080", "", 8080),
+    ],
+)
+def test_addresses(text: str, host: str, port: int) -> None:
+    address = Address.parse(text, "k")
+    assert (address.host, address.port) == (host, port)
+    assert Address.parse(str(address), "k") == address
+
+
+def test_overrides_replace_listeners_and_routes() -> None:
+    config = Config.from_toml(
+        doc(more='[[routes]]\nname = "two"\nbackends = [{ url = "b:1" }]')
+    ).with_overrides(
+        listen=["[::1]:9001", ":9002"],
+        backends=["127.0.0.1:7000", "ws://h:7001/p"],
+        log_format="json",
+    )
+    assert [str(x.listen) for x in config.listeners] == ["[::1]:9001", ":9002"]
+    (route,) = config.routes
+    assert route == RouteConfig(
+        "default",
+        (
+            BackendConfig("127.0.0.1:7000", "127.0.0.1", 7000),
+            BackendConfig("h:7001", "h", 7001, "/p"),
+        ),
+    )
+    assert config.server.log_format == "json"
+
+
+def test_overrides_keep_what_is_not_given() -> None:
+    config = Config.from_toml(doc(server='idle_timeout = "5m"'))
+    assert config.with_overrides() == config
+    only_listen = config.with_overrides(listen=[":1"])
+    assert only_listen.routes == config.routes
+    assert only_listen.server == config.server
+    only_backend = config.with_overrides(backends=["b:2"])
+    assert only_backend.listeners == config.listeners
+
+
+def test_overrides_without_a_file() -> None:
+    config = Config().with_overrides(listen=[":8080"], backends=["127.0.0.1:9000"])
+    assert config.routes[0].backends[0].port == 9000
+    with pytest.raises(ConfigError) as caught:
+        Config().with_overrides(listen=[":8080"])
+    assert caught.value.key == "routes"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "message"),
+    [
+        ({"listen": ["nope"]}, "--listen nope", "needs a port"),
+        ({"backends": ["wss://b:1"]}, "--backend wss://b:1", "wss://"),
+        ({"log_format": "xml"}, "server.log_format", "must be one of"),
+    ],
+)
+def test_bad_overrides_name_the_flag(kwargs: dict[str, object], key: str, message: str) -> None:
+    config = Config.from_toml(doc())
+    with pytest.raises(ConfigError) as caught:
+        config.with_overrides(**kwargs)  # type: ignore[arg-type]
+    assert caught.value.key == key
+    assert message in caught.value.problem
+
+
+ROUND_TRIP = [
+    pytest.param(doc(), id="minimal"),
+    pytest.param(
+        doc(
+            server='handshake_timeout = "1.5ms"\nconnect_timeout = "1.001s"\n'
+            'response_timeout = "90m"\nidle_timeout = "0s"\nmax_header_bytes = "1.5KiB"\n'
+            'max_tunnels = 7\ntrusted_proxies = ["10.1.2.3/8", "2001:db8::/32"]\n'
+            'log_format = "json"',
+            listen='"[::1]:0"',
+            route='hosts = ["a.example", "B.example"]\npath_prefix = "/ws/"\n'
+            'upgrades = ["websocket", "mqtt"]\npreserve_host = false',
+            backends='[{ url = "[::1]:9000" }, { name = "two", url = "ws://h:1/sock/" }]',
+            more='[[routes]]\nname = "other"\nbackends = [{ url = "h:2" }]',
+        ),
+        id="everything",
+    ),
+    pytest.param(
+        doc(server='idle_timeout = "1d"\nconnect_timeout = "0.00001s"', listen='":8080"'),
+        id="odd-durations",
+    ),
+    pytest.param(
+        doc(
+            route='path_prefix = "/caf\u00e9/\\"quoted\\"/back\\\\slash/\\u007f"',
+            backends='[{ name = "a \\"b\\" \\\\ c\\t", url = "ws://h:1/p\\"q" }]',
+        ).replace('name = "chat"', 'name = "chat \\"room\\""'),
+        id="characters-toml-must-escape",
+    ),
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_to_toml_round_trips(text: str) -> None:
+    config = Config.from_toml(text)
+    printed = config.to_toml()
+    assert Config.from_toml(printed) == config
+    assert Config.from_toml(printed).to_toml() == printed
+
+
+def test_to_toml_spells_out_the_defaults() -> None:
+    printed = Config.from_toml(doc()).to_toml()
+    for line in [
+        'handshake_timeout = "10s"',
+        'connect_timeout = "5s"',
+        'response_timeout = "10s"',
+        'idle_timeout = "1h"',
+        'max_header_bytes = "32KiB"',
+        "max_tunnels = 10000",
+        "trusted_proxies = []",
+        'log_format = "text"',
+        'path_prefix = "/"',
+        'upgrades = ["websocket"]',
+        'balance = "round-robin"',
+    ]:
+        assert line in printed.splitlines()
+
+
+def test_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "tunnel.toml"
+    path.write_text(doc(), encoding="utf-8")
+    assert Config.from_file(path) == Config.from_toml(doc())
+    with pytest.raises(ConfigError) as caught:
+        Config.from_file(tmp_path / "missing.toml")
+    assert caught.value.key == str(tmp_path / "missing.toml")
+    assert "cannot read the file" in caught.value.problem

@@ -1,0 +1,216 @@
+"""The request the backend receives: what is kept, dropped, replaced and added."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+import h11
+import pytest
+
+from tunnel.core.handshake import UpgradeRequest, validate_request
+from tunnel.core.rewrite import Forwarding, rewrite_request
+from tunnel.core.session import BackendReply, RequestHead
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+BASE: tuple[tuple[str, str], ...] = (
+    ("Host", "Chat.Example.com:8443"),
+    ("Connection", "keep-alive, Upgrade"),
+    ("Upgrade", "WebSocket"),
+    ("Sec-WebSocket-Key", KEY),
+    ("Sec-WebSocket-Version", "13"),
+)
+UNTRUSTED = Forwarding(peer_ip="203.0.113.7")
+TRUSTED_NETS = (ipaddress.ip_network("10.0.0.0/8"),)
+TRUSTED = Forwarding(peer_ip="10.1.2.3", trusted_proxies=TRUSTED_NETS)
+
+
+def upgrade_of(
+    extra: Sequence[tuple[str, str]] = (),
+    target: str = "/chat?room=1",
+    base: Sequence[tuple[str, str]] = BASE,
+) -> UpgradeRequest:
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in [*base, *extra])]
+    request = RequestHead(32 * 1024).feed(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    assert request is not None
+    return validate_request(request)
+
+
+def rewrite(
+    extra: Sequence[tuple[str, str]] = (),
+    hop: Forwarding = UNTRUSTED,
+    target: str = "/chat?room=1",
+) -> h11.Request:
+    return rewrite_request(upgrade_of(extra, target), "websocket", hop)
+
+
+def raw(request: h11.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
+
+
+def get_all(request: h11.Request, name: str) -> list[str]:
+    return [v for k, v in raw(request) if k.lower() == name.lower()]
+
+
+def test_original_host_is_kept_as_sent() -> None:
+    out = rewrite()
+    assert get_all(out, "Host") == ["Chat.Example.com:8443"]
+    assert raw(out)[0] == ("Host", "Chat.Example.com:8443")
+
+
+def test_backend_host_replaces_host_when_set() -> None:
+    out = rewrite(hop=Forwarding(peer_ip="203.0.113.7", backend_host="10.0.0.5:9000"))
+    assert get_all(out, "Host") == ["10.0.0.5:9000"]
+    assert get_all(out, "X-Forwarded-Host") == ["Chat.Example.com:8443"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Content-Length", "0"),
+    ],
+    ids=lambda h: h[0],
+)
+def test_hop_by_hop_headers_are_dropped(header: tuple[str, str]) -> None:
+    out = rewrite([header])
+    assert get_all(out, header[0]) == []
+
+
+def test_headers_named_in_connection_are_dropped() -> None:
+    base = [(k, "Upgrade, X-Hop-Secret, x-other") if k == "Connection" else (k, v) for k, v in BASE]
+    upgrade = upgrade_of([("X-Hop-Secret", "s3cret"), ("X-Other", "o"), ("X-Kept", "k")], base=base)
+    out = rewrite_request(upgrade, "websocket", UNTRUSTED)
+    assert get_all(out, "X-Hop-Secret") == []
+    assert get_all(out, "X-Other") == []
+    assert get_all(out, "X-Kept") == ["k"]
+
+
+def test_connection_and_upgrade_are_sent_once() -> None:
+    out = rewrite([("Connection", "close")])
+    assert get_all(out, "Connection") == ["Upgrade"]
+    assert get_all(out, "Upgrade") == ["websocket"]
+
+
+def test_chosen_token_is_the_upgrade_sent() -> None:
+    base = [(k, "mqtt, websocket") if k == "Upgrade" else (k, v) for k, v in BASE]
+    out = rewrite_request(upgrade_of(base=base), "mqtt", UNTRUSTED)
+    assert get_all(out, "Upgrade") == ["mqtt"]
+
+
+SPOOFED = [
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "spoofed.example"),
+    ("X-Real-IP", "6.6.6.6"),
+]
+
+
+def test_untrusted_peer_replaces_forwarding_headers() -> None:
+    out = rewrite(SPOOFED)
+    assert get_all(out, "X-Forwarded-For") == ["203.0.113.7"]
+    assert get_all(out, "X-Forwarded-Proto") == ["http"]
+    assert get_all(out, "X-Forwarded-Host") == ["Chat.Example.com:8443"]
+    assert get_all(out, "X-Real-IP") == ["203.0.113.7"]
+
+
+def test_untrusted_peer_over_tls_says_https() -> None:
+    out = rewrite(SPOOFED, hop=Forwarding(peer_ip="203.0.113.7", scheme="https"))
+    assert get_all(out, "X-Forwarded-Proto") == ["https"]
+
+
+def test_trusted_peer_appends_to_forwarded_for() -> None:
+    out = rewrite(SPOOFED, hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-For") == ["6.6.6.6, 10.1.2.3"]
+    assert get_all(out, "X-Forwarded-Proto") == ["https"]
+    assert get_all(out, "X-Forwarded-Host") == ["spoofed.example"]
+    assert get_all(out, "X-Real-IP") == ["6.6.6.6"]
+
+
+def test_trusted_peer_chain_of_several_headers_is_kept_in_order() -> None:
+    extra = [("X-Forwarded-For", "1.1.1.1, 10.9.9.9"), ("X-Forwarded-For", "2.2.2.2")]
+    out = rewrite(extra, hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-For") == ["1.1.1.1, 10.9.9.9, 2.2.2.2, 10.1.2.3"]
+    assert get_all(out, "X-Real-IP") == ["2.2.2.2"], "the last untrusted address is the client"
+
+
+def test_real_ip_skips_trusted_proxies_in_the_chain() -> None:
+    out = rewrite([("X-Forwarded-For", "1.1.1.1, 10.9.9.9")], hop=TRUSTED)
+    assert get_all(out, "X-Real-IP") == ["1.1.1.1"]
+
+
+def test_trusted_peer_without_forwarding_headers_is_the_client() -> None:
+    out = rewrite(hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-For") == ["10.1.2.3"]
+    assert get_all(out, "X-Real-IP") == ["10.1.2.3"]
+    assert get_all(out, "X-Forwarded-Host") == ["Chat.Example.com:8443"]
+
+
+def test_ipv6_peer() -> None:
+    out = rewrite(hop=Forwarding(peer_ip="2001:db8::1"))
+    assert get_all(out, "X-Forwarded-For") == ["2001:db8::1"]
+
+
+def test_websocket_headers_pass_untouched_with_their_casing() -> None:
+    extra = [
+        ("Sec-WebSocket-Protocol", "chat, superchat"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+        ("Origin", "https://chat.example.com"),
+        ("X-Odd-CASE", "Value With  Spaces"),
+        ("Cookie", "a=1; b=2"),
+    ]
+    out = rewrite(extra)
+    headers = raw(out)
+    for header in [*extra, ("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Version", "13")]:
+        assert header in headers
+
+
+def test_header_casing_survives_on_the_wire() -> None:
+    out = rewrite([("Sec-WebSocket-Protocol", "chat"), ("X-Odd-CASE", "v")])
+    wire = BackendReply(out, "websocket", KEY, 64 * 1024).request_bytes
+    assert wire.startswith(b"GET /chat?room=1 HTTP/1.1\r\nHost: Chat.Example.com:8443\r\n")
+    assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in wire
+    assert b"\r\nX-Odd-CASE: v\r\n" in wire
+    assert b"\r\nSec-WebSocket-Key: " + KEY.encode() + b"\r\n" in wire
+    assert b"\r\nConnection: Upgrade\r\n" in wire
+    assert b"\r\nUpgrade: websocket\r\n" in wire
+    assert wire.count(b"\r\nConnection:") == 1
+
+
+def test_absolute_form_target_reaches_the_backend_in_origin_form() -> None:
+    out = rewrite(target="http://Chat.Example.com:8443/chat?room=1")
+    assert out.target == b"/chat?room=1"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "backend_path", "target", "expected"),
+    [
+        ("/", "", "/chat?room=1", "/chat?room=1"),
+        ("/ws/", "", "/ws/chat?room=1", "/ws/chat?room=1"),
+        ("/ws/", "/socket/", "/ws/chat?room=1", "/socket/chat?room=1"),
+        ("/ws/", "/socket/", "/ws/", "/socket/"),
+        ("/ws/", "/socket/", "/ws/?x=1", "/socket/?x=1"),
+        ("/ws/", "/", "/ws/chat", "/chat"),
+        ("/ws", "/", "/ws?x=1", "/?x=1"),
+        ("/ws", "/", "/ws/a/b", "/a/b"),
+        ("/", "/app/", "/chat?x=a%20b", "/app/chat?x=a%20b"),
+        ("/api/ws", "/v2", "/api/ws?token=t", "/v2?token=t"),
+        ("/api/ws", "/v2", "/api/ws/room", "/v2/room"),
+    ],
+)
+def test_backend_path_replaces_the_route_prefix(
+    prefix: str, backend_path: str, target: str, expected: str
+) -> None:
+    hop = Forwarding(peer_ip="203.0.113.7", path_prefix=prefix, backend_path=backend_path)
+    assert rewrite(hop=hop, target=target).target == expected.encode()
+
+
+def test_rewritten_request_is_a_valid_h11_upgrade() -> None:
+    out = rewrite(SPOOFED, hop=TRUSTED)
+    assert out.method == b"GET"
+    assert out.http_version == b"1.1"
+    reply = BackendReply(out, "websocket", KEY, 64 * 1024)
+    assert reply.request_bytes.endswith(b"\r\n\r\n")

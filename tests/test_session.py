@@ -1,0 +1,241 @@
+"""The sans-io conversations: how bytes arrive at ``RequestHead`` and ``BackendReply``.
+
+Sizes, split reads, leftovers and EOF; what the head *says* is ``test_handshake``'s job.
+"""
+
+from __future__ import annotations
+
+import h11
+import pytest
+
+from tunnel.core.response import websocket_accept
+from tunnel.core.session import BackendReply, ClientClosed, RequestHead
+from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+LIMIT = 1024
+
+
+def head_of_size(size: int) -> bytes:
+    """A valid upgrade request head of exactly ``size`` bytes (padded with one header)."""
+    start = (
+        "GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nConnection: Upgrade\r\n"
+        f"Upgrade: websocket\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n"
+        "X-Pad: "
+    ).encode()
+    end = b"\r\n\r\n"
+    pad = size - len(start) - len(end)
+    assert pad >= 1
+    return start + b"a" * pad + end
+
+
+def feed_bytewise(head: RequestHead, data: bytes) -> h11.Request | None:
+    request = None
+    for i in range(len(data)):
+        request = head.feed(data[i : i + 1])
+        if request is not None:
+            assert i == len(data) - 1, "the head completed before its last byte"
+    return request
+
+
+def test_head_at_the_limit_passes_in_one_feed() -> None:
+    request = RequestHead(LIMIT).feed(head_of_size(LIMIT))
+    assert request is not None
+    assert request.target == b"/chat"
+
+
+def test_head_at_the_limit_passes_byte_by_byte() -> None:
+    assert feed_bytewise(RequestHead(LIMIT), head_of_size(LIMIT)) is not None
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, 2 * LIMIT, 40 * LIMIT])
+def test_head_over_the_limit_in_one_feed_is_431(size: int) -> None:
+    with pytest.raises(HeadersTooLarge) as caught:
+        RequestHead(LIMIT).feed(head_of_size(size))
+    assert caught.value.status == 431
+    assert f"larger than max_header_bytes ({LIMIT} bytes)" in caught.value.message
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, 2 * LIMIT])
+def test_head_over_the_limit_byte_by_byte_is_431(size: int) -> None:
+    with pytest.raises(HeadersTooLarge) as caught:
+        feed_bytewise(RequestHead(LIMIT), head_of_size(size))
+    assert caught.value.status == 431
+    assert f"({LIMIT} bytes)" in caught.value.message
+
+
+def test_head_that_never_ends_is_431_without_buffering_forever() -> None:
+    head = RequestHead(LIMIT)
+    head.feed(b"GET /chat HTTP/1.1\r\nHost: a\r\nX-Pad: ")
+    pieces = [b"a" * 64] * (4 * LIMIT // 64)
+    with pytest.raises(HeadersTooLarge):
+        feed_each(head, pieces)
+
+
+def feed_each(head: RequestHead, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        assert head.feed(piece) is None
+
+
+def test_leftover_bytes_after_the_head_are_kept() -> None:
+    frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # RFC 6455 masked "Hello"
+    head = RequestHead(LIMIT)
+    request = head.feed(head_of_size(300) + frame)
+    assert request is not None
+    assert head.leftover == frame
+
+
+def test_leftover_does_not_count_against_the_limit() -> None:
+    head = RequestHead(LIMIT)
+    assert head.feed(head_of_size(LIMIT) + b"x" * (4 * LIMIT)) is not None
+    assert head.leftover == b"x" * (4 * LIMIT)
+
+
+def test_no_leftover_when_the_head_ends_the_read() -> None:
+    head = RequestHead(LIMIT)
+    assert head.feed(head_of_size(300)) is not None
+    assert head.leftover == b""
+
+
+def test_head_split_across_reads() -> None:
+    data = head_of_size(300)
+    head = RequestHead(LIMIT)
+    assert head.feed(data[:10]) is None
+    assert head.feed(data[10:299]) is None
+    assert head.feed(data[299:] + b"tail") is not None
+    assert head.leftover == b"tail"
+
+
+def test_eof_before_any_byte_is_client_closed() -> None:
+    with pytest.raises(ClientClosed):
+        RequestHead(LIMIT).feed(b"")
+
+
+def test_eof_in_the_middle_of_a_head_is_400() -> None:
+    head = RequestHead(LIMIT)
+    assert head.feed(b"GET /chat HTTP/1.1\r\nHost: a\r\n") is None
+    with pytest.raises(HandshakeError) as caught:
+        head.feed(b"")
+    assert caught.value.status == 400
+    assert "malformed request" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls-client-hello"),
+        pytest.param(b"hello there\r\n\r\n", id="no-http-version"),
+        pytest.param(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", id="bad-header-line"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", id="nul-in-value"),
+        pytest.param(b"GET / HTTP/1.1\r\n Host: a\r\n\r\n", id="leading-whitespace"),
+        pytest.param(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", id="double-space"),
+    ],
+)
+def test_garbage_is_400(garbage: bytes) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        RequestHead(LIMIT).feed(garbage)
+    assert type(caught.value) is HandshakeError
+    assert caught.value.status == 400
+    assert "malformed request" in caught.value.message
+
+
+# --- BackendReply: the request it sends and the way it reads ---------------------------------
+
+
+def upgrade_request(target: bytes = b"/chat") -> h11.Request:
+    return h11.Request(
+        method="GET",
+        target=target,
+        headers=[
+            ("Host", "chat.example.com"),
+            ("Sec-WebSocket-Key", KEY),
+            ("Sec-WebSocket-Version", "13"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+        ],
+    )
+
+
+SWITCH = (
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    f"Sec-WebSocket-Accept: {websocket_accept(KEY)}\r\n\r\n"
+).encode()
+
+
+def test_request_bytes_are_the_head_without_a_body() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    assert reply.request_bytes.startswith(b"GET /chat HTTP/1.1\r\nHost: chat.example.com\r\n")
+    assert reply.request_bytes.endswith(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in reply.request_bytes
+    assert b"Content-Length" not in reply.request_bytes
+
+
+def test_101_in_one_read_with_frames_behind_it() -> None:
+    frame = b"\x81\x05Hello"
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    progress = reply.feed(SWITCH + frame)
+    assert progress.switched
+    assert progress.status == 101
+    assert progress.forward == SWITCH
+    assert progress.leftover == frame
+
+
+def test_101_byte_by_byte() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    forwarded = b""
+    for i in range(len(SWITCH)):
+        progress = reply.feed(SWITCH[i : i + 1])
+        forwarded += progress.forward
+        if i < len(SWITCH) - 1:
+            assert progress.status is None
+            assert not progress.switched
+    assert progress.switched
+    assert progress.leftover == b""
+    assert forwarded == SWITCH
+
+
+def test_nothing_is_forwarded_before_the_status_is_known() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    progress = reply.feed(SWITCH[:-1])
+    assert progress.forward == b""
+    assert progress.status is None
+
+
+def test_backend_eof_before_any_reply_is_502() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    with pytest.raises(BadBackendResponse) as caught:
+        reply.feed(b"")
+    assert caught.value.status == 502
+    assert "backend closed the connection before replying" in caught.value.message
+
+
+def test_backend_eof_in_the_middle_of_the_head_is_502() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    reply.feed(SWITCH[:20])
+    with pytest.raises(BadBackendResponse) as caught:
+        reply.feed(b"")
+    assert caught.value.status == 502
+    assert "backend closed the connection before replying" in caught.value.message
+
+
+def test_backend_eof_after_a_100_continue_is_502() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    assert reply.feed(b"HTTP/1.1 100 Continue\r\n\r\n").status is None
+    with pytest.raises(BadBackendResponse, match="before replying"):
+        reply.feed(b"")
+
+
+def test_backend_head_over_the_limit_is_502() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 1024)
+    with pytest.raises(BadBackendResponse) as caught:
+        reply.feed(b"HTTP/1.1 101 Switching Protocols\r\nX-Pad: " + b"a" * 2048)
+    assert caught.value.status == 502
+
+
+def test_truncated_body_of_a_refusal_is_502() -> None:
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    progress = reply.feed(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nabc")
+    assert progress.status == 403
+    assert not progress.complete
+    with pytest.raises(BadBackendResponse, match="malformed reply"):
+        reply.feed(b"")
