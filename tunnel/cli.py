@@ -29,6 +29,15 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _listen_failure(group: BaseExceptionGroup[ListenError]) -> str:
+    """trio's nurseries wrap a bind error in an ExceptionGroup; show the first one plainly,
+    without the ``[Errno N]`` prefix (the message already names the address and the cause)."""
+    error: ListenError | BaseExceptionGroup[ListenError] = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error.strerror or str(error)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="tunnel")
 def main() -> None:
@@ -77,9 +86,9 @@ def run(
     setup_logging(config.server.log_format)
     try:
         trio.run(_run_until_signal, config)
-    except ListenError as error:
-        _fail(str(error))
-    except KeyboardInterrupt:
+    except* ListenError as group:
+        _fail(_listen_failure(group))
+    except* KeyboardInterrupt:
         pass
 
 
@@ -128,12 +137,12 @@ def demo(listen: str, once: bool) -> None:
         _fail(str(error))
         return
     setup_logging("text")
+    ok = True  # Ctrl-C while serving is a normal way to stop the demo
     try:
         ok = trio.run(lambda: run_demo(address, once=once, report=click.echo))
-    except ListenError as error:
-        _fail(str(error))
-        return
-    except KeyboardInterrupt:
-        return
+    except* ListenError as group:
+        _fail(_listen_failure(group))
+    except* KeyboardInterrupt:
+        pass
     if not ok:
         sys.exit(1)

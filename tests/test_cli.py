@@ -1,0 +1,371 @@
+"""The ``tunnel`` command: ``check``, ``run`` and ``demo`` through click's CliRunner, plus two
+real subprocesses (``demo --once``, and ``run`` stopped with SIGTERM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import websockets.sync.client
+from click.testing import CliRunner, Result
+
+from tunnel import Config, __version__
+from tunnel.cli import main
+from tunnel.config import RouteConfig, ServerConfig
+from tunnel.echo import serve_echo
+from tunnel.logs import LOGGER_NAME
+
+SUBPROCESS_SECONDS = 60.0
+"""Bound on any real subprocess; a healthy one takes well under a second or two."""
+
+VALID = """\
+[server]
+idle_timeout = "0s"
+max_tunnels = 7
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+
+[[routes]]
+name = "chat"
+hosts = ["chat.example.com"]
+backends = [ { name = "a", url = "ws://10.0.0.5:8080/ws" }, { url = "10.0.0.6:9000" } ]
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_tunnel_logger() -> Iterator[None]:
+    """``run`` and ``demo`` point the tunnel logger at CliRunner's stderr, which closes after
+    the call; put the logger back so later tests (and caplog) are not affected."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_config(tmp_path: Path, text: str, name: str = "tunnel.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- tunnel check ----------------------------------------------------------------------------
+
+
+def test_check_prints_the_effective_config_with_defaults_spelled_out(tmp_path: Path) -> None:
+    path = write_config(tmp_path, VALID)
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "configuration is valid" in result.stderr
+    printed = tomllib.loads(result.stdout)
+    server = printed["server"]
+    # Every server key is spelled out, the ones the file set and the defaults alike.
+    assert set(server) == {f.name for f in dataclasses.fields(ServerConfig)}
+    assert server["idle_timeout"] == "0s"
+    assert server["max_tunnels"] == 7
+    assert server["handshake_timeout"] == "10s"
+    assert server["connect_timeout"] == "5s"
+    assert server["max_header_bytes"] == "32KiB"
+    assert server["log_format"] == "text"
+    [route] = printed["routes"]
+    assert set(route) == {f.name for f in dataclasses.fields(RouteConfig)}
+    assert route["path_prefix"] == "/"
+    assert route["upgrades"] == ["websocket"]
+    assert route["backends"][0] == {"name": "a", "url": "ws://10.0.0.5:8080/ws"}
+    assert route["backends"][1]["url"] == "ws://10.0.0.6:9000"
+    assert printed["listeners"] == [{"listen": "127.0.0.1:8080"}]
+
+
+def test_check_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    text = VALID.replace('name = "chat"', 'name = "say \\"hi\\" \\\\ bye"')
+    path = write_config(tmp_path, text)
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert Config.from_toml(result.stdout) == Config.from_file(path)
+    # And printing the printed config again changes nothing.
+    again = invoke("check", "--config", str(write_config(tmp_path, result.stdout, "again.toml")))
+    assert again.stdout == result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        pytest.param(
+            VALID.replace("ws://10.0.0.5:8080/ws", "http://10.0.0.5:8080"),
+            "routes[0].backends[0].url",
+            "'http' is not supported",
+            id="backend-scheme",
+        ),
+        pytest.param(
+            VALID.replace('{ url = "10.0.0.6:9000" }', '{ url = "10.0.0.6" }'),
+            "routes[0].backends[1].url",
+            "needs a port",
+            id="backend-port",
+        ),
+        pytest.param(
+            VALID.replace('idle_timeout = "0s"', 'idle_timeout = "10 parsecs"'),
+            "server.idle_timeout",
+            "is not a duration",
+            id="duration",
+        ),
+        pytest.param(
+            VALID.replace("max_tunnels = 7", "max_tunnels = 0"),
+            "server.max_tunnels",
+            "must be 1 or more",
+            id="max-tunnels",
+        ),
+        pytest.param(
+            VALID.replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:99999"'),
+            "listeners[0].listen",
+            "not a number from 0 to 65535",
+            id="listen-port",
+        ),
+        pytest.param(
+            VALID.replace("[server]", "[server]\ncolour = 'blue'"),
+            "server.colour",
+            "unknown key",
+            id="unknown-server-key",
+        ),
+        pytest.param(
+            VALID + "\n[frobnicate]\nlevel = 11\n",
+            "frobnicate",
+            "unknown key",
+            id="unknown-table",
+        ),
+        pytest.param(
+            VALID.replace('{ url = "10.0.0.6:9000" }', '{ url = "10.0.0.6:9000", colour = 1 }'),
+            "routes[0].backends[1].colour",
+            "unknown key",
+            id="unknown-backend-key",
+        ),
+        pytest.param(
+            "[server\n",
+            "(file)",
+            "not valid TOML",
+            id="not-toml",
+        ),
+        pytest.param(
+            VALID.split("[[routes]]")[0],
+            "routes",
+            "no route",
+            id="no-route",
+        ),
+    ],
+)
+def test_check_refuses_a_bad_file_naming_the_key_and_why(
+    tmp_path: Path, text: str, key: str, why: str
+) -> None:
+    path = write_config(tmp_path, text)
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 1
+    assert result.stdout == "", "nothing is printed as an effective config"
+    assert str(path) in result.stderr
+    assert f"{key}: " in result.stderr
+    assert why in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_check_on_a_missing_file_says_it_cannot_read_it(tmp_path: Path) -> None:
+    result = invoke("check", "--config", str(tmp_path / "absent.toml"))
+    assert result.exit_code == 1
+    assert "cannot read the file" in result.stderr
+
+
+# --- tunnel run (no server started) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "why"),
+    [
+        ("http://127.0.0.1:9000", "scheme 'http' is not supported"),
+        ("127.0.0.1", "needs a port"),
+        ("[::1:9000", "opens [ but never closes it"),
+    ],
+)
+def test_run_with_a_bad_backend_exits_1_naming_the_flag(backend: str, why: str) -> None:
+    result = invoke("run", "--listen", "127.0.0.1:0", "--backend", backend)
+    assert result.exit_code == 1
+    assert "configuration error" in result.stderr
+    assert f"--backend {backend}" in result.stderr
+    assert why in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_run_without_listener_or_backend_explains_what_is_missing() -> None:
+    result = invoke("run", "--backend", "127.0.0.1:9000")
+    assert result.exit_code == 1
+    assert "no listener" in result.stderr
+    assert "--listen" in result.stderr
+
+
+def test_run_refuses_an_unknown_flag() -> None:
+    result = invoke("run", "--colour", "blue")
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port held by a listening socket for the whole test."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_run_on_a_port_in_use_exits_1_with_cannot_listen_on(busy_port: int) -> None:
+    result = invoke("run", "--listen", f"127.0.0.1:{busy_port}", "--backend", "127.0.0.1:9")
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in result.stderr
+    assert "another process holds this port" in result.stderr
+    assert "Traceback" not in result.output
+    assert "ExceptionGroup" not in result.output
+
+
+def test_demo_on_a_port_in_use_exits_1_with_cannot_listen_on(busy_port: int) -> None:
+    result = invoke("demo", "--once", "--listen", f"127.0.0.1:{busy_port}")
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_demo_with_a_bad_listen_address_exits_1() -> None:
+    result = invoke("demo", "--listen", "localhost")
+    assert result.exit_code == 1
+    assert "needs a port" in result.stderr
+
+
+def test_run_with_a_bad_config_file_names_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, VALID.replace("max_tunnels = 7", "max_tunnels = true"))
+    result = invoke("run", "--config", str(path))
+    assert result.exit_code == 1
+    assert "server.max_tunnels: expected an integer" in result.stderr
+
+
+def test_run_flags_override_the_file(tmp_path: Path, busy_port: int) -> None:
+    # The file listens on 127.0.0.1:8080; --listen replaces it, as the failure to bind shows.
+    path = write_config(tmp_path, VALID)
+    result = invoke("run", "--config", str(path), "--listen", f"127.0.0.1:{busy_port}")
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{busy_port}" in result.stderr
+    assert "8080" not in result.stderr
+
+
+def test_demo_once_in_process_reports_the_url_and_a_passed_self_check() -> None:
+    result = invoke("demo", "--once")
+    assert result.exit_code == 0, result.output
+    assert "WebSocket URL: ws://127.0.0.1:" in result.stdout
+    assert "self-check: passed" in result.stdout
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"tunnel, version {__version__}\n"
+
+
+# --- real subprocesses -----------------------------------------------------------------------
+
+
+def test_demo_once_in_a_subprocess_passes_its_self_check() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "tunnel", "demo", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "self-check: passed" in completed.stdout
+    assert "WebSocket URL: ws://127.0.0.1:" in completed.stdout
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (bind to 0, read it, let it go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_until_accepting(port: int, process: trio.Process, seconds: float) -> None:
+    """Poll the port (bounded by count and time) until the tunnel subprocess accepts."""
+    with trio.fail_after(seconds):
+        for _ in range(int(seconds / 0.05) + 1):
+            assert process.returncode is None, f"tunnel exited early ({process.returncode})"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+    raise AssertionError(f"nothing accepted on 127.0.0.1:{port}")
+
+
+def websocket_echo(url: str) -> list[str | bytes]:
+    """A real ``websockets`` client: two messages there and back, then a clean close."""
+    with websockets.sync.client.connect(url, open_timeout=10, close_timeout=5) as ws:
+        ws.send("hello through a real tunnel")
+        ws.send(b"\x00\x01binary\xff")
+        return [ws.recv(timeout=10), ws.recv(timeout=10)]
+
+
+async def test_run_in_a_subprocess_tunnels_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    log_path = tmp_path / "tunnel.log"
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_echo)
+        echo_port = echo[0].socket.getsockname()[1]
+        port = free_port()
+        with log_path.open("wb") as log:
+            process = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "tunnel",
+                    "run",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--backend",
+                    f"127.0.0.1:{echo_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        pid = process.pid
+        try:
+            await wait_until_accepting(port, process, SUBPROCESS_SECONDS)
+            echoed = await trio.to_thread.run_sync(websocket_echo, f"ws://127.0.0.1:{port}/")
+            assert echoed == ["hello through a real tunnel", b"\x00\x01binary\xff"]
+
+            assert pid == process.pid
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                returncode = await process.wait()
+            assert returncode == 0, log_path.read_text(errors="replace")
+        finally:
+            if process.returncode is None:
+                process.kill()  # the Process object signals the PID it started, nothing else
+                with trio.move_on_after(10):
+                    await process.wait()
+            nursery.cancel_scope.cancel()
+    log_text = log_path.read_text(errors="replace")
+    assert "tunnel opened" in log_text
+    assert "tunnel closed" in log_text
