@@ -544,3 +544,23 @@ def test_from_file(tmp_path: Path) -> None:
         Config.from_file(tmp_path / "missing.toml")
     assert caught.value.key == str(tmp_path / "missing.toml")
     assert "cannot read the file" in caught.value.problem
+
+
+@pytest.mark.parametrize("host", ["a.example:8080", "[::1]", "[::1]:80"])
+def test_route_host_with_port_or_brackets_is_refused(host: str) -> None:
+    data = {
+        "listeners": [{"listen": "127.0.0.1:0"}],
+        "routes": [{"name": "r", "hosts": [host], "backends": [{"url": "127.0.0.1:9"}]}],
+    }
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping(data)
+    assert info.value.key == "routes[0].hosts"
+    assert "without port" in info.value.problem
+
+
+def test_route_host_may_be_a_bare_ipv6_address() -> None:
+    data = {
+        "listeners": [{"listen": "127.0.0.1:0"}],
+        "routes": [{"name": "r", "hosts": ["::1"], "backends": [{"url": "127.0.0.1:9"}]}],
+    }
+    assert Config.from_mapping(data).routes[0].hosts == ("::1",)

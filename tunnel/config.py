@@ -330,6 +330,14 @@ def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str
     return host.lower(), int(port_text)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_ip(host: str, text: str, key: str, version: int) -> None:
     try:
         ip = ipaddress.ip_address(host)
@@ -450,6 +458,10 @@ def _parse_route(item: Any, key: str) -> RouteConfig:
     for host in hosts:
         if not host or "*" in host or "/" in host:
             raise ConfigError(f"{key}.hosts", f"{host!r} is not an exact host name")
+        if (":" in host and not _is_ip(host)) or host.startswith("["):
+            raise ConfigError(
+                f"{key}.hosts", f"{host!r}: write the host name alone, without port or brackets"
+            )
     path_prefix = _get(table, "path_prefix", key, str, "/")
     if not path_prefix.startswith("/"):
         raise ConfigError(f"{key}.path_prefix", f"{path_prefix!r} must start with /")

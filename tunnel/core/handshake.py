@@ -68,7 +68,7 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
         raise UpgradeRequired(
             "this endpoint only accepts WebSocket upgrades (send Connection: Upgrade and "
             "Upgrade: websocket)",
-            headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")],
+            headers=[("Upgrade", "websocket")],
         )
     host = headers.values(raw, b"host")[0].decode("latin-1")
     hostname, _ = headers.split_host(host)
@@ -107,7 +107,7 @@ def choose_upgrade(request: UpgradeRequest, allowed: Sequence[str]) -> str:
             return token
     raise UpgradeRequired(
         f"Upgrade {', '.join(request.offered)} is not allowed here; allowed: {', '.join(allowed)}",
-        headers=[("Upgrade", ", ".join(allowed)), ("Connection", "Upgrade")],
+        headers=[("Upgrade", ", ".join(allowed))],
     )
 
 

@@ -68,6 +68,7 @@ async def relay(
                 return
             if not data:
                 break
+            stats.last_activity = trio.current_time()
             try:
                 await sink.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
