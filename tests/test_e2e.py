@@ -1,0 +1,631 @@
+"""End to end over loopback: real ``websockets`` clients and servers, and raw sockets for the
+hostile cases, with the tunnel served by ``tunnel.serve`` in between.
+
+Blocking ``websockets`` clients run in worker threads (``in_thread``), each call bounded by its
+own timeouts; every test body runs under a ``trio.fail_after`` guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+import trio
+import websockets.asyncio.client
+import websockets.sync.client
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.http11 import Response
+from websockets.sync.server import ServerConnection
+
+from tunnel.core.response import websocket_accept
+
+if TYPE_CHECKING:
+    from conftest import Tunnel, WsBackend
+
+T = TypeVar("T")
+StartTunnel = Callable[..., Awaitable["Tunnel"]]
+RawHandler = Callable[[trio.SocketStream], Awaitable[None]]
+
+LOOPBACK = "127.0.0.1"
+CLIENT_TIMEOUT = 10.0
+KEY = base64.b64encode(b"0123456789abcdef").decode("ascii")
+MAX_RAW_BYTES = 1024 * 1024
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call in a worker thread; a ``fail_after`` guard does not wait for it."""
+    return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+
+
+def ws_connect(url: str, **options: Any) -> websockets.sync.client.ClientConnection:
+    options.setdefault("open_timeout", CLIENT_TIMEOUT)
+    options.setdefault("close_timeout", CLIENT_TIMEOUT)
+    options.setdefault("ping_interval", None)
+    connection: websockets.sync.client.ClientConnection = websockets.sync.client.connect(
+        url, **options
+    )
+    return connection
+
+
+def echo_once(url: str, message: str | bytes, **options: Any) -> str | bytes:
+    """Open a WebSocket through ``url``, send one message, return the answer, close."""
+    with ws_connect(url, **options) as ws:
+        ws.send(message)
+        return ws.recv(timeout=CLIENT_TIMEOUT)
+
+
+def refused(url: str) -> Response:
+    """Connect, expect the upgrade to be refused, return the HTTP response the client got."""
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(url).close()
+    return info.value.response
+
+
+# Raw sockets ---------------------------------------------------------------------------------
+
+
+def upgrade_request(port: int, path: str = "/", key: str = KEY) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {LOOPBACK}:{port}\r\n"
+        "Connection: Upgrade\r\n"
+        "Upgrade: websocket\r\n"
+        f"Sec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+def switching(key: str) -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+async def read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """Read until the end of an HTTP head; return ``(head, bytes after it)``."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(16384)
+        if not data:
+            raise AssertionError(f"EOF before the end of the head; got {buffer!r}")
+        buffer += data
+        assert len(buffer) < MAX_RAW_BYTES, "head never ended"
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+async def read_exactly(stream: trio.SocketStream, buffer: bytes, size: int) -> bytes:
+    while len(buffer) < size:
+        data = await stream.receive_some(size - len(buffer))
+        if not data:
+            raise AssertionError(f"EOF after {len(buffer)} of {size} bytes: {buffer!r}")
+        buffer += data
+    return buffer
+
+
+async def read_to_eof(stream: trio.SocketStream, buffer: bytes = b"") -> bytes:
+    while True:
+        data = await stream.receive_some(16384)
+        if not data:
+            return buffer
+        buffer += data
+        assert len(buffer) < MAX_RAW_BYTES, "peer never closed"
+
+
+def header_value(head: bytes, name: str) -> str:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    raise AssertionError(f"no {name} header in {head!r}")
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection, return everything received until EOF."""
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        await stream.send_all(request)
+        return await read_to_eof(stream)
+
+
+async def start_raw_backend(nursery: trio.Nursery, handler: RawHandler) -> str:
+    """Serve ``handler`` on a loopback port in ``nursery``; return its ``ws://`` URL."""
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, handler, 0, host=LOOPBACK)
+    )
+    return f"ws://{LOOPBACK}:{listeners[0].socket.getsockname()[1]}"
+
+
+async def accept_upgrade(stream: trio.SocketStream, extra: bytes = b"") -> bytes:
+    """Backend side: read the upgrade request, answer a correct 101 followed by ``extra`` in
+    the same write; return the bytes that arrived after the request head."""
+    head, rest = await read_head(stream)
+    await stream.send_all(switching(header_value(head, "Sec-WebSocket-Key")) + extra)
+    return rest
+
+
+async def open_raw_tunnel(port: int, leftover: bytes = b"") -> tuple[trio.SocketStream, bytes]:
+    """Client side: send the upgrade (plus ``leftover`` in the same write), expect the 101;
+    return the stream and the bytes received after the 101 head."""
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    await stream.send_all(upgrade_request(port) + leftover)
+    head, rest = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert header_value(head, "Sec-WebSocket-Accept") == websocket_accept(KEY)
+    return stream, rest
+
+
+# 1. Messages ---------------------------------------------------------------------------------
+
+
+async def test_text_and_binary_messages_echo_through_the_tunnel(
+    tunnel: Tunnel, echo_backend: WsBackend
+) -> None:
+    def client() -> list[str | bytes]:
+        answers: list[str | bytes] = []
+        with ws_connect(tunnel.url) as ws:
+            for message in ("hello", "héllo wörld ✓", b"\x00\x01\xfe\xff", b"", "x" * 70_000):
+                ws.send(message)
+                answers.append(ws.recv(timeout=CLIENT_TIMEOUT))
+        return answers
+
+    with trio.fail_after(20):
+        answers = await in_thread(client)
+
+    assert answers == ["hello", "héllo wörld ✓", b"\x00\x01\xfe\xff", b"", "x" * 70_000]
+    assert isinstance(answers[2], bytes)
+    assert isinstance(answers[0], str)
+    assert echo_backend.connections == 1
+    headers = echo_backend.request_headers[0]
+    assert headers["X-Forwarded-For"] == LOOPBACK
+
+
+# 2. Negotiation ------------------------------------------------------------------------------
+
+
+async def test_subprotocol_and_permessage_deflate_are_negotiated_end_to_end(
+    tunnel: Tunnel,
+) -> None:
+    def client() -> tuple[str | None, str, list[str], str | bytes]:
+        with ws_connect(tunnel.url, subprotocols=["chat"], compression="deflate") as ws:
+            ws.send("compress me " * 1000)
+            answer = ws.recv(timeout=CLIENT_TIMEOUT)
+            assert ws.response is not None
+            extensions = [type(e).__name__ for e in ws.protocol.extensions]
+            return (
+                ws.subprotocol,
+                ws.response.headers.get("Sec-WebSocket-Extensions", ""),
+                extensions,
+                answer,
+            )
+
+    with trio.fail_after(20):
+        subprotocol, header, extensions, answer = await in_thread(client)
+
+    assert subprotocol == "chat"
+    assert "permessage-deflate" in header
+    assert extensions == [PerMessageDeflate.__name__]
+    assert answer == "compress me " * 1000
+
+
+# 3. Volume -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_16_mib_each_way_arrives_identical(tunnel: Tunnel, echo_backend: WsBackend) -> None:
+    chunks = [os.urandom(4 * 2**20) for _ in range(4)]
+
+    def client() -> list[bytes]:
+        # One message in flight at a time: a websockets sync connection holds its protocol lock
+        # while blocked in sendall, so two peers both sending megabytes without reading would
+        # deadlock each other, with or without a proxy in between.
+        with ws_connect(tunnel.url, max_size=None, compression=None) as ws:
+            received: list[bytes] = []
+            for chunk in chunks:
+                ws.send(chunk)
+                message = ws.recv(timeout=CLIENT_TIMEOUT)
+                assert isinstance(message, bytes)
+                received.append(message)
+            return received
+
+    with trio.fail_after(60):
+        received = await in_thread(client)
+
+    sent_digests = [hashlib.sha256(c).hexdigest() for c in chunks]
+    assert echo_backend.digests == sent_digests  # client → backend
+    assert sum(map(len, received)) == 16 * 2**20
+    assert received == chunks  # backend → client
+
+
+# 4. Refusals ---------------------------------------------------------------------------------
+
+
+async def test_backend_refusal_reaches_the_client_verbatim(
+    start_ws_backend: Callable[..., WsBackend], start_tunnel: StartTunnel
+) -> None:
+    def forbid(connection: ServerConnection, request: Any) -> Response:
+        response = connection.respond(403, "no token, no tunnel\n")
+        response.headers["X-Backend-Says"] = "nope"
+        return response
+
+    backend = start_ws_backend(process_request=forbid)
+    with trio.fail_after(20):
+        tunnel = await start_tunnel([backend.url])
+        response = await in_thread(refused, tunnel.url)
+        raw = await raw_exchange(tunnel.port, upgrade_request(tunnel.port))
+
+    assert response.status_code == 403
+    assert response.body == b"no token, no tunnel\n"
+    assert response.headers["X-Backend-Says"] == "nope"
+    assert status_of(raw) == 403
+    assert raw.endswith(b"\r\n\r\nno token, no tunnel\n")
+    assert backend.connections == 0
+
+
+async def test_200_to_an_upgrade_never_becomes_a_tunnel(
+    nursery: trio.Nursery, start_tunnel: StartTunnel
+) -> None:
+    received = bytearray()
+    backend_done = trio.Event()
+
+    async def plain_http_backend(stream: trio.SocketStream) -> None:
+        try:
+            await read_head(stream)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n"
+                b"plain hello"
+            )
+            with trio.move_on_after(5):
+                received.extend(await read_to_eof(stream))
+        finally:
+            backend_done.set()
+            await stream.aclose()
+
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n"
+    with trio.fail_after(15):
+        backend_url = await start_raw_backend(nursery, plain_http_backend)
+        tunnel = await start_tunnel([backend_url])
+        async with await trio.open_tcp_stream(LOOPBACK, tunnel.port) as client:
+            await client.send_all(upgrade_request(tunnel.port) + smuggled)
+            answer = await read_to_eof(client)
+        await backend_done.wait()
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"plain hello"  # and then EOF: no tunnel, nothing more
+    assert bytes(received) == b""  # the backend never saw the smuggled request
+    assert b"/admin" not in received
+
+
+# 5. Slowloris --------------------------------------------------------------------------------
+
+
+async def test_slowloris_is_cut_off_at_handshake_timeout_while_others_are_served(
+    start_tunnel: StartTunnel, echo_backend: WsBackend
+) -> None:
+    result: dict[str, Any] = {}
+
+    async def slow_client(port: int, done: trio.Event) -> None:
+        request = upgrade_request(port)
+        async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+            started = trio.current_time()
+            async with trio.open_nursery() as inner:
+
+                async def trickle() -> None:
+                    for i in range(len(request)):
+                        await stream.send_all(request[i : i + 1])
+                        result["sent"] = i + 1
+                        await trio.sleep(0.2)
+
+                inner.start_soon(trickle)
+                result["answer"] = await read_to_eof(stream)
+                result["elapsed"] = trio.current_time() - started
+                inner.cancel_scope.cancel()
+        done.set()
+
+    with trio.fail_after(15):
+        tunnel = await start_tunnel([echo_backend.url], handshake_timeout="1s")
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_client, tunnel.port, done)
+            await trio.sleep(0.3)
+            echoed = await in_thread(echo_once, tunnel.url, "served meanwhile")
+            served_before_cutoff = not done.is_set()
+
+    assert echoed == "served meanwhile"
+    assert served_before_cutoff
+    assert status_of(result["answer"]) == 408
+    assert b"handshake_timeout" in result["answer"]
+    assert 0.9 <= result["elapsed"] < 3.0
+    assert 2 <= result["sent"] < 15  # it kept trickling, and was cut off anyway
+
+
+# 6. Backends down ----------------------------------------------------------------------------
+
+
+async def test_backend_down_answers_502(start_tunnel: StartTunnel, dead_port: int) -> None:
+    with trio.fail_after(15):
+        tunnel = await start_tunnel([f"ws://{LOOPBACK}:{dead_port}"])
+        response = await in_thread(refused, tunnel.url)
+        # The tunnel keeps serving, and keeps answering 502.
+        again = await in_thread(refused, tunnel.url)
+
+    assert response.status_code == 502
+    assert b"refused" in response.body
+    assert again.status_code == 502
+
+
+async def test_failover_skips_a_dead_backend(
+    start_tunnel: StartTunnel, dead_port: int, echo_backend: WsBackend
+) -> None:
+    with trio.fail_after(20):
+        tunnel = await start_tunnel([f"ws://{LOOPBACK}:{dead_port}", echo_backend.url])
+        answers = [await in_thread(echo_once, tunnel.url, f"message {i}") for i in range(4)]
+
+    assert answers == [f"message {i}" for i in range(4)]
+    assert echo_backend.connections == 4
+
+
+async def test_silent_backend_answers_504_after_response_timeout(
+    nursery: trio.Nursery, start_tunnel: StartTunnel
+) -> None:
+    async def silent_backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            await read_to_eof(stream)
+
+    with trio.fail_after(15):
+        backend_url = await start_raw_backend(nursery, silent_backend)
+        tunnel = await start_tunnel([backend_url], response_timeout="1s")
+        started = trio.current_time()
+        response = await in_thread(refused, tunnel.url)
+        elapsed = trio.current_time() - started
+
+    assert response.status_code == 504
+    assert b"response_timeout" in response.body
+    assert 0.9 <= elapsed < 3.0
+
+
+async def test_max_tunnels_answers_503_with_retry_after(
+    start_tunnel: StartTunnel, echo_backend: WsBackend
+) -> None:
+    def client(url: str) -> tuple[Response, str | bytes]:
+        with ws_connect(url) as first:
+            second = refused(url)
+            first.send("the first tunnel still works")
+            return second, first.recv(timeout=CLIENT_TIMEOUT)
+
+    def retry(url: str) -> str | bytes:
+        # The proxy may see the first tunnel's last EOF just after the next client arrives:
+        # a bounded number of retries, each 503 answered at once.
+        for _ in range(50):
+            try:
+                return echo_once(url, "room again after the first closed")
+            except InvalidStatus as exc:
+                if exc.response.status_code != 503:
+                    raise
+                time.sleep(0.02)
+        raise AssertionError("still 503 one second after the only tunnel closed")
+
+    with trio.fail_after(20):
+        tunnel = await start_tunnel([echo_backend.url], max_tunnels=1)
+        second, answer = await in_thread(client, tunnel.url)
+        again = await in_thread(retry, tunnel.url)
+
+    assert second.status_code == 503
+    assert second.headers["Retry-After"] == "5"
+    assert answer == "the first tunnel still works"
+    assert again == "room again after the first closed"
+
+
+# 7. Client reset -----------------------------------------------------------------------------
+
+
+async def test_client_reset_closes_the_backend_socket(
+    nursery: trio.Nursery, start_tunnel: StartTunnel
+) -> None:
+    backend_closed = trio.Event()
+    outcome: list[str] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            await accept_upgrade(stream, b"ready")
+            try:
+                while await stream.receive_some(16384):
+                    pass
+                outcome.append("EOF")
+            except trio.BrokenResourceError:
+                outcome.append("reset")
+            backend_closed.set()
+
+    with trio.fail_after(15):
+        tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+        client, rest = await open_raw_tunnel(tunnel.port)
+        assert await read_exactly(client, rest, 5) == b"ready"
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()  # RST, not FIN
+        reset_at = trio.current_time()
+        with trio.fail_after(2):
+            await backend_closed.wait()
+
+    assert outcome in (["EOF"], ["reset"])
+    assert trio.current_time() - reset_at < 2
+
+
+# 8. Half-close -------------------------------------------------------------------------------
+
+
+async def test_half_closed_client_still_receives_the_backend_answer(
+    nursery: trio.Nursery, start_tunnel: StartTunnel
+) -> None:
+    async def backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            await accept_upgrade(stream)
+            while data := await stream.receive_some(16384):
+                await stream.send_all(data)
+            await stream.send_all(b"|final words after your EOF")
+
+    with trio.fail_after(15):
+        tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+        client, rest = await open_raw_tunnel(tunnel.port)
+        async with client:
+            await client.send_all(b"hello, then EOF")
+            await client.send_eof()
+            answer = await read_to_eof(client, rest)
+
+    assert answer == b"hello, then EOF|final words after your EOF"
+
+
+# 9. Leftovers --------------------------------------------------------------------------------
+
+
+async def test_bytes_around_the_101_are_not_lost(
+    nursery: trio.Nursery, start_tunnel: StartTunnel
+) -> None:
+    seen: dict[str, bytes] = {}
+    backend_done = trio.Event()
+
+    async def backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            seen["before_101"] = await accept_upgrade(stream, extra=b"LATE:from-backend")
+            seen["after_101"] = await read_exactly(stream, b"", len(b"EARLY:from-client"))
+            backend_done.set()
+
+    with trio.fail_after(15):
+        tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+        client, rest = await open_raw_tunnel(tunnel.port, leftover=b"EARLY:from-client")
+        async with client:
+            from_backend = await read_exactly(client, rest, len(b"LATE:from-backend"))
+            await backend_done.wait()
+
+    assert seen["before_101"] == b""  # nothing of the client's early bytes before the 101
+    assert seen["after_101"] == b"EARLY:from-client"
+    assert from_backend == b"LATE:from-backend"
+
+
+# 10. Many tunnels ----------------------------------------------------------------------------
+
+
+TUNNELS = 1000
+
+
+async def _many_clients(url: str, count: int, timeout: float) -> list[str]:
+    """Open ``count`` WebSockets, wait until all are open, then each exchanges one message."""
+    opened = 0
+    all_open = asyncio.Event()
+
+    async def one(i: int) -> str:
+        nonlocal opened
+        async with websockets.asyncio.client.connect(
+            url, open_timeout=timeout, ping_interval=None, compression=None
+        ) as ws:
+            opened += 1
+            if opened == count:
+                all_open.set()
+            await asyncio.wait_for(all_open.wait(), timeout)
+            await ws.send(f"tunnel {i}")
+            answer = await asyncio.wait_for(ws.recv(), timeout)
+            assert isinstance(answer, str)
+            return answer
+
+    async with asyncio.timeout(timeout * 2):
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+@pytest.mark.slow
+async def test_a_thousand_concurrent_tunnels(
+    start_tunnel: StartTunnel, asyncio_echo_backend: WsBackend
+) -> None:
+    with trio.fail_after(90):
+        tunnel = await start_tunnel([asyncio_echo_backend.url])
+        started = time.monotonic()
+        answers = await in_thread(asyncio.run, _many_clients(tunnel.url, TUNNELS, 30.0))
+        elapsed = time.monotonic() - started
+
+    assert answers == [f"tunnel {i}" for i in range(TUNNELS)]
+    assert asyncio_echo_backend.connections == TUNNELS
+    assert asyncio_echo_backend.peak_open == TUNNELS
+    assert elapsed < 60
+
+
+# 11. Bad requests ----------------------------------------------------------------------------
+
+
+async def test_bad_requests_get_a_clear_status_and_the_tunnel_keeps_serving(
+    tunnel: Tunnel, echo_backend: WsBackend
+) -> None:
+    host = f"Host: {LOOPBACK}:{tunnel.port}\r\n"
+    plain_get = f"GET / HTTP/1.1\r\n{host}\r\n".encode()
+    post = (
+        f"POST / HTTP/1.1\r\n{host}Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    padding = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(40))  # ~40 KiB > 32 KiB
+    huge = upgrade_request(tunnel.port).replace(b"\r\n\r\n", f"\r\n{padding}\r\n".encode())
+
+    with trio.fail_after(20):
+        answers = {
+            name: await raw_exchange(tunnel.port, request)
+            for name, request in (("get", plain_get), ("post", post), ("huge", huge))
+        }
+        echoed = await in_thread(echo_once, tunnel.url, "still serving")
+
+    get_head, _, get_body = answers["get"].partition(b"\r\n\r\n")
+    assert status_of(answers["get"]) == 426
+    assert header_value(get_head, "Upgrade") == "websocket"
+    assert b"426 Upgrade Required" in get_body
+    post_head, _, _ = answers["post"].partition(b"\r\n\r\n")
+    assert status_of(answers["post"]) == 405
+    assert header_value(post_head, "Allow") == "GET"
+    assert status_of(answers["huge"]) == 431
+    assert b"max_header_bytes" in answers["huge"]
+    assert echoed == "still serving"
+    assert echo_backend.connections == 1  # no refused request reached the backend
+
+
+# 12. Idle timeout ----------------------------------------------------------------------------
+
+
+async def test_idle_timeout_closes_a_silent_tunnel(
+    start_tunnel: StartTunnel, echo_backend: WsBackend
+) -> None:
+    def client(url: str) -> tuple[str | bytes, float, str]:
+        with ws_connect(url) as ws:
+            ws.send("one message, then silence")
+            answer = ws.recv(timeout=CLIENT_TIMEOUT)
+            quiet_since = time.monotonic()
+            try:
+                ws.recv(timeout=CLIENT_TIMEOUT)
+            except ConnectionClosed as exc:
+                return answer, time.monotonic() - quiet_since, type(exc).__name__
+            except TimeoutError:
+                return answer, time.monotonic() - quiet_since, "still open"
+            return answer, time.monotonic() - quiet_since, "unexpected message"
+
+    with trio.fail_after(20):
+        tunnel = await start_tunnel([echo_backend.url], idle_timeout="1s")
+        answer, silent_for, outcome = await in_thread(client, tunnel.url)
+        with trio.fail_after(3):
+            while echo_backend.open_now:  # the backend's side closes too
+                await trio.sleep(0.05)
+
+    assert answer == "one message, then silence"
+    assert outcome == "ConnectionClosedError"  # no close frame: the proxy cut TCP
+    assert 0.8 <= silent_for < 3.0
