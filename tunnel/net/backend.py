@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Sequence
 
@@ -14,8 +15,21 @@ from tunnel.logs import LOGGER_NAME, fields
 log = logging.getLogger(LOGGER_NAME)
 
 
+def describe(backend: BackendConfig) -> str:
+    """``name (host:port)``, or just ``host:port`` when the name is the address."""
+    address = (
+        f"[{backend.host}]:{backend.port}"
+        if ":" in backend.host
+        else (f"{backend.host}:{backend.port}")
+    )
+    return address if backend.name == address else f"{backend.name} ({address})"
+
+
 async def connect(backend: BackendConfig, connect_timeout: float) -> trio.SocketStream:
     """Open a TCP connection to ``backend`` within ``connect_timeout`` seconds.
+
+    A numeric address is connected directly, without name resolution or happy eyeballs, so
+    that the error is the kernel's own ("Connection refused").
 
     Raises:
         BackendTimeout: 504, no connection within the timeout.
@@ -23,17 +37,46 @@ async def connect(backend: BackendConfig, connect_timeout: float) -> trio.Socket
     """
     with trio.move_on_after(connect_timeout):
         try:
+            if _is_numeric(backend.host):
+                return await _connect_numeric(backend.host, backend.port)
             return await trio.open_tcp_stream(backend.host, backend.port)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
             raise BackendUnreachable(
-                f"backend {backend.name} ({backend.host}:{backend.port}) refused or unreachable:"
-                f" {reason}"
+                f"backend {describe(backend)} refused or unreachable: {_reason(exc)}"
             ) from exc
     raise BackendTimeout(
-        f"backend {backend.name} ({backend.host}:{backend.port}) did not accept the connection"
+        f"backend {describe(backend)} did not accept the connection"
         f" within connect_timeout ({connect_timeout:g}s)"
     )
+
+
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _connect_numeric(host: str, port: int) -> trio.SocketStream:
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def _reason(exc: OSError) -> str:
+    """The first concrete cause: trio's resolver path wraps per-address errors in a group."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for inner in cause.exceptions:
+            if isinstance(inner, OSError) and inner.strerror:
+                return inner.strerror
+    return exc.strerror or str(exc)
 
 
 async def connect_first(

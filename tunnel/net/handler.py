@@ -67,9 +67,9 @@ class Handler:
         return HandlerStatistics(self._active, self._opened, self._refused)
 
     async def __call__(self, stream: trio.SocketStream) -> None:
-        client = _peer(stream)
+        peer_ip, client = _peer(stream)
         try:
-            await self._serve(stream, client)
+            await self._serve(stream, peer_ip, client)
         except ClientClosed:
             log.debug("client left before sending a request", extra=fields(client=client))
         except Exception:
@@ -80,7 +80,7 @@ class Handler:
         finally:
             await stream.aclose()
 
-    async def _serve(self, stream: trio.SocketStream, client: str) -> None:
+    async def _serve(self, stream: trio.SocketStream, peer_ip: str, client: str) -> None:
         server = self.config.server
         head = RequestHead(server.max_header_bytes)
         try:
@@ -98,13 +98,14 @@ class Handler:
             return
         self._active += 1
         try:
-            await self._forward(stream, client, route, upgrade, token, key, head.leftover)
+            await self._forward(stream, peer_ip, client, route, upgrade, token, key, head.leftover)
         finally:
             self._active -= 1
 
     async def _forward(
         self,
         stream: trio.SocketStream,
+        peer_ip: str,
         client: str,
         route: RouteConfig,
         upgrade: UpgradeRequest,
@@ -122,7 +123,7 @@ class Handler:
             return
         try:
             hop = Forwarding(
-                peer_ip=client.rpartition(":")[0].strip("[]"),
+                peer_ip=peer_ip,
                 scheme=self.scheme,
                 trusted_proxies=server.trusted_proxies,
                 backend_host=None if route.preserve_host else _host_header(backend),
@@ -217,6 +218,7 @@ class Handler:
                 await stream.send_all(progress.forward)
         except (TunnelError, trio.BrokenResourceError):
             return
+        await backend_stream.aclose()
         await _linger(stream)
 
     async def _refuse(
@@ -290,14 +292,16 @@ async def _linger(stream: trio.SocketStream) -> None:
         return
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """The client's IP address, and ``ip:port`` (``[ip]:port`` for IPv6) for log lines."""
     try:
         address = stream.socket.getpeername()
     except OSError:
-        return "unknown"
+        return "", "unknown"
+    ip, port = address[0], address[1]
     if stream.socket.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    return f"{address[0]}:{address[1]}"
+        return ip, f"[{ip}]:{port}"
+    return ip, f"{ip}:{port}"
 
 
 def _host_header(backend: BackendConfig) -> str:
