@@ -104,7 +104,7 @@ class Address:
         return cls(host, port)
 
     def __str__(self) -> str:
-        return _join_host_port(self.host, self.port)
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +128,7 @@ class BackendConfig:
             host, port = _split_host_port(url, key, default_port=None)
             if not host:
                 raise ConfigError(key, f"{url!r} names no host")
-            return cls(name or _join_host_port(host, port), host, port)
+            return cls(name or join_host_port(host, port), host, port)
         try:
             parts = urlsplit(url)
         except ValueError as exc:  # such as an unclosed "[" around an IPv6 host
@@ -143,11 +143,11 @@ class BackendConfig:
         if not host:
             raise ConfigError(key, f"{url!r} names no host")
         path = parts.path if parts.path not in ("", "/") else ""
-        return cls(name or _join_host_port(host, port), host, port, path)
+        return cls(name or join_host_port(host, port), host, port, path)
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{_join_host_port(self.host, self.port)}{self.path}"
+        return f"{self.scheme}://{join_host_port(self.host, self.port)}{self.path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +330,8 @@ def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str
     return host.lower(), int(port_text)
 
 
-def _is_ip(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
+    """True for a numeric IPv4 or IPv6 address (no brackets, no port)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -347,7 +348,8 @@ def _check_ip(host: str, text: str, key: str, version: int) -> None:
         raise ConfigError(key, f"{host!r} in {text!r} is not an IPv{version} address")
 
 
-def _join_host_port(host: str, port: int) -> str:
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -458,7 +460,7 @@ def _parse_route(item: Any, key: str) -> RouteConfig:
     for host in hosts:
         if not host or "*" in host or "/" in host:
             raise ConfigError(f"{key}.hosts", f"{host!r} is not an exact host name")
-        if (":" in host and not _is_ip(host)) or host.startswith("["):
+        if (":" in host and not is_ip_address(host)) or host.startswith("["):
             raise ConfigError(
                 f"{key}.hosts", f"{host!r}: write the host name alone, without port or brackets"
             )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 
 import trio
 
-from tunnel.config import BackendConfig
+from tunnel.config import BackendConfig, is_ip_address, join_host_port
 from tunnel.errors import BackendTimeout, BackendUnreachable
 from tunnel.logs import LOGGER_NAME, fields
 
@@ -17,11 +16,7 @@ log = logging.getLogger(LOGGER_NAME)
 
 def describe(backend: BackendConfig) -> str:
     """``name (host:port)``, or just ``host:port`` when the name is the address."""
-    address = (
-        f"[{backend.host}]:{backend.port}"
-        if ":" in backend.host
-        else (f"{backend.host}:{backend.port}")
-    )
+    address = join_host_port(backend.host, backend.port)
     return address if backend.name == address else f"{backend.name} ({address})"
 
 
@@ -37,7 +32,7 @@ async def connect(backend: BackendConfig, connect_timeout: float) -> trio.Socket
     """
     with trio.move_on_after(connect_timeout):
         try:
-            if _is_numeric(backend.host):
+            if is_ip_address(backend.host):
                 return await _connect_numeric(backend.host, backend.port)
             return await trio.open_tcp_stream(backend.host, backend.port)
         except OSError as exc:
@@ -48,14 +43,6 @@ async def connect(backend: BackendConfig, connect_timeout: float) -> trio.Socket
         f"backend {describe(backend)} did not accept the connection"
         f" within connect_timeout ({connect_timeout:g}s)"
     )
-
-
-def _is_numeric(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _connect_numeric(host: str, port: int) -> trio.SocketStream:

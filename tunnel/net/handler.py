@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from tunnel.config import BackendConfig, Config, KiB, RouteConfig, format_duration
+from tunnel.config import (
+    BackendConfig,
+    Config,
+    KiB,
+    RouteConfig,
+    format_duration,
+    join_host_port,
+)
 from tunnel.core.handshake import (
     UpgradeRequest,
     check_websocket,
@@ -305,5 +312,6 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
 
 
 def _host_header(backend: BackendConfig) -> str:
-    host = f"[{backend.host}]" if ":" in backend.host else backend.host
-    return host if backend.port == 80 else f"{host}:{backend.port}"
+    """The backend's ``host[:port]`` as a Host value; port 80 is implied by ``ws://``."""
+    address = join_host_port(backend.host, backend.port)
+    return address.rpartition(":")[0] if backend.port == 80 else address
