@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 
 import h11
 import trio
@@ -52,13 +51,6 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * KiB
 
 
-@dataclass(frozen=True, slots=True)
-class HandlerStatistics:
-    active_tunnels: int
-    tunnels_opened: int
-    requests_refused: int
-
-
 class Handler:
     """Serves connections for one configuration. Call it with each accepted stream."""
 
@@ -67,11 +59,7 @@ class Handler:
         self.scheme = scheme
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
         self._active = 0
-        self._opened = 0
-        self._refused = 0
-
-    def statistics(self) -> HandlerStatistics:
-        return HandlerStatistics(self._active, self._opened, self._refused)
+        """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         peer_ip, client = _peer(stream)
@@ -164,7 +152,6 @@ class Handler:
         route: RouteConfig,
         backend: BackendConfig,
     ) -> None:
-        self._opened += 1
         started = trio.current_time()
         log.info(
             "tunnel opened", extra=fields(client=client, route=route.name, backend=backend.name)
@@ -206,7 +193,6 @@ class Handler:
         backend: BackendConfig,
     ) -> None:
         """Pass a non-101 reply to the client verbatim, then close: no tunnel opens."""
-        self._refused += 1
         log.info(
             "backend refused the upgrade; relaying its answer and closing",
             extra=fields(
@@ -231,7 +217,6 @@ class Handler:
     async def _refuse(
         self, stream: trio.SocketStream, client: str, error: TunnelError, **context: str
     ) -> None:
-        self._refused += 1
         log.warning(
             "request refused",
             extra=fields(client=client, status=error.status, reason=error.message, **context),
@@ -275,10 +260,11 @@ async def _ask_backend(
                     return progress
     except trio.BrokenResourceError as exc:
         raise BackendUnreachable(
-            f"backend {backend.name} reset the connection before replying"
+            f"backend {backends.describe(backend)} reset the connection before replying"
         ) from exc
     raise BackendTimeout(
-        f"backend {backend.name} did not answer the upgrade within response_timeout "
+        f"backend {backends.describe(backend)} did not answer the upgrade within "
+        "response_timeout "
         f"({format_duration(response_timeout)})"
     )
 
