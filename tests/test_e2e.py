@@ -8,7 +8,6 @@ own timeouts; every test body runs under a ``trio.fail_after`` guard.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
 import socket
@@ -22,24 +21,32 @@ import pytest
 import trio
 import websockets.asyncio.client
 import websockets.sync.client
+from rawhttp import (
+    KEY,
+    LOOPBACK,
+    RawHandler,
+    assert_switching,
+    header,
+    read_exactly,
+    read_head,
+    read_to_eof,
+    serve_loopback,
+    status_of,
+    switching,
+    upgrade_request,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.http11 import Response
 from websockets.sync.server import ServerConnection
-
-from tunnel.core.response import websocket_accept
 
 if TYPE_CHECKING:
     from conftest import Tunnel, WsBackend
 
 T = TypeVar("T")
 StartTunnel = Callable[..., Awaitable["Tunnel"]]
-RawHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
-LOOPBACK = "127.0.0.1"
 CLIENT_TIMEOUT = 10.0
-KEY = base64.b64encode(b"0123456789abcdef").decode("ascii")
-MAX_RAW_BYTES = 1024 * 1024
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -74,71 +81,6 @@ def refused(url: str) -> Response:
 # Raw sockets ---------------------------------------------------------------------------------
 
 
-def upgrade_request(port: int, path: str = "/", key: str = KEY) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\n"
-        f"Host: {LOOPBACK}:{port}\r\n"
-        "Connection: Upgrade\r\n"
-        "Upgrade: websocket\r\n"
-        f"Sec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
-    ).encode("ascii")
-
-
-def switching(key: str) -> bytes:
-    return (
-        "HTTP/1.1 101 Switching Protocols\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n"
-        "\r\n"
-    ).encode("ascii")
-
-
-async def read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    """Read until the end of an HTTP head; return ``(head, bytes after it)``."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        data = await stream.receive_some(16384)
-        if not data:
-            raise AssertionError(f"EOF before the end of the head; got {buffer!r}")
-        buffer += data
-        assert len(buffer) < MAX_RAW_BYTES, "head never ended"
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    return head + b"\r\n\r\n", rest
-
-
-async def read_exactly(stream: trio.SocketStream, buffer: bytes, size: int) -> bytes:
-    while len(buffer) < size:
-        data = await stream.receive_some(size - len(buffer))
-        if not data:
-            raise AssertionError(f"EOF after {len(buffer)} of {size} bytes: {buffer!r}")
-        buffer += data
-    return buffer
-
-
-async def read_to_eof(stream: trio.SocketStream, buffer: bytes = b"") -> bytes:
-    while True:
-        data = await stream.receive_some(16384)
-        if not data:
-            return buffer
-        buffer += data
-        assert len(buffer) < MAX_RAW_BYTES, "peer never closed"
-
-
-def header_value(head: bytes, name: str) -> str:
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        key, _, value = line.partition(":")
-        if key.strip().lower() == name.lower():
-            return value.strip()
-    raise AssertionError(f"no {name} header in {head!r}")
-
-
-def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1])
-
-
 async def raw_exchange(port: int, request: bytes) -> bytes:
     """Send ``request`` on a fresh connection, return everything received until EOF."""
     async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
@@ -148,17 +90,14 @@ async def raw_exchange(port: int, request: bytes) -> bytes:
 
 async def start_raw_backend(nursery: trio.Nursery, handler: RawHandler) -> str:
     """Serve ``handler`` on a loopback port in ``nursery``; return its ``ws://`` URL."""
-    listeners: list[trio.SocketListener] = await nursery.start(
-        partial(trio.serve_tcp, handler, 0, host=LOOPBACK)
-    )
-    return f"ws://{LOOPBACK}:{listeners[0].socket.getsockname()[1]}"
+    return f"ws://{LOOPBACK}:{await serve_loopback(nursery, handler)}"
 
 
 async def accept_upgrade(stream: trio.SocketStream, extra: bytes = b"") -> bytes:
     """Backend side: read the upgrade request, answer a correct 101 followed by ``extra`` in
     the same write; return the bytes that arrived after the request head."""
     head, rest = await read_head(stream)
-    await stream.send_all(switching(header_value(head, "Sec-WebSocket-Key")) + extra)
+    await stream.send_all(switching(header(head, "Sec-WebSocket-Key")) + extra)
     return rest
 
 
@@ -166,10 +105,9 @@ async def open_raw_tunnel(port: int, leftover: bytes = b"") -> tuple[trio.Socket
     """Client side: send the upgrade (plus ``leftover`` in the same write), expect the 101;
     return the stream and the bytes received after the 101 head."""
     stream = await trio.open_tcp_stream(LOOPBACK, port)
-    await stream.send_all(upgrade_request(port) + leftover)
+    await stream.send_all(upgrade_request(f"{LOOPBACK}:{port}") + leftover)
     head, rest = await read_head(stream)
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert header_value(head, "Sec-WebSocket-Accept") == websocket_accept(KEY)
+    assert_switching(head, KEY)
     return stream, rest
 
 
@@ -270,7 +208,7 @@ async def test_backend_refusal_reaches_the_client_verbatim(
     with trio.fail_after(20):
         tunnel = await start_tunnel([backend.url])
         response = await in_thread(refused, tunnel.url)
-        raw = await raw_exchange(tunnel.port, upgrade_request(tunnel.port))
+        raw = await raw_exchange(tunnel.port, upgrade_request(f"{LOOPBACK}:{tunnel.port}"))
 
     assert response.status_code == 403
     assert response.body == b"no token, no tunnel\n"
@@ -304,7 +242,7 @@ async def test_200_to_an_upgrade_never_becomes_a_tunnel(
         backend_url = await start_raw_backend(nursery, plain_http_backend)
         tunnel = await start_tunnel([backend_url])
         async with await trio.open_tcp_stream(LOOPBACK, tunnel.port) as client:
-            await client.send_all(upgrade_request(tunnel.port) + smuggled)
+            await client.send_all(upgrade_request(f"{LOOPBACK}:{tunnel.port}") + smuggled)
             answer = await read_to_eof(client)
         await backend_done.wait()
 
@@ -324,7 +262,7 @@ async def test_slowloris_is_cut_off_at_handshake_timeout_while_others_are_served
     result: dict[str, Any] = {}
 
     async def slow_client(port: int, done: trio.Event) -> None:
-        request = upgrade_request(port)
+        request = upgrade_request(f"{LOOPBACK}:{port}")
         async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
             started = trio.current_time()
             async with trio.open_nursery() as inner:
@@ -458,7 +396,7 @@ async def test_client_reset_closes_the_backend_socket(
     with trio.fail_after(15):
         tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
         client, rest = await open_raw_tunnel(tunnel.port)
-        assert await read_exactly(client, rest, 5) == b"ready"
+        assert await read_exactly(client, 5, rest) == b"ready"
         client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await client.aclose()  # RST, not FIN
         reset_at = trio.current_time()
@@ -505,14 +443,14 @@ async def test_bytes_around_the_101_are_not_lost(
     async def backend(stream: trio.SocketStream) -> None:
         async with stream:
             seen["before_101"] = await accept_upgrade(stream, extra=b"LATE:from-backend")
-            seen["after_101"] = await read_exactly(stream, b"", len(b"EARLY:from-client"))
+            seen["after_101"] = await read_exactly(stream, len(b"EARLY:from-client"))
             backend_done.set()
 
     with trio.fail_after(15):
         tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
         client, rest = await open_raw_tunnel(tunnel.port, leftover=b"EARLY:from-client")
         async with client:
-            from_backend = await read_exactly(client, rest, len(b"LATE:from-backend"))
+            from_backend = await read_exactly(client, len(b"LATE:from-backend"), rest)
             await backend_done.wait()
 
     assert seen["before_101"] == b""  # nothing of the client's early bytes before the 101
@@ -578,7 +516,9 @@ async def test_bad_requests_get_a_clear_status_and_the_tunnel_keeps_serving(
         f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
     padding = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(40))  # ~40 KiB > 32 KiB
-    huge = upgrade_request(tunnel.port).replace(b"\r\n\r\n", f"\r\n{padding}\r\n".encode())
+    huge = upgrade_request(f"{LOOPBACK}:{tunnel.port}").replace(
+        b"\r\n\r\n", f"\r\n{padding}\r\n".encode()
+    )
 
     with trio.fail_after(20):
         answers = {
@@ -589,11 +529,11 @@ async def test_bad_requests_get_a_clear_status_and_the_tunnel_keeps_serving(
 
     get_head, _, get_body = answers["get"].partition(b"\r\n\r\n")
     assert status_of(answers["get"]) == 426
-    assert header_value(get_head, "Upgrade") == "websocket"
+    assert header(get_head, "Upgrade") == "websocket"
     assert b"426 Upgrade Required" in get_body
     post_head, _, _ = answers["post"].partition(b"\r\n\r\n")
     assert status_of(answers["post"]) == 405
-    assert header_value(post_head, "Allow") == "GET"
+    assert header(post_head, "Allow") == "GET"
     assert status_of(answers["huge"]) == 431
     assert b"max_header_bytes" in answers["huge"]
     assert echoed == "still serving"

@@ -12,25 +12,35 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from rawhttp import (
+    HEAD_LIMIT,
+    assert_switching,
+    header,
+    read_exactly,
+    read_head,
+    read_to_eof,
+    serve_loopback,
+    status_of,
+    switching,
+    upgrade_request,
+)
 
 from tunnel import Config, serve
-from tunnel.core.response import websocket_accept
 
 GUARD_SECONDS = 120.0
 """Virtual seconds on the MockClock; a stuck test jumps straight here and fails."""
 
-HEAD_LIMIT = 64 * 1024
+HOST = "example.test"
+PATH = "/chat"
 
 
 # --- a raw backend ---------------------------------------------------------------------------
@@ -45,24 +55,6 @@ class RawBackend:
     """Request heads received, in order."""
 
 
-async def read_head(stream: trio.abc.ReceiveStream) -> tuple[bytes, bytes]:
-    """Read up to the blank line; return the head and whatever came after it."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise EOFError(f"EOF after {len(data)} bytes of a head: {data!r}")
-        data += chunk
-        assert len(data) <= HEAD_LIMIT
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head + b"\r\n\r\n", rest
-
-
-def header(head: bytes, name: str) -> str | None:
-    match = re.search(rb"\r\n" + name.encode() + rb":[ \t]*([^\r\n]*)", head, re.IGNORECASE)
-    return match.group(1).strip().decode("latin-1") if match else None
-
-
 async def echo_after_101(stream: trio.SocketStream, requests: list[bytes]) -> None:
     """Answer the upgrade with a correct 101, then echo raw bytes until EOF."""
     async with stream:
@@ -71,11 +63,7 @@ async def echo_after_101(stream: trio.SocketStream, requests: list[bytes]) -> No
             requests.append(head)
             key = header(head, "Sec-WebSocket-Key")
             assert key is not None, head
-            await stream.send_all(
-                b"HTTP/1.1 101 Switching Protocols\r\n"
-                b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Accept: " + websocket_accept(key).encode() + b"\r\n\r\n"
-            )
+            await stream.send_all(switching(key))
             if rest:
                 await stream.send_all(rest)
             while data := await stream.receive_some(65536):
@@ -109,8 +97,7 @@ async def start_backend(nursery: trio.Nursery, behaviour: Behaviour) -> RawBacke
     async def handle(stream: trio.SocketStream) -> None:
         await behaviour(stream, requests)
 
-    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    return RawBackend(listeners[0].socket.getsockname()[1], requests)
+    return RawBackend(await serve_loopback(nursery, handle), requests)
 
 
 # --- the proxy and its clients ---------------------------------------------------------------
@@ -139,35 +126,15 @@ async def proxy(config: Config) -> AsyncIterator[trio.SocketListener]:
             nursery.cancel_scope.cancel()
 
 
-def upgrade_request(key: str, path: str = "/chat") -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\n"
-        "Host: example.test\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
 def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
-
-
-def status_of(head: bytes) -> int:
-    match = re.match(rb"HTTP/1\.1 (\d{3}) ", head)
-    assert match, head
-    return int(match.group(1))
 
 
 async def read_response(stream: trio.abc.ReceiveStream) -> tuple[int, bytes, bytes]:
     """A refusal: status, head, and the body up to the proxy's close."""
     head, rest = await read_head(stream)
-    body = bytearray(rest)
-    while chunk := await stream.receive_some(4096):
-        body += chunk
-        assert len(body) <= HEAD_LIMIT
-    return status_of(head), head, bytes(body)
+    body = await read_to_eof(stream, rest, limit=HEAD_LIMIT)
+    return status_of(head), head, body
 
 
 @asynccontextmanager
@@ -176,23 +143,13 @@ async def tunnel_through(listener: trio.SocketListener) -> AsyncIterator[trio.So
     stream = await trio.testing.open_stream_to_socket_listener(listener)
     async with stream:
         key = new_key()
-        await stream.send_all(upgrade_request(key))
+        await stream.send_all(upgrade_request(HOST, key, PATH))
         head, rest = await read_head(stream)
-        assert status_of(head) == 101, head
-        assert header(head, "Sec-WebSocket-Accept") == websocket_accept(key)
+        assert_switching(head, key)
         assert rest == b""
         await stream.send_all(b"ping through the tunnel")
-        assert await receive_exactly(stream, 23) == b"ping through the tunnel"
+        assert await read_exactly(stream, 23) == b"ping through the tunnel"
         yield stream
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 # --- handshake_timeout -----------------------------------------------------------------------
@@ -213,7 +170,7 @@ async def test_partial_head_gets_408_after_handshake_timeout_while_others_tunnel
                 await trio.sleep(3)
                 async with tunnel_through(listener) as fast:
                     await fast.send_all(b"second message")
-                    assert await receive_exactly(fast, 14) == b"second message"
+                    assert await read_exactly(fast, 14) == b"second message"
                     assert trio.current_time() - started < 10
 
                 status, head, body = await read_response(slow)
@@ -237,7 +194,7 @@ async def test_slow_head_trickling_bytes_still_times_out(
             slow = await trio.testing.open_stream_to_socket_listener(listener)
 
             async def trickle() -> None:
-                for byte in upgrade_request(new_key()):
+                for byte in upgrade_request(HOST, new_key(), PATH):
                     try:
                         await slow.send_all(bytes([byte]))
                     except trio.BrokenResourceError:
@@ -268,7 +225,7 @@ async def test_backend_that_never_answers_gets_504_after_response_timeout(
         async with proxy(config) as listener:
             client = await trio.testing.open_stream_to_socket_listener(listener)
             async with client:
-                await client.send_all(upgrade_request(new_key()))
+                await client.send_all(upgrade_request(HOST, new_key(), PATH))
                 started = trio.current_time()
                 status, _, body = await read_response(client)
                 waited = trio.current_time() - started
@@ -290,7 +247,7 @@ async def test_refused_backend_gets_502_naming_the_backend() -> None:
         async with proxy(make_config(port, backend_name="refuser")) as listener:
             client = await trio.testing.open_stream_to_socket_listener(listener)
             async with client:
-                await client.send_all(upgrade_request(new_key()))
+                await client.send_all(upgrade_request(HOST, new_key(), PATH))
                 with trio.fail_after(10):
                     status, head, body = await read_response(client)
     assert status == 502
@@ -308,7 +265,7 @@ async def test_backend_that_hangs_up_before_replying_gets_502(
         async with proxy(make_config(backend.port, backend_name="quitter")) as listener:
             client = await trio.testing.open_stream_to_socket_listener(listener)
             async with client:
-                await client.send_all(upgrade_request(new_key()))
+                await client.send_all(upgrade_request(HOST, new_key(), PATH))
                 started = trio.current_time()
                 status, _, body = await read_response(client)
                 waited = trio.current_time() - started
@@ -331,7 +288,7 @@ async def test_max_tunnels_refuses_the_next_upgrade_with_503_and_retry_after(
             async with tunnel_through(listener) as first:
                 second = await trio.testing.open_stream_to_socket_listener(listener)
                 async with second:
-                    await second.send_all(upgrade_request(new_key()))
+                    await second.send_all(upgrade_request(HOST, new_key(), PATH))
                     status, head, body = await read_response(second)
                 assert status == 503
                 retry_after = header(head, "Retry-After")
@@ -341,7 +298,7 @@ async def test_max_tunnels_refuses_the_next_upgrade_with_503_and_retry_after(
 
                 # The open tunnel is untouched by the refusal.
                 await first.send_all(b"still open")
-                assert await receive_exactly(first, 10) == b"still open"
+                assert await read_exactly(first, 10) == b"still open"
 
             # Once the first tunnel is gone, the slot is free again.
             await trio.testing.wait_all_tasks_blocked()

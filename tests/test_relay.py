@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from rawhttp import read_exactly, read_to_eof
 
 from tunnel.net.relay import (
     BACKEND_EOF,
@@ -81,23 +82,6 @@ async def running_relay(
             nursery.cancel_scope.cancel()
 
 
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
-
-
-async def receive_until_eof(stream: trio.abc.ReceiveStream, limit: int = 1 << 20) -> bytes:
-    data = bytearray()
-    while chunk := await stream.receive_some():
-        data += chunk
-        assert len(data) <= limit
-    return bytes(data)
-
-
 # --- bytes both ways --------------------------------------------------------------------------
 
 
@@ -115,7 +99,7 @@ async def test_bytes_flow_both_ways_in_order_and_untouched(pair: PairFactory) ->
             await stream.send_all(data[start : start + piece])
 
     async def collect(name: str, stream: trio.abc.ReceiveStream, size: int) -> None:
-        got[name] = await receive_exactly(stream, size)
+        got[name] = await read_exactly(stream, size)
 
     async with running_relay(client_pair=pair, backend_pair=pair) as run:
         async with trio.open_nursery() as nursery:
@@ -135,7 +119,7 @@ async def test_order_holds_with_one_byte_chunks() -> None:
     data = bytes(range(256))
     async with running_relay(chunk_size=1) as run:
         await run.client.send_all(data)
-        assert await receive_exactly(run.backend, len(data)) == data
+        assert await read_exactly(run.backend, len(data)) == data
 
 
 # --- half-close --------------------------------------------------------------------------------
@@ -155,7 +139,7 @@ async def test_half_close_is_propagated_and_the_other_way_stays_open(
         await first.send_eof()
 
         # The other side reads the data, then EOF: the half-close went through.
-        assert await receive_until_eof(other) == b"last words"
+        assert await read_to_eof(other) == b"last words"
         await trio.testing.wait_all_tasks_blocked()
         assert not run.done.is_set(), "one EOF must not end the tunnel"
         assert run.stats.close_reason == reason
@@ -163,10 +147,10 @@ async def test_half_close_is_propagated_and_the_other_way_stays_open(
         # The other direction still works after the half-close.
         for i in range(3):
             await other.send_all(b"reply %d;" % i)
-        assert await receive_exactly(first, 24) == b"reply 0;reply 1;reply 2;"
+        assert await read_exactly(first, 24) == b"reply 0;reply 1;reply 2;"
 
         await other.send_eof()
-        assert await receive_until_eof(first) == b""
+        assert await read_to_eof(first) == b""
         await run.done.wait()
     assert run.result is run.stats
     assert run.stats.close_reason == reason
@@ -179,8 +163,8 @@ async def test_both_sides_eof_returns_with_the_first_eof_as_reason() -> None:
         await trio.testing.wait_all_tasks_blocked()
         await run.client.send_eof()
         await run.done.wait()
-        assert await receive_until_eof(run.client) == b""
-        assert await receive_until_eof(run.backend) == b""
+        assert await read_to_eof(run.client) == b""
+        assert await read_to_eof(run.backend) == b""
     assert run.stats.close_reason == BACKEND_EOF
 
 
@@ -213,8 +197,8 @@ async def test_reset_on_receive_ends_the_whole_relay(side: str, reason: str) -> 
         arm = break_receive(relay_side)
         await run.client.send_all(b"up")
         await run.backend.send_all(b"down")
-        assert await receive_exactly(run.backend, 2) == b"up"
-        assert await receive_exactly(run.client, 4) == b"down"
+        assert await read_exactly(run.backend, 2) == b"up"
+        assert await read_exactly(run.client, 4) == b"down"
 
         arm()
         # One more byte wakes the pump; its next receive fails.
@@ -242,7 +226,7 @@ async def test_reset_after_half_close_overrides_the_eof_reason() -> None:
     async with running_relay() as run:
         arm = break_receive(run.relay_backend)
         await run.client.send_eof()
-        assert await receive_until_eof(run.backend) == b""
+        assert await read_to_eof(run.backend) == b""
         await trio.testing.wait_all_tasks_blocked()
         assert run.stats.close_reason == CLIENT_EOF
         arm()
@@ -292,7 +276,7 @@ async def test_idle_timeout_zero_disables_the_idle_check(
         assert run.stats.close_reason == ""
         # And it still relays.
         await run.client.send_all(b"still here")
-        assert await receive_exactly(run.backend, 10) == b"still here"
+        assert await read_exactly(run.backend, 10) == b"still here"
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
@@ -308,7 +292,7 @@ async def test_activity_resets_the_idle_timer(
         for _ in range(5):
             await trio.sleep(6)
             await sender.send_all(b".")
-            assert await receive_exactly(receiver, 1) == b"."
+            assert await read_exactly(receiver, 1) == b"."
         assert not run.done.is_set(), "activity must keep the tunnel open"
         last = trio.current_time()
         assert last - start == pytest.approx(30)
@@ -325,7 +309,7 @@ async def test_idle_timeout_also_applies_after_a_half_close(
     start = trio.current_time()
     async with running_relay(idle_timeout=10, guard=3600) as run:
         await run.client.send_eof()
-        assert await receive_until_eof(run.backend) == b""
+        assert await read_to_eof(run.backend) == b""
         await run.done.wait()
     assert run.stats.close_reason == IDLE_TIMEOUT
     assert run.finished_at is not None
@@ -369,7 +353,7 @@ async def test_stalled_sink_bounds_what_the_relay_reads_from_the_source(
             assert run.stats.bytes_up == 0, "nothing was delivered yet"
 
             # Once the backend reads, everything flows, in order and complete.
-            received = await receive_exactly(run.backend, piece * pieces)
+            received = await read_exactly(run.backend, piece * pieces)
             assert received == b"x" * (piece * pieces)
         assert sent == piece * pieces
         await trio.testing.wait_all_tasks_blocked()
@@ -387,9 +371,9 @@ async def test_counters_update_while_bytes_flow(autojump_clock: trio.testing.Moc
         for i in range(1, 6):
             await trio.sleep(1)
             await run.client.send_all(b"u" * i)
-            await receive_exactly(run.backend, i)
+            await read_exactly(run.backend, i)
             await run.backend.send_all(b"d" * (2 * i))
-            await receive_exactly(run.client, 2 * i)
+            await read_exactly(run.client, 2 * i)
             up_total += i
             down_total += 2 * i
             await trio.testing.wait_all_tasks_blocked()
