@@ -295,6 +295,22 @@ REFUSED = [
         [],
     ),
     (
+        "absolute-form-other-port",
+        build("GET ws://chat.example.com:8080/chat HTTP/1.1"),
+        HandshakeError,
+        400,
+        "absolute request target names host 'chat.example.com:8080'",
+        [],
+    ),
+    (
+        "absolute-form-https-default-port-is-not-80",
+        build("GET wss://chat.example.com:80/chat HTTP/1.1"),
+        HandshakeError,
+        400,
+        "absolute request target names host 'chat.example.com:80'",
+        [],
+    ),
+    (
         "absolute-form-broken-url",
         build("GET http://[::1/chat HTTP/1.1"),
         HandshakeError,
@@ -347,6 +363,8 @@ def test_refusals(
         ("ws://chat.example.com/chat", "/chat"),
         ("wss://CHAT.example.com", "/"),
         ("https://chat.example.com?x=1", "/?x=1"),
+        ("ws://chat.example.com:80/chat", "/chat"),
+        ("http://chat.example.com:80/", "/"),
     ],
 )
 def test_absolute_form_for_the_same_host_becomes_origin_form(target: str, expected: str) -> None:

@@ -117,6 +117,16 @@ def test_untrusted_peer_replaces_forwarding_headers() -> None:
     assert get_all(out, "X-Real-IP") == ["203.0.113.7"]
 
 
+def test_untrusted_peer_forwarded_header_is_dropped() -> None:
+    out = rewrite([("Forwarded", "for=6.6.6.6;proto=https")])
+    assert get_all(out, "Forwarded") == []
+
+
+def test_trusted_peer_forwarded_header_is_kept() -> None:
+    out = rewrite([("Forwarded", "for=6.6.6.6;proto=https")], hop=TRUSTED)
+    assert get_all(out, "Forwarded") == ["for=6.6.6.6;proto=https"]
+
+
 def test_untrusted_peer_over_tls_says_https() -> None:
     out = rewrite(SPOOFED, hop=Forwarding(peer_ip="203.0.113.7", scheme="https"))
     assert get_all(out, "X-Forwarded-Proto") == ["https"]

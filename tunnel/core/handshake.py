@@ -86,12 +86,19 @@ def _origin_form(target: str, host: str) -> str:
         raise HandshakeError(f"request target {target!r} is not a valid URL") from exc
     if parts.scheme.lower() not in ("http", "https", "ws", "wss") or not parts.netloc:
         raise HandshakeError(f"request target {target!r} is neither a path nor an absolute URL")
-    if parts.netloc.lower() != host.lower():
+    default_port = "443" if parts.scheme.lower() in ("https", "wss") else "80"
+    if _authority(parts.netloc, default_port) != _authority(host, default_port):
         raise HandshakeError(
             f"absolute request target names host {parts.netloc!r} but Host is {host!r}"
         )
     path = parts.path or "/"
     return f"{path}?{parts.query}" if parts.query else path
+
+
+def _authority(netloc: str, default_port: str) -> tuple[str, str]:
+    """(lower-case host, port) with the scheme's default port filled in, for comparison."""
+    name, port = headers.split_host(netloc)
+    return name, port or default_port
 
 
 def choose_upgrade(request: UpgradeRequest, allowed: Sequence[str]) -> str:

@@ -25,6 +25,10 @@ _REPLACED = frozenset(
 )
 
 
+# RFC 7239's Forwarded says the same as X-Forwarded-*; from an untrusted peer it is a spoof.
+_UNTRUSTED = frozenset({b"forwarded"})
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarding:
     """What the proxy knows about the hop it is forwarding: who sent it and where it goes."""
@@ -53,14 +57,17 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> h11
     Header casing and order survive (built from ``raw_items()``); hop-by-hop headers and every
     header named in ``Connection`` are dropped; ``Connection: Upgrade`` and the chosen
     ``Upgrade`` token are sent. ``X-Forwarded-For`` is replaced by the peer address, or appended
-    to when the peer is a trusted proxy, whose ``X-Forwarded-Proto``/``-Host`` are then kept.
+    to when the peer is a trusted proxy, whose ``X-Forwarded-Proto``/``-Host`` and ``Forwarded``
+    are then kept; an untrusted peer's ``Forwarded`` is dropped.
     ``Sec-WebSocket-*`` headers pass untouched.
     """
     request = upgrade.request
     named = {name.encode("latin-1") for name in headers.tokens(request.headers, b"connection")}
-    dropped = headers.HOP_BY_HOP | named | _REPLACED
-    kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
     trusted = is_trusted(hop.peer_ip, hop.trusted_proxies)
+    dropped = headers.HOP_BY_HOP | named | _REPLACED
+    if not trusted:
+        dropped |= _UNTRUSTED
+    kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
     client_chain = _forwarded_for(request.headers) if trusted else []
     chain = [*client_chain, hop.peer_ip]
     proto = hop.scheme
