@@ -395,7 +395,8 @@ def _get_list(
     return tuple(value)
 
 
-def _positive(value: T, key: str, check: Callable[[T], bool], problem: str) -> T:
+def _require(value: T, key: str, check: Callable[[T], bool], problem: str) -> T:
+    """Return ``value`` when ``check`` holds, else raise ConfigError(key, problem)."""
     if not check(value):
         raise ConfigError(key, problem)
     return value
@@ -412,7 +413,7 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
             return default
         value = parse_duration(table[name], key)
         floor = "0s (off) or more" if allow_zero else "more than 0s"
-        return _positive(value, key, lambda v: v > 0 or (allow_zero and v == 0), f"must be {floor}")
+        return _require(value, key, lambda v: v > 0 or (allow_zero and v == 0), f"must be {floor}")
 
     proxies: list[IPNetwork] = []
     for cidr in _get_list(table, "trusted_proxies", "server", ()):
@@ -429,13 +430,13 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
         connect_timeout=duration("connect_timeout", d.connect_timeout, False),
         response_timeout=duration("response_timeout", d.response_timeout, False),
         idle_timeout=duration("idle_timeout", d.idle_timeout, True),
-        max_header_bytes=_positive(
+        max_header_bytes=_require(
             max_header_bytes,
             "server.max_header_bytes",
             lambda v: 1 * KiB <= v <= 1 * MiB,
             "must be between 1KiB and 1MiB",
         ),
-        max_tunnels=_positive(
+        max_tunnels=_require(
             max_tunnels, "server.max_tunnels", lambda v: v > 0, "must be 1 or more"
         ),
         trusted_proxies=tuple(proxies),
