@@ -7,7 +7,6 @@ listener's nursery.
 from __future__ import annotations
 
 import logging
-import socket
 
 import h11
 import trio
@@ -292,9 +291,7 @@ def _peer(stream: trio.SocketStream) -> tuple[str, str]:
     except OSError:
         return "", "unknown"
     ip, port = address[0], address[1]
-    if stream.socket.family == socket.AF_INET6:
-        return ip, f"[{ip}]:{port}"
-    return ip, f"{ip}:{port}"
+    return ip, join_host_port(ip, port)
 
 
 def _host_header(backend: BackendConfig) -> str:
