@@ -41,6 +41,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 BALANCE_METHODS = ("round-robin",)
 LOG_FORMATS = ("text", "json")
+RELAY_MODES = ("auto", "splice", "copy")
+MAX_WORKERS = 256
 UPGRADE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?$")
 
 
@@ -178,6 +180,12 @@ class ServerConfig:
     max_tunnels: int = 10_000
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_format: str = "text"
+    workers: int = 1
+    """Processes sharing the listening ports (SO_REUSEPORT); 1 runs without a supervisor."""
+    relay: str = "auto"
+    """How established tunnels move bytes: splice(2) through pipes, or copying in user space."""
+    splice_pipes: int = 512
+    """Pipes the splice relay may hold at once (two descriptors each); beyond, it copies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +234,7 @@ class Config:
         listen: Sequence[str] = (),
         backends: Sequence[str] = (),
         log_format: str | None = None,
+        workers: int | None = None,
     ) -> Config:
         """Apply command-line flags: each given flag replaces the file's value entirely."""
         config = self
@@ -240,6 +249,16 @@ class Config:
         if log_format is not None:
             config = dataclasses.replace(
                 config, server=dataclasses.replace(config.server, log_format=log_format)
+            )
+        if workers is not None:
+            _require(
+                workers,
+                "--workers",
+                lambda v: 1 <= v <= MAX_WORKERS,
+                f"must be between 1 and {MAX_WORKERS}",
+            )
+            config = dataclasses.replace(
+                config, server=dataclasses.replace(config.server, workers=workers)
             )
         config.validate()
         return config
@@ -257,6 +276,8 @@ class Config:
             seen.add(route.name)
         if self.server.log_format not in LOG_FORMATS:
             raise ConfigError("server.log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+        if self.server.relay not in RELAY_MODES:
+            raise ConfigError("server.relay", f"must be one of {', '.join(RELAY_MODES)}")
 
     def to_toml(self) -> str:
         """The effective configuration, every default spelled out (``tunnel check`` prints it)."""
@@ -271,6 +292,9 @@ class Config:
             f"max_tunnels = {s.max_tunnels}",
             f"trusted_proxies = {_toml_list(str(n) for n in s.trusted_proxies)}",
             f"log_format = {_toml_str(s.log_format)}",
+            f"workers = {s.workers}",
+            f"relay = {_toml_str(s.relay)}",
+            f"splice_pipes = {s.splice_pipes}",
         ]
         for listener in self.listeners:
             lines += ["", "[[listeners]]", f"listen = {_toml_str(str(listener.listen))}"]
@@ -441,6 +465,19 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
         ),
         trusted_proxies=tuple(proxies),
         log_format=_get(table, "log_format", "server", str, d.log_format),
+        workers=_require(
+            _get(table, "workers", "server", int, d.workers),
+            "server.workers",
+            lambda v: 1 <= v <= MAX_WORKERS,
+            f"must be between 1 and {MAX_WORKERS}",
+        ),
+        relay=_get(table, "relay", "server", str, d.relay),
+        splice_pipes=_require(
+            _get(table, "splice_pipes", "server", int, d.splice_pipes),
+            "server.splice_pipes",
+            lambda v: v >= 0,
+            "must be 0 (never splice) or more",
+        ),
     )
 
 
