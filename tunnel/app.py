@@ -7,7 +7,9 @@ import logging
 import trio
 
 from tunnel.config import Config
+from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.engine import Engine, splice_available
 from tunnel.net.handler import Handler
 from tunnel.net.listener import accept_loop, bound_address, open_listeners
 
@@ -24,10 +26,19 @@ async def serve(
     With ``nursery.start(serve, config)`` the caller gets the bound listeners back once they
     accept connections (port 0 is resolved in ``listener.socket.getsockname()``).
     """
-    handler = Handler(config)
+    server = config.server
+    if server.relay == "splice" and not splice_available():
+        raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
+    engine = Engine(
+        splice=server.relay != "copy",
+        splice_pipes=server.splice_pipes,
+        idle_timeout=server.idle_timeout,
+    )
+    handler = Handler(config, engine=engine)
     listeners = await open_listeners(config.listeners)
     try:
         async with trio.open_nursery() as connections:
+            await connections.start(engine.run)
             for listener in listeners:
                 log.info(
                     "listening",

@@ -7,6 +7,7 @@ listener's nursery.
 from __future__ import annotations
 
 import logging
+import socket
 
 import h11
 import trio
@@ -38,6 +39,7 @@ from tunnel.errors import (
 )
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import backend as backends
+from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.relay import RelayStats, relay
 from tunnel.policy.balancer import RoundRobin
 from tunnel.policy.routing import match_route
@@ -53,9 +55,13 @@ LINGER_BYTES = 256 * KiB
 class Handler:
     """Serves connections for one configuration. Call it with each accepted stream."""
 
-    def __init__(self, config: Config, *, scheme: str = "http") -> None:
+    def __init__(
+        self, config: Config, *, scheme: str = "http", engine: Engine | None = None
+    ) -> None:
         self.config = config
         self.scheme = scheme
+        self.engine = engine
+        """Relays plain-socket tunnels once they are established; None pumps them in tasks."""
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
         self._active = 0
         """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
@@ -91,10 +97,14 @@ class Handler:
             await self._refuse(stream, client, error)
             return
         self._active += 1
+        handed_off = False
         try:
-            await self._forward(stream, peer_ip, client, route, upgrade, token, key, head.leftover)
+            handed_off = await self._forward(
+                stream, peer_ip, client, route, upgrade, token, key, head.leftover
+            )
         finally:
-            self._active -= 1
+            if not handed_off:
+                self._active -= 1
 
     async def _forward(
         self,
@@ -106,7 +116,9 @@ class Handler:
         token: str,
         key: str | None,
         leftover: bytes,
-    ) -> None:
+    ) -> bool:
+        """Returns True when the tunnel was handed to the engine, which now owns both sockets
+        and the ``max_tunnels`` slot."""
         server = self.config.server
         try:
             backend, backend_stream = await backends.connect_first(
@@ -114,7 +126,7 @@ class Handler:
             )
         except TunnelError as error:
             await self._refuse(stream, client, error, route=route.name)
-            return
+            return False
         try:
             hop = Forwarding(
                 peer_ip=peer_ip,
@@ -131,15 +143,63 @@ class Handler:
                 )
             except TunnelError as error:
                 await self._refuse(stream, client, error, route=route.name, backend=backend.name)
-                return
+                return False
             if not progress.switched:
                 await self._relay_refusal(
                     stream, backend_stream, reply, progress, client, route, backend
                 )
-                return
+                return False
+            if self.engine is not None:
+                self._hand_off(
+                    self.engine, stream, backend_stream, progress, leftover, client, route, backend
+                )
+                return True
             await self._tunnel(stream, backend_stream, progress, leftover, client, route, backend)
+            return False
         finally:
             await backend_stream.aclose()
+
+    def _hand_off(
+        self,
+        engine: Engine,
+        stream: trio.SocketStream,
+        backend_stream: trio.SocketStream,
+        progress: ReplyProgress,
+        leftover: bytes,
+        client: str,
+        route: RouteConfig,
+        backend: BackendConfig,
+    ) -> None:
+        """Give both sockets to the engine: from here on no task serves this tunnel."""
+        started = trio.current_time()
+        log.info(
+            "tunnel opened", extra=fields(client=client, route=route.name, backend=backend.name)
+        )
+
+        def closed(tunnel: Tunnel) -> None:
+            self._active -= 1
+            stats = tunnel.stats
+            log.info(
+                "tunnel closed",
+                extra=fields(
+                    client=client,
+                    route=route.name,
+                    backend=backend.name,
+                    bytes_up=stats.bytes_up,
+                    bytes_down=stats.bytes_down,
+                    duration=f"{trio.current_time() - started:.3f}s",
+                    reason=stats.close_reason,
+                ),
+            )
+
+        engine.adopt(
+            _detach(stream),
+            _detach(backend_stream),
+            RelayStats(),
+            closed,
+            to_client=progress.forward + progress.leftover,
+            to_backend=leftover,
+        )
 
     async def _tunnel(
         self,
@@ -282,6 +342,14 @@ async def _linger(stream: trio.SocketStream) -> None:
                 discarded += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
+
+
+def _detach(stream: trio.SocketStream) -> socket.socket:
+    """The stream's socket as a plain non-blocking ``socket.socket``; trio forgets it."""
+    trio_socket = stream.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    trio.lowlevel.notify_closing(trio_socket)
+    return socket.socket(family, kind, proto, fileno=trio_socket.detach())
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str]:

@@ -1,0 +1,498 @@
+"""The relay engine: every established plain-socket tunnel, served from one epoll set.
+
+After the 101 nothing is parsed, so a tunnel needs no task, nursery or stream: its two
+non-blocking sockets go into one edge-triggered ``select.epoll``, and one trio task waits on that
+epoll's descriptor. Each wake-up services every ready socket in a batch, which is what brings the
+per-message cost near a C proxy's (``docs/benchmarks.md`` has the figures). Bytes move with
+``splice(2)`` through pooled pipes when allowed, or with ``recv_into``/``send`` through one
+shared buffer otherwise; either way a partial write parks the rest on the tunnel and stops
+reading its source until the destination drains, so memory stays bounded.
+
+Edge-triggered rules this code keeps (each cost a stall or a leak in a prototype):
+- a socket is read until ``EAGAIN``, a short read, or, once the peer's FIN was reported
+  (``EPOLLRDHUP``), until ``recv`` returns EOF: the FIN is reported only once;
+- a source left unread because its destination was full is read again as soon as that
+  destination drains, since no new edge will come for bytes already queued;
+- a batch that leaves work behind yields to trio and comes back to it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import heapq
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+
+import trio
+
+from tunnel.net.relay import (
+    BACKEND_EOF,
+    BACKEND_RESET,
+    CLIENT_EOF,
+    CLIENT_RESET,
+    IDLE_TIMEOUT,
+    RelayStats,
+)
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 64 * 1024
+PIPE_SIZE = 1024 * 1024
+"""Asked of ``F_SETPIPE_SZ``; the kernel may grant less (``/proc/sys/fs/pipe-max-size``)."""
+PAGE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+MAX_EVENTS = 512
+READS_PER_TURN = 16
+"""Reads one direction may make per batch before it yields to the other tunnels."""
+SHUTDOWN = "shutdown"
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_INTEREST = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
+
+
+def splice_available() -> bool:
+    """True where the kernel and Python offer ``splice(2)`` (Linux, Python 3.10+)."""
+    return hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    """A snapshot for the stats page and the tests."""
+
+    tunnels: int
+    pipes_in_use: int
+    pipes_idle: int
+    pipe_size: int
+    splice_fallbacks: int
+    """Reads that copied because no pipe was free (``splice_pipes`` reached or no descriptor)."""
+
+
+class PipePool:
+    """Pipes for splicing, held by a direction only while bytes sit in them.
+
+    A tunnel that kept its own two pipes would hold six descriptors; a pool bounded by
+    ``limit`` keeps the count proportional to the bytes in flight instead. Idle pipes are kept
+    for reuse while tunnels exist and closed when the last tunnel ends.
+    """
+
+    def __init__(self, limit: int, size: int = PIPE_SIZE) -> None:
+        self.limit = limit
+        self.size = size
+        self.in_use = 0
+        self.fallbacks = 0
+        self._idle: list[tuple[int, int]] = []
+
+    def acquire(self) -> tuple[int, int] | None:
+        """A ``(read_fd, write_fd)`` pair, or None when the limit or the descriptors ran out."""
+        if self._idle:
+            self.in_use += 1
+            return self._idle.pop()
+        if self.in_use >= self.limit:
+            self.fallbacks += 1
+            return None
+        try:
+            read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.fallbacks += 1
+            return None
+        try:
+            self.size = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:
+            self.size = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+        self.in_use += 1
+        return read_fd, write_fd
+
+    def release(self, pipe: tuple[int, int]) -> None:
+        """Give back an empty pipe."""
+        self.in_use -= 1
+        self._idle.append(pipe)
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """Close a pipe that may still hold bytes (its tunnel died)."""
+        self.in_use -= 1
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def trim(self) -> None:
+        """Close the idle pipes, so an idle server holds no descriptor for splicing."""
+        while self._idle:
+            read_fd, write_fd = self._idle.pop()
+            os.close(read_fd)
+            os.close(write_fd)
+
+
+class _Flow:
+    """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
+
+    __slots__ = (
+        "dst",
+        "dst_fd",
+        "eof",
+        "eof_reason",
+        "hangup",
+        "parked",
+        "pipe",
+        "piped",
+        "ready",
+        "reset_dst",
+        "reset_src",
+        "shut",
+        "src",
+        "src_fd",
+        "stats",
+        "tunnel",
+        "upstream",
+    )
+
+    def __init__(
+        self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, upstream: bool
+    ) -> None:
+        self.tunnel: Tunnel | None = tunnel
+        """Cleared when the tunnel closes, so that no reference cycle outlives it."""
+        self.stats = tunnel.stats
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.upstream = upstream
+        self.parked = b""
+        """Bytes read but not yet written (copy path, or leftovers from the handshake)."""
+        self.pipe: tuple[int, int] | None = None
+        self.piped = 0
+        """Bytes sitting in ``pipe`` (splice path)."""
+        self.ready = False
+        """The source may hold unread bytes (an edge was reported and not yet drained)."""
+        self.hangup = False
+        """The source's FIN or an error was reported: read until EOF, whatever the sizes."""
+        self.eof = False
+        self.shut = False
+        self.eof_reason = CLIENT_EOF if upstream else BACKEND_EOF
+        self.reset_src = CLIENT_RESET if upstream else BACKEND_RESET
+        self.reset_dst = BACKEND_RESET if upstream else CLIENT_RESET
+
+
+class Tunnel:
+    """An established tunnel owned by the engine: two sockets, two flows and the counters."""
+
+    __slots__ = ("backend", "client", "closed", "down", "on_close", "stats", "up")
+
+    def __init__(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        stats: RelayStats,
+        on_close: Callable[[Tunnel], None],
+    ) -> None:
+        self.client = client
+        self.backend = backend
+        self.stats = stats
+        self.on_close = on_close
+        self.up = _Flow(self, client, backend, upstream=True)
+        self.down = _Flow(self, backend, client, upstream=False)
+        self.closed = False
+
+
+class _TunnelEnded(Exception):
+    """Raised inside the pumps when a tunnel must close now; carries the reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Engine:
+    """Relays every adopted tunnel until it ends; run it with ``nursery.start(engine.run)``."""
+
+    def __init__(self, *, splice: bool, splice_pipes: int, idle_timeout: float) -> None:
+        self.splice = splice and splice_available() and splice_pipes > 0
+        self.idle_timeout = idle_timeout
+        self.pipes = PipePool(splice_pipes)
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, tuple[_Flow, _Flow, Tunnel]] = {}
+        self._tunnels: set[Tunnel] = set()
+        self._again: list[_Flow] = []
+        self._deadlines: list[tuple[float, int, Tunnel]] = []
+        self._sequence = count()
+        self._tunnel_added = trio.Event()
+        self._buffer = bytearray(COPY_CHUNK)
+        self._view = memoryview(self._buffer)
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            tunnels=len(self._tunnels),
+            pipes_in_use=self.pipes.in_use,
+            pipes_idle=len(self.pipes._idle),
+            pipe_size=self.pipes.size,
+            splice_fallbacks=self.pipes.fallbacks,
+        )
+
+    def adopt(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        stats: RelayStats,
+        on_close: Callable[[Tunnel], None],
+        *,
+        to_client: bytes = b"",
+        to_backend: bytes = b"",
+    ) -> Tunnel:
+        """Take ownership of two connected non-blocking sockets and relay between them.
+
+        ``to_client`` and ``to_backend`` are written first (the 101 and bytes the handshake
+        read past its head). ``on_close`` runs once, after both sockets are closed, with
+        ``stats.close_reason`` set. Registering sockets that already hold data reports them at
+        once, so nothing is lost in the hand-over.
+        """
+        tunnel = Tunnel(client, backend, stats, on_close)
+        tunnel.down.parked = to_client
+        tunnel.up.parked = to_backend
+        stats.last_activity = trio.current_time()
+        self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
+        self._by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
+        self._tunnels.add(tunnel)
+        try:
+            self._epoll.register(tunnel.up.src_fd, _INTEREST)
+            self._epoll.register(tunnel.down.src_fd, _INTEREST)
+        except OSError:
+            self._close(tunnel, CLIENT_RESET)
+            return tunnel
+        if self.idle_timeout > 0:
+            deadline = stats.last_activity + self.idle_timeout
+            heapq.heappush(self._deadlines, (deadline, next(self._sequence), tunnel))
+            self._tunnel_added.set()
+        return tunnel
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve events until cancelled; then close every tunnel with reason ``shutdown``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expire_idle)
+                task_status.started()
+                await self._serve_events()
+        finally:
+            for tunnel in list(self._tunnels):
+                self._close(tunnel, SHUTDOWN)
+            self.pipes.trim()
+            self._epoll.close()
+
+    async def _serve_events(self) -> None:
+        epoll_fd = self._epoll.fileno()
+        poll = self._epoll.poll
+        while True:
+            await trio.lowlevel.wait_readable(epoll_fd)
+            while True:
+                events = poll(0, MAX_EVENTS)
+                if events:
+                    self._dispatch(events)
+                if self._again:
+                    self._retry()
+                elif len(events) < MAX_EVENTS:
+                    break
+                await trio.lowlevel.checkpoint()
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        now = trio.current_time()
+        by_fd = self._by_fd
+        for fd, mask in events:
+            entry = by_fd.get(fd)
+            if entry is None:
+                continue
+            out_flow, in_flow, tunnel = entry
+            if tunnel.closed:
+                continue
+            tunnel.stats.last_activity = now
+            try:
+                if mask & _OUT and (in_flow.parked or in_flow.piped):
+                    self._flush(in_flow)
+                    if in_flow.ready and not (in_flow.parked or in_flow.piped):
+                        self._pump(in_flow)
+                if mask & _IN:
+                    out_flow.ready = True
+                    if mask & _HANGUP:
+                        out_flow.hangup = True
+                    if not (out_flow.parked or out_flow.piped):
+                        self._pump(out_flow)
+            except _TunnelEnded as ended:
+                self._close(tunnel, ended.reason)
+
+    def _retry(self) -> None:
+        again, self._again = self._again, []
+        for flow in again:
+            entry = self._by_fd.get(flow.src_fd)
+            if entry is None or entry[2].closed or not flow.ready:
+                continue
+            try:
+                self._pump(flow)
+            except _TunnelEnded as ended:
+                self._close(entry[2], ended.reason)
+
+    def _pump(self, flow: _Flow) -> None:
+        """Move bytes from ``flow.src`` to ``flow.dst`` until the source is drained, the
+        destination is full, or this turn's budget is spent."""
+        if flow.eof:
+            return
+        for _ in range(READS_PER_TURN):
+            moved = self._splice_once(flow) if self.splice else -1
+            if moved == -1:
+                moved = self._copy_once(flow)
+            if moved == 0 or flow.parked or flow.piped:
+                return
+        self._again.append(flow)
+
+    def _copy_once(self, flow: _Flow) -> int:
+        """One ``recv_into``/``send``; returns bytes read, 0 when this turn should stop."""
+        try:
+            n = flow.src.recv_into(self._buffer)
+        except BlockingIOError:
+            flow.ready = False
+            return 0
+        except OSError as exc:
+            raise _TunnelEnded(flow.reset_src) from exc
+        if n == 0:
+            self._source_ended(flow)
+            return 0
+        try:
+            sent = flow.dst.send(self._view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _TunnelEnded(flow.reset_dst) from exc
+        self._count(flow, sent)
+        if sent < n:
+            flow.parked = bytes(self._view[sent:n])
+        elif n < COPY_CHUNK and not flow.hangup:
+            flow.ready = False
+            return 0
+        return n
+
+    def _splice_once(self, flow: _Flow) -> int:
+        """One splice into a pooled pipe and out of it; -1 when no pipe is free (copy instead),
+        0 when this turn should stop, else the bytes read."""
+        pipe = self.pipes.acquire()
+        if pipe is None:
+            return -1
+        try:
+            n = os.splice(flow.src_fd, pipe[1], self.pipes.size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self.pipes.release(pipe)
+            flow.ready = False
+            return 0
+        except OSError as exc:
+            self.pipes.release(pipe)
+            raise _TunnelEnded(flow.reset_src) from exc
+        if n == 0:
+            self.pipes.release(pipe)
+            self._source_ended(flow)
+            return 0
+        flow.pipe = pipe
+        flow.piped = n
+        self._flush(flow)
+        if not flow.piped and n < PAGE and not flow.hangup:
+            flow.ready = False
+            return 0
+        return n
+
+    def _flush(self, flow: _Flow) -> None:
+        """Write what is parked or piped; on ``EAGAIN`` keep it for the next ``EPOLLOUT``."""
+        try:
+            if flow.parked:
+                sent = flow.dst.send(flow.parked)
+                self._count(flow, sent)
+                flow.parked = flow.parked[sent:]
+            while flow.piped:
+                assert flow.pipe is not None
+                sent = os.splice(flow.pipe[0], flow.dst_fd, flow.piped, flags=_SPLICE_FLAGS)
+                self._count(flow, sent)
+                flow.piped -= sent
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise _TunnelEnded(flow.reset_dst) from exc
+        if flow.pipe is not None and not flow.piped:
+            self.pipes.release(flow.pipe)
+            flow.pipe = None
+        if flow.eof and not flow.parked:
+            self._shut(flow)
+
+    @staticmethod
+    def _count(flow: _Flow, sent: int) -> None:
+        if flow.upstream:
+            flow.stats.bytes_up += sent
+        else:
+            flow.stats.bytes_down += sent
+
+    def _source_ended(self, flow: _Flow) -> None:
+        flow.eof = True
+        flow.ready = False
+        if not flow.stats.close_reason:
+            flow.stats.close_reason = flow.eof_reason
+        if not (flow.parked or flow.piped):
+            self._shut(flow)
+
+    def _shut(self, flow: _Flow) -> None:
+        """Pass the half-close on; when both directions are shut the tunnel is done."""
+        if flow.shut:
+            return
+        flow.shut = True
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _TunnelEnded(flow.reset_dst) from exc
+        tunnel = flow.tunnel
+        if tunnel is not None and tunnel.up.shut and tunnel.down.shut:
+            raise _TunnelEnded(flow.stats.close_reason)
+
+    def _close(self, tunnel: Tunnel, reason: str) -> None:
+        if tunnel.closed:
+            return
+        tunnel.closed = True
+        stats = tunnel.stats
+        clean = reason in (CLIENT_EOF, BACKEND_EOF)
+        if not stats.close_reason or (
+            not clean and stats.close_reason not in (CLIENT_RESET, BACKEND_RESET)
+        ):
+            stats.close_reason = reason
+        for flow in (tunnel.up, tunnel.down):
+            flow.tunnel = None
+            if flow.pipe is not None:
+                self.pipes.discard(flow.pipe)
+                flow.pipe = None
+                flow.piped = 0
+            self._by_fd.pop(flow.src_fd, None)
+        self._tunnels.discard(tunnel)
+        tunnel.client.close()
+        tunnel.backend.close()
+        if not self._tunnels:
+            self.pipes.trim()
+        try:
+            tunnel.on_close(tunnel)
+        except Exception:
+            log.exception("error in a tunnel's close callback")
+
+    async def _expire_idle(self) -> None:
+        """Close tunnels with no bytes either way for ``idle_timeout``; one timer for all."""
+        deadlines = self._deadlines
+        while True:
+            if not deadlines:
+                self._tunnel_added = trio.Event()
+                await self._tunnel_added.wait()
+                continue
+            await trio.sleep_until(deadlines[0][0])
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                _, _, tunnel = heapq.heappop(deadlines)
+                if tunnel.closed:
+                    continue
+                deadline = tunnel.stats.last_activity + self.idle_timeout
+                if deadline <= now:
+                    self._close(tunnel, IDLE_TIMEOUT)
+                else:
+                    heapq.heappush(deadlines, (deadline, next(self._sequence), tunnel))
