@@ -19,12 +19,15 @@ log = logging.getLogger(LOGGER_NAME)
 async def serve(
     config: Config,
     *,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until cancelled.
 
     With ``nursery.start(serve, config)`` the caller gets the bound listeners back once they
     accept connections (port 0 is resolved in ``listener.socket.getsockname()``).
+    ``reuse_port`` lets several processes listen on the same ports (the workers of
+    ``tunnel.supervisor.run_workers``); see ``open_listeners``.
     """
     server = config.server
     if server.relay == "splice" and not splice_available():
@@ -35,7 +38,7 @@ async def serve(
         idle_timeout=server.idle_timeout,
     )
     handler = Handler(config, engine=engine)
-    listeners = await open_listeners(config.listeners)
+    listeners = await open_listeners(config.listeners, reuse_port=reuse_port)
     try:
         async with trio.open_nursery() as connections:
             await connections.start(engine.run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -22,12 +23,25 @@ class ListenError(OSError):
     """A listening address could not be bound; the message names it and the cause."""
 
 
-async def open_listeners(configs: Sequence[ListenerConfig]) -> list[trio.SocketListener]:
-    """Bind every configured address (``:port`` binds all interfaces, IPv4 and IPv6)."""
+async def open_listeners(
+    configs: Sequence[ListenerConfig], *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
+    """Bind every configured address (``:port`` binds all interfaces, IPv4 and IPv6).
+
+    ``reuse_port`` sets SO_REUSEPORT before each bind, so that the worker processes of
+    ``workers = N`` each listen on the same ports and the kernel spreads connections among them.
+    Off by default: without it a second tunnel on the same port fails loudly instead of sharing.
+    """
     listeners: list[trio.SocketListener] = []
     try:
         for config in configs:
-            listeners += await _open(config.listen)
+            if reuse_port:
+                sockets = await trio.to_thread.run_sync(bind_shared, config.listen, True)
+                listeners += [
+                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets
+                ]
+            else:
+                listeners += await _open(config.listen)
     except BaseException:
         for listener in listeners:
             await listener.aclose()
@@ -46,6 +60,67 @@ async def _open(address: Address) -> list[trio.SocketListener]:
         }.get(exc.errno or 0, "")
         message = f"cannot listen on {address}: {exc.strerror or exc}"
         raise ListenError(exc.errno or 0, f"{message}{'; ' + hint if hint else ''}") from exc
+
+
+LISTEN_BACKLOG = 0xFFFF
+"""As deep as the kernel allows (it clamps to net.core.somaxconn), the same as trio's default."""
+
+
+def bind_shared(address: Address, listen: bool) -> list[socket.socket]:
+    """Blocking: bind every address ``address`` resolves to with SO_REUSEADDR and SO_REUSEPORT.
+
+    The supervisor calls it with ``listen=False`` to reserve the ports and learn what port 0
+    became: a bound socket that does not listen is not in the kernel's reuseport group, so it
+    takes no share of the connections. Workers call it (through ``open_listeners``) with
+    ``listen=True``. Every socket of one address gets the same port, so ``:0`` ends up as one
+    concrete port on IPv4 and IPv6 alike.
+
+    Raises:
+        ListenError: naming the address and the cause, as ``open_listeners`` does.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise listen_error(address, exc) from exc
+    sockets: list[socket.socket] = []
+    port = address.port
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:  # e.g. IPv6 switched off on this machine
+                    continue
+                raise
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((sockaddr[0], port, *sockaddr[2:]))
+            port = sock.getsockname()[1]
+            if listen:
+                sock.listen(LISTEN_BACKLOG)
+        if not sockets:
+            raise OSError(errno.EAFNOSUPPORT, "no usable address family for this address")
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise listen_error(address, exc) from exc
+    return sockets
+
+
+def listen_error(address: Address, exc: OSError) -> ListenError:
+    """``cannot listen on ADDR: <kernel's reason>; <what to do>``, for any bind failure."""
+    hint = {
+        errno.EADDRINUSE: "another process holds this port; stop it or pick another port",
+        errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+        errno.EADDRNOTAVAIL: "this machine has no such address",
+    }.get(exc.errno or 0, "")
+    message = f"cannot listen on {address}: {exc.strerror or exc}"
+    return ListenError(exc.errno or 0, f"{message}{'; ' + hint if hint else ''}")
 
 
 def bound_address(listener: trio.SocketListener) -> str:
