@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -11,11 +13,15 @@ import trio
 
 from tunnel._version import __version__
 from tunnel.app import serve
-from tunnel.config import Address, Config
+from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
-from tunnel.logs import setup_logging
+from tunnel.logs import LOGGER_NAME, setup_logging
 from tunnel.net.listener import ListenError
+from tunnel.supervisor import WORKER_SIGNALS, run_workers
+from tunnel.worker import WORKER_COMMAND, tag_logs, wait_for_supervisor_exit
+
+log = logging.getLogger(LOGGER_NAME)
 
 
 def _load(config_file: Path | None) -> Config:
@@ -69,36 +75,92 @@ def main() -> None:
     default=None,
     help="Log line format (default: text, or the file's server.log_format).",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Processes sharing the listening ports (default 1, or the file's server.workers).",
+)
 def run(
     config_file: Path | None,
     listen: tuple[str, ...],
     backend: tuple[str, ...],
     log_format: str | None,
+    workers: int | None,
 ) -> None:
-    """Run the tunnel until interrupted (Ctrl-C or SIGTERM)."""
+    """Run the tunnel until interrupted (Ctrl-C or SIGTERM); SIGHUP is logged, never fatal."""
     try:
         config = _load(config_file).with_overrides(
-            listen=listen, backends=backend, log_format=log_format
+            listen=listen, backends=backend, log_format=log_format, workers=workers
         )
     except ConfigError as error:
         _fail(f"configuration error: {error}")
         return
     setup_logging(config.server.log_format)
+    if config.server.workers > 1:
+        try:
+            status = run_workers(config)
+        except ListenError as error:
+            _fail(error.strerror or str(error))
+            return
+        sys.exit(status)
+    _serve_in_this_process(config)
+
+
+@main.command(name=WORKER_COMMAND, hidden=True)
+@click.option("--number", type=click.IntRange(1, MAX_WORKERS), required=True)
+@click.option("--lifeline", type=click.IntRange(0), default=None)
+def worker(number: int, lifeline: int | None) -> None:
+    """One worker of ``tunnel run --workers N``, started by its supervisor.
+
+    The configuration arrives as TOML on stdin; ``--lifeline`` is the descriptor of a pipe that
+    reads end-of-file when the supervisor is gone (see ``tunnel.worker``).
+    """
     try:
-        trio.run(_run_until_signal, config)
+        config = Config.from_toml(sys.stdin.read())
+    except ConfigError as error:
+        _fail(f"worker {number}: configuration error: {error}")
+        return
+    setup_logging(config.server.log_format)
+    tag_logs(number)
+    _serve_in_this_process(config, reuse_port=True, lifeline=lifeline)
+
+
+def _serve_in_this_process(
+    config: Config, *, reuse_port: bool = False, lifeline: int | None = None
+) -> None:
+    try:
+        trio.run(partial(_run_until_signal, config, reuse_port=reuse_port, lifeline=lifeline))
     except* ListenError as group:
         _fail(_listen_failure(group))
     except* KeyboardInterrupt:
         pass
 
 
-async def _run_until_signal(config: Config) -> None:
+async def _run_until_signal(config: Config, *, reuse_port: bool, lifeline: int | None) -> None:
+    """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(serve, config)
-            async for _ in signals:
+        with trio.open_signal_receiver(*WORKER_SIGNALS) as signals:
+            # A worker starts with these signals blocked, so that none arriving before this
+            # receiver existed killed it; the receiver now holds any that are pending.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+            await nursery.start(partial(serve, config, reuse_port=reuse_port))
+            if lifeline is not None:
+                nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # The TLS work makes SIGHUP reload certificates; until then it changes nothing.
+                    log.info("SIGHUP received; nothing to reload yet, still serving")
+                    continue
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _stop_when_supervisor_exits(lifeline: int, scope: trio.CancelScope) -> None:
+    await wait_for_supervisor_exit(lifeline)
+    log.warning("supervisor is gone; stopping this worker")
+    scope.cancel()
 
 
 @main.command()
