@@ -1,11 +1,13 @@
 """tunnel: an edge proxy for HTTP/1.1 Upgrade connections (WebSockets first), built on trio.
 
-Embed it with ``from tunnel import Config, serve`` and ``await nursery.start(serve, config)``.
+Embed it with ``from tunnel import Config, serve`` and ``await nursery.start(serve, config)``;
+``run_workers(config)`` (blocking, from the main thread) serves with ``server.workers`` processes.
 """
 
 from tunnel._version import __version__
 from tunnel.app import serve
 from tunnel.config import Config
 from tunnel.errors import ConfigError, TunnelError
+from tunnel.supervisor import run_workers
 
-__all__ = ["Config", "ConfigError", "TunnelError", "__version__", "serve"]
+__all__ = ["Config", "ConfigError", "TunnelError", "__version__", "run_workers", "serve"]

@@ -148,7 +148,7 @@ class _Supervisor:
                     extra=fields(
                         workers=workers,
                         reason="every worker exited within a second of its start, "
-                        "three times in a row; see its errors above",
+                        "three times in a row; see their errors above",
                     ),
                 )
                 return 1
@@ -198,7 +198,7 @@ class _Supervisor:
             uptime = now - slot.started
             wait = slot.restarts.exited(uptime)
             log.warning(
-                "worker exited unexpectedly; restarting it",
+                "worker exited unexpectedly",
                 extra=fields(
                     worker=slot.number,
                     pid=slot.process.pid,

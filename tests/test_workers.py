@@ -1,0 +1,489 @@
+"""``workers = N``: the restart policy and the reuse-port sockets on their own, then the supervisor
+as a real subprocess (``python -m tunnel run --workers 2``) in front of a real echo backend.
+
+Every process a test starts is recorded: the supervisor by its ``Popen``, its workers by the pids
+the supervisor logs about its own children. Cleanup signals only those, and only while they still
+are what the test started (a worker pid is checked to still be a ``tunnel worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+import websockets.sync.client
+from click.testing import CliRunner
+from conftest import WsBackend
+
+from tunnel.cli import main
+from tunnel.config import Address, ListenerConfig
+from tunnel.logs import LOGGER_NAME, TextFormatter, fields
+from tunnel.net.listener import ListenError, bind_shared, open_listeners
+from tunnel.policy.restart import (
+    FAILED_STARTS_TO_GIVE_UP,
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    RestartPolicy,
+)
+from tunnel.supervisor import STOP_SECONDS, describe_exit
+from tunnel.worker import WorkerTag, wait_for_supervisor_exit
+
+LOOPBACK = "127.0.0.1"
+WAIT_SECONDS = 30.0
+"""Bound on waiting for anything a subprocess should do; healthy runs take well under a second."""
+POLL_SECONDS = 0.02
+CONNECTIONS = 20
+"""Connections opened to see both workers serve; all landing on one of two is a 1 in 2**19 event."""
+
+# --- the restart policy (pure) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uptimes", "waits", "cannot_start"),
+    [
+        pytest.param([0.2], [0.1], False, id="first-crash"),
+        pytest.param([0.2, 0.2, 0.2], [0.1, 0.2, 0.4], True, id="three-failed-starts"),
+        pytest.param([5.0] * 8, [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0], False, id="capped"),
+        pytest.param([5.0, 5.0, 10.0], [0.1, 0.2, 0.1], False, id="stable-resets-backoff"),
+        pytest.param([0.2, 0.2, 1.0, 0.2], [0.1, 0.2, 0.4, 0.8], False, id="started-resets-count"),
+        pytest.param([0.0, 0.0, 0.0], [0.1, 0.2, 0.4], True, id="spawn-failures"),
+    ],
+)
+def test_restart_policy_backs_off_and_gives_up_on_failed_starts(
+    uptimes: list[float], waits: list[float], cannot_start: bool
+) -> None:
+    policy = RestartPolicy()
+    assert [policy.exited(uptime) for uptime in uptimes] == pytest.approx(waits)
+    assert policy.cannot_start is cannot_start
+
+
+def test_restart_policy_constants_are_the_documented_ones() -> None:
+    assert (FIRST_BACKOFF, MAX_BACKOFF, FAILED_STARTS_TO_GIVE_UP) == (0.1, 5.0, 3)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "text"),
+    [
+        (0, "exited with status 0"),
+        (3, "exited with status 3"),
+        (-signal.SIGKILL, "killed by SIGKILL"),
+        (-signal.SIGSEGV, "killed by SIGSEGV"),
+        (-200, "killed by signal 200"),
+    ],
+)
+def test_exit_status_in_operator_language(returncode: int, text: str) -> None:
+    assert describe_exit(returncode) == text
+
+
+def test_worker_lines_are_tagged_with_the_worker_number() -> None:
+    record = logging.LogRecord(LOGGER_NAME, logging.INFO, __file__, 1, "tunnel opened", (), None)
+    record.__dict__.update(fields(client="1.2.3.4:5"))
+    assert WorkerTag(3).filter(record)
+    assert TextFormatter().format(record).endswith("tunnel opened client=1.2.3.4:5 worker=3")
+
+
+# --- reuse-port sockets ----------------------------------------------------------------------
+
+
+def test_bind_shared_gives_every_family_one_concrete_port() -> None:
+    sockets = bind_shared(Address("", 0), listen=False)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1
+        assert ports != {0}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_reserved_port_takes_no_connections_from_the_listening_ones() -> None:
+    [reserved] = bind_shared(Address(LOOPBACK, 0), listen=False)
+    port = reserved.getsockname()[1]
+    [listening] = bind_shared(Address(LOOPBACK, port), listen=True)
+    listening.settimeout(WAIT_SECONDS)
+    try:
+        for _ in range(CONNECTIONS):
+            with socket.create_connection((LOOPBACK, port), timeout=WAIT_SECONDS):
+                accepted, _ = listening.accept()
+                accepted.close()
+    finally:
+        reserved.close()
+        listening.close()
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port held by a plain listening socket (no SO_REUSEPORT) for the whole test."""
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_bind_shared_on_a_busy_port_says_cannot_listen(busy_port: int) -> None:
+    with pytest.raises(ListenError) as caught:
+        bind_shared(Address(LOOPBACK, busy_port), listen=False)
+    assert caught.value.strerror == (
+        f"cannot listen on {LOOPBACK}:{busy_port}: Address already in use; "
+        "another process holds this port; stop it or pick another port"
+    )
+
+
+async def test_open_listeners_with_reuse_port_share_one_port() -> None:
+    first = await open_listeners([ListenerConfig(Address(LOOPBACK, 0))], reuse_port=True)
+    port = first[0].socket.getsockname()[1]
+    second = await open_listeners([ListenerConfig(Address(LOOPBACK, port))], reuse_port=True)
+    try:
+        assert second[0].socket.getsockname()[1] == port
+        # Without the option, the port is busy: a second tunnel never shares by accident.
+        with pytest.raises(ListenError, match="Address already in use"):
+            await open_listeners([ListenerConfig(Address(LOOPBACK, port))])
+    finally:
+        for listener in first + second:
+            await listener.aclose()
+
+
+async def test_a_worker_notices_when_its_supervisor_is_gone() -> None:
+    read_end, write_end = os.pipe()
+    with trio.fail_after(WAIT_SECONDS):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_supervisor_exit, read_end)
+            await trio.testing.wait_all_tasks_blocked()
+            os.close(write_end)  # what the kernel does when the supervisor exits
+
+
+# --- the --workers flag ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["0", "257", "-1"])
+def test_run_refuses_a_worker_count_out_of_range(workers: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["run", "--listen", f"{LOOPBACK}:0", "--backend", f"{LOOPBACK}:9", "--workers", workers],
+    )
+    assert result.exit_code == 1
+    assert "--workers: must be between 1 and 256" in result.stderr
+
+
+# --- the supervisor as a real subprocess -----------------------------------------------------
+
+STARTED = re.compile(r" worker started worker=(\d+) pid=(\d+)")
+
+
+@dataclass
+class TunnelProcess:
+    """A ``tunnel`` subprocess whose stdout and stderr (its workers' too) go to ``log_path``."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, what: str, ready: Callable[[str], bool]) -> str:
+        """Poll the log (bounded by count and time) until ``ready(log)``; return the log."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        for _ in range(int(WAIT_SECONDS / POLL_SECONDS) + 1):
+            text = self.log()
+            if ready(text):
+                return text
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        raise AssertionError(f"gave up waiting for {what}; log:\n{self.log()}")
+
+    def wait_listening(self, workers: set[int]) -> None:
+        """Until each worker in ``workers`` logged that it listens."""
+        self.wait_for(f"workers {workers} listening", lambda log: listening(log) >= workers)
+
+    def workers(self) -> dict[int, int]:
+        """Worker number → pid of its latest process, as the supervisor logged them."""
+        return {int(number): int(pid) for number, pid in STARTED.findall(self.log())}
+
+    def all_worker_pids(self) -> set[int]:
+        return {int(pid) for _, pid in STARTED.findall(self.log())}
+
+    def port(self) -> int:
+        """The concrete port (``--listen 127.0.0.1:0``) the supervisor or the process logged."""
+        text = self.wait_for("the port", lambda log: PORT.search(log) is not None)
+        match = PORT.search(text)
+        assert match
+        return int(match.group(1))
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(STOP_SECONDS + WAIT_SECONDS)
+
+
+PORT = re.compile(r" (?:listen|address)=127\.0\.0\.1:(\d+)")
+
+
+def listening(log: str) -> set[int]:
+    return {int(n) for n in re.findall(r" info listening address=\S+ routes=\S+ worker=(\d+)", log)}
+
+
+def is_tunnel_worker(pid: int) -> bool:
+    """True while ``pid`` is a live ``tunnel worker`` process (not a zombie, not a reused pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and b"tunnel" in cmdline and b"worker" in cmdline
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+def start_tunnel_process(tmp_path: Path) -> Iterator[Callable[..., TunnelProcess]]:
+    """Factory: ``start(*args)`` runs ``python -m tunnel *args`` (or, with ``script=``, that
+    Python script) with its output in a log file; everything it started is stopped afterwards."""
+    started: list[TunnelProcess] = []
+
+    def start(*args: str, script: str | None = None, stdin: bytes = b"") -> TunnelProcess:
+        log_path = tmp_path / f"tunnel-{len(started)}.log"
+        command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunnel"]
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                [*command, *args],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        assert process.stdin is not None
+        process.stdin.write(stdin)
+        process.stdin.close()
+        running = TunnelProcess(process, log_path)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        process = running.process
+        if process.poll() is None:
+            process.kill()  # the supervisor this test started; its workers see the lifeline close
+            process.wait(WAIT_SECONDS)
+        for pid in running.all_worker_pids():
+            if is_tunnel_worker(pid):
+                os.kill(pid, signal.SIGKILL)  # a worker the supervisor logged as its own child
+
+
+def echo_once(port: int, message: str = "hello") -> None:
+    """A real ``websockets`` client: one message there and back through the tunnel."""
+    url = f"ws://{LOOPBACK}:{port}/"
+    with websockets.sync.client.connect(url, open_timeout=10, close_timeout=5) as ws:
+        ws.send(message)
+        assert ws.recv(timeout=10) == message
+
+
+def run_workers_args(backend: WsBackend, workers: int = 2) -> list[str]:
+    return [
+        "run",
+        "--workers",
+        str(workers),
+        "--listen",
+        f"{LOOPBACK}:0",
+        "--backend",
+        backend.url,
+    ]
+
+
+def test_two_workers_share_the_port_and_both_serve(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend))
+    tunnel.wait_listening({1, 2})
+    port = tunnel.port()
+
+    for i in range(CONNECTIONS):
+        echo_once(port, f"message {i}")
+
+    log = tunnel.wait_for(
+        f"{CONNECTIONS} tunnel opened lines",
+        lambda log: log.count(" tunnel opened ") == CONNECTIONS,
+    )
+    served_by = set(re.findall(r" tunnel opened .* worker=(\d+)", log))
+    assert served_by == {"1", "2"}, "the kernel spread the connections over both workers"
+    assert echo_backend.connections == CONNECTIONS
+    assert len(set(tunnel.workers().values())) == 2
+    assert tunnel.stop() == 0
+
+
+def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend))
+    tunnel.wait_listening({1, 2})
+    port = tunnel.port()
+    victim = tunnel.workers()[1]
+    assert parent_of(victim) == tunnel.process.pid, "only the supervisor's own child is killed"
+
+    os.kill(victim, signal.SIGKILL)
+
+    log = tunnel.wait_for(
+        "a replacement for worker 1",
+        lambda log: tunnel.workers()[1] != victim and log.count("listening address=") == 3,
+    )
+    assert re.search(
+        rf"worker exited unexpectedly worker=1 pid={victim} "
+        r'status="killed by SIGKILL" uptime=\S+ restart_in=\S+',
+        log,
+    ), log
+    replacement = tunnel.workers()[1]
+    assert parent_of(replacement) == tunnel.process.pid
+    for i in range(CONNECTIONS):
+        echo_once(port, f"after the crash {i}")
+    assert tunnel.process.poll() is None
+    assert tunnel.stop() == 0
+
+
+def test_sighup_reaches_every_worker_and_nothing_exits(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend))
+    tunnel.wait_listening({1, 2})
+    workers = tunnel.workers()
+
+    tunnel.process.send_signal(signal.SIGHUP)
+
+    log = tunnel.wait_for(
+        "both workers to log SIGHUP",
+        lambda log: (
+            set(re.findall(r"SIGHUP received; nothing to reload yet.* worker=(\d+)", log))
+            == {"1", "2"}
+        ),
+    )
+    assert "SIGHUP received; passing it on to the workers workers=2" in log
+    assert "exited" not in log
+    assert tunnel.process.poll() is None
+    assert tunnel.workers() == workers
+    assert all(is_tunnel_worker(pid) for pid in workers.values())
+    echo_once(tunnel.port())
+    assert tunnel.stop() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_stops_every_worker_and_exits_0(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend, signum: int
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend, workers=3))
+    tunnel.wait_listening({1, 2, 3})
+    port = tunnel.port()
+    echo_once(port)
+    workers = tunnel.workers()
+
+    assert tunnel.stop(signum) == 0
+
+    log = tunnel.log()
+    assert f"stopping workers signal={signal.Signals(signum).name} workers=3" in log
+    for number, pid in workers.items():
+        assert f'worker stopped worker={number} pid={pid} status="exited with status 0"' in log
+        assert not is_tunnel_worker(pid)
+    assert "unexpectedly" not in log
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, port), timeout=WAIT_SECONDS).close()
+
+
+def test_a_busy_port_exits_1_before_any_worker_starts(
+    start_tunnel_process: Callable[..., TunnelProcess], busy_port: int
+) -> None:
+    tunnel = start_tunnel_process(
+        "run", "--workers", "2", "--listen", f"{LOOPBACK}:{busy_port}", "--backend", f"{LOOPBACK}:9"
+    )
+    assert tunnel.process.wait(WAIT_SECONDS) == 1
+    log = tunnel.log()
+    assert (
+        f"tunnel: cannot listen on {LOOPBACK}:{busy_port}: Address already in use; "
+        "another process holds this port" in log
+    )
+    assert "worker started" not in log
+    assert "Traceback" not in log
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend))
+    tunnel.wait_listening({1, 2})
+    workers = tunnel.workers()
+
+    tunnel.process.kill()  # SIGKILL: the supervisor cannot stop its workers itself
+    tunnel.process.wait(WAIT_SECONDS)
+
+    tunnel.wait_for(
+        "both workers to notice",
+        lambda log: log.count("supervisor is gone; stopping this worker") == 2,
+    )
+    deadline = time.monotonic() + WAIT_SECONDS
+    for _ in range(int(WAIT_SECONDS / POLL_SECONDS) + 1):
+        if not any(is_tunnel_worker(pid) for pid in workers.values()):
+            break
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(POLL_SECONDS)
+
+
+WORKERS_THAT_CANNOT_START = """\
+import os, sys
+from tunnel import Config, run_workers
+from tunnel.logs import setup_logging
+
+config = Config.from_toml(sys.stdin.read())
+setup_logging("text")
+os.environ["PYTHONHOME"] = "/nonexistent"  # every worker's interpreter fails as it starts
+sys.exit(run_workers(config))
+"""
+
+
+def test_the_supervisor_gives_up_when_no_worker_can_start(
+    start_tunnel_process: Callable[..., TunnelProcess],
+) -> None:
+    config = (
+        "[server]\nworkers = 2\n"
+        f'[[listeners]]\nlisten = "{LOOPBACK}:0"\n'
+        f'[[routes]]\nname = "r"\nbackends = [{{ url = "{LOOPBACK}:9" }}]\n'
+    )
+    tunnel = start_tunnel_process(script=WORKERS_THAT_CANNOT_START, stdin=config.encode())
+
+    assert tunnel.process.wait(WAIT_SECONDS) == 1
+    log = tunnel.log()
+    assert "workers cannot start; giving up workers=2" in log
+    for number in (1, 2):
+        failed = re.findall(rf"worker exited unexpectedly worker={number} ", log)
+        assert len(failed) == FAILED_STARTS_TO_GIVE_UP
+    assert not any(is_tunnel_worker(pid) for pid in tunnel.all_worker_pids())
+
+
+def test_sighup_does_not_stop_a_single_process_run(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process("run", "--listen", f"{LOOPBACK}:0", "--backend", echo_backend.url)
+    port = tunnel.port()
+
+    tunnel.process.send_signal(signal.SIGHUP)
+
+    log = tunnel.wait_for("the SIGHUP line", lambda log: "SIGHUP received" in log)
+    assert "info SIGHUP received; nothing to reload yet, still serving\n" in log
+    assert "worker" not in log, "one process: no supervisor, no workers"
+    assert tunnel.process.poll() is None
+    echo_once(port)
+    assert tunnel.stop() == 0
