@@ -1,0 +1,117 @@
+"""``python -m bench``: parse the options, run the session, print the table, write the files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import build, procs, report
+from bench.peers import PEER_NAMES
+from bench.run import RESULTS_DIR, Options, run
+from bench.workloads import WORKLOADS
+
+
+def _names(text: str, known: Sequence[str], flag: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+        )
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark tunnel against nginx and HAProxy on loopback.",
+    )
+    p.add_argument(
+        "--against",
+        default="nginx,haproxy",
+        type=lambda t: _names(t, [n for n in PEER_NAMES if n != "tunnel"], "--against"),
+        help="peers to compare with, comma-separated, or 'none' (default: nginx,haproxy)",
+    )
+    p.add_argument(
+        "--relay",
+        choices=("auto", "splice", "copy"),
+        default="auto",
+        help="tunnel's server.relay (default: auto)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tunnel's server.workers, nginx's worker_processes and HAProxy's "
+        "nbthread (default: 1)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="repetitions of each workload; medians are reported (default: 3, --quick: 1)",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter runs, one repetition, 1,000 idle tunnels (under 3 minutes)",
+    )
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds of tiny runs; checks the harness works (for tests)",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(WORKLOADS),
+        type=lambda t: _names(t, WORKLOADS, "--only"),
+        help=f"workloads to run, comma-separated (default: {','.join(WORKLOADS)})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where to write <UTC timestamp>.md and .json (default: bench/results)",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: the upgrade workload against tunnel with workers=1 and 2",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.workers < 1 or (args.repeat is not None and args.repeat < 1):
+        parser().error("--workers and --repeat must be 1 or more")
+    options = Options(
+        against=args.against,
+        relay=args.relay,
+        workers=args.workers,
+        plan="smoke" if args.smoke else "quick" if args.quick else "full",
+        repeat=args.repeat,
+        only=args.only or WORKLOADS,
+        out=args.out,
+        scaling=args.scaling,
+    )
+    try:
+        session = run(options)
+    except (build.BuildError, procs.ProcessError) as error:
+        print(f"bench: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    md_path, json_path = report.write(session, args.out)
+    print(report.table(session))
+    print()
+    for line in report.notes(session):
+        print(f"- {line}")
+    print(f"\nbench: wrote {md_path} and {json_path} ({session.finished - session.started:.0f} s)")
+    return 0

@@ -1,0 +1,373 @@
+"""From samples to the one table: medians per peer and metric, ratios, flags, machine info;
+written as Markdown and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import peers
+from bench.run import Session
+from bench.workloads import LOADGEN_BUSY, Plan, Sample
+
+NOT_APPLICABLE = "—"
+MISSING = "n/a"
+BUSY_MARK = "†"
+RATIO_PEERS = ("nginx", "haproxy")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    workload: str
+    better: str
+    proxy_only: bool = False
+    """Figures of the proxy itself (CPU, memory, added latency): not applicable to ``direct``."""
+    busy_marks: bool = False
+    """Throughput figures, which a saturated load generator caps: marked when that happened."""
+
+
+def rows(plan: Plan) -> list[Row]:
+    rate = f"{plan.latency_rate:,.0f} msg/s"
+    return [
+        Row(
+            "upgrade_rate",
+            f"upgrades/s ({plan.upgrade_conns} conns)",
+            "upgrade",
+            "higher",
+            busy_marks=True,
+        ),
+        Row("upgrade_cpu_us", "proxy CPU per upgrade (µs)", "upgrade", "lower", proxy_only=True),
+        Row(
+            "echo_rate",
+            f"echo msg/s ({plan.message_size} B, {plan.echo_conns} conns, closed loop)",
+            "echo",
+            "higher",
+            busy_marks=True,
+        ),
+        Row(
+            "echo_cpu_us",
+            f"proxy CPU per {plan.message_size} B message (µs)",
+            "echo",
+            "lower",
+            proxy_only=True,
+        ),
+        Row("latency_p50_us", f"RTT p50 at {rate} (µs)", "latency", "lower"),
+        Row("latency_p99_us", f"RTT p99 at {rate} (µs)", "latency", "lower"),
+        Row("added_p50_us", "added p50 vs direct (µs)", "latency", "lower", proxy_only=True),
+        Row("added_p99_us", "added p99 vs direct (µs)", "latency", "lower", proxy_only=True),
+        Row(
+            "bulk_mb_s",
+            f"bulk MB/s ({plan.bulk_chunk // 1024} KiB chunks, echoed)",
+            "bulk",
+            "higher",
+            busy_marks=True,
+        ),
+        Row("bulk_cpu_s_per_gib", "proxy CPU s per GiB sent", "bulk", "lower", proxy_only=True),
+        Row(
+            "idle_rss_kib",
+            f"RSS per idle tunnel (KiB, {plan.idle_tunnels:,} open)",
+            "idle",
+            "lower",
+            proxy_only=True,
+        ),
+    ]
+
+
+def medians(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+    """Median of every metric per peer over the repetitions that did not fail; plus the added
+    latency, proxied minus direct (medians of each)."""
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for sample in samples:
+        if sample.failure is None:
+            for key, value in sample.metrics.items():
+                values[sample.peer][key].append(value)
+    result = {
+        peer: {key: statistics.median(vals) for key, vals in metrics.items()}
+        for peer, metrics in values.items()
+    }
+    direct = result.get("direct", {})
+    for peer, metrics in result.items():
+        if peer == "direct":
+            continue
+        for quantile in ("p50", "p99"):
+            key = f"latency_{quantile}_us"
+            if key in metrics and key in direct:
+                metrics[f"added_{quantile}_us"] = metrics[key] - direct[key]
+    return result
+
+
+def busy(samples: Sequence[Sample]) -> set[tuple[str, str]]:
+    """(peer, workload) pairs where the load generator was above LOADGEN_BUSY of a core."""
+    return {(s.peer, s.workload) for s in samples if s.loadgen_busy}
+
+
+def totals(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for sample in samples:
+        counts[sample.peer]["errors"] += sample.errors
+        counts[sample.peer]["mismatches"] += sample.mismatches
+        counts[sample.peer]["failures"] += sample.failure is not None
+        counts[sample.peer]["log_problems"] += len(sample.problems)
+    return {peer: dict(c) for peer, c in counts.items()}
+
+
+def number(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or numerator <= 0 or denominator <= 0:
+        return MISSING
+    return f"{numerator / denominator:.2f}x"
+
+
+def comparison_table(session: Session) -> tuple[list[str], list[list[str]]]:
+    """The table: one row per metric, one column per peer, then tunnel/nginx, tunnel/haproxy."""
+    med = medians(session.samples)
+    flagged = busy(session.samples)
+    count = totals(session.samples)
+    columns = list(session.peers)
+    ratio_peers = [p for p in RATIO_PEERS if p in columns and "tunnel" in columns]
+    header = ["metric", *columns, *(f"tunnel/{p}" for p in ratio_peers)]
+    body: list[list[str]] = []
+    for row in rows(session.plan):
+        if row.workload not in session.options.only:
+            continue
+        cells = [f"{row.label} {'↑' if row.better == 'higher' else '↓'}"]
+        for peer in columns:
+            if row.proxy_only and peer == "direct":
+                cells.append(NOT_APPLICABLE)
+                continue
+            value = med.get(peer, {}).get(row.key)
+            text = MISSING if value is None else number(value)
+            if row.busy_marks and (peer, row.workload) in flagged and value is not None:
+                text += BUSY_MARK
+            cells.append(text)
+        tunnel = med.get("tunnel", {}).get(row.key)
+        cells += [ratio(tunnel, med.get(p, {}).get(row.key)) for p in ratio_peers]
+        body.append(cells)
+    errors = ["errors / mismatches (all runs)"]
+    for peer in columns:
+        c = count.get(peer, {})
+        errors.append(f"{c.get('errors', 0)} / {c.get('mismatches', 0)}")
+    body.append(errors + [""] * len(ratio_peers))
+    return header, body
+
+
+def scaling_table(session: Session) -> tuple[list[str], list[list[str]]]:
+    med = medians(session.samples)
+    one, two = "tunnel w1", "tunnel w2"
+    header = ["metric", one, two, "w2/w1"]
+    body: list[list[str]] = []
+    supported = bool(session.scaling.get(two, {}).get("supported"))
+    for key, label in (
+        ("upgrade_rate", f"upgrades/s ({session.plan.upgrade_conns} conns) ↑"),
+        ("upgrade_cpu_us", "proxy CPU per upgrade, all processes (µs) ↓"),
+    ):
+        a, b = med.get(one, {}).get(key), med.get(two, {}).get(key)
+        cells = [label, MISSING if a is None else number(a), MISSING if b is None else number(b)]
+        cells.append(ratio(b, a) if supported else "unsupported")
+        body.append(cells)
+    processes = ["processes measured"]
+    for label in (one, two):
+        processes.append(str(session.scaling.get(label, {}).get("processes", MISSING)))
+    body.append([*processes, ""])
+    return header, body
+
+
+def render(header: list[str], body: list[list[str]]) -> str:
+    """A Markdown table, padded so that it also reads well in a terminal."""
+    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            for i, cell in enumerate(cells)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    # left-aligned metric names, right-aligned figures
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def table(session: Session) -> str:
+    if session.options.scaling:
+        return render(*scaling_table(session))
+    return render(*comparison_table(session))
+
+
+def notes(session: Session) -> list[str]:
+    """What the reader must know to read the table: flags, skips, failures, log problems."""
+    lines: list[str] = []
+    plan = session.plan
+    if not session.options.scaling:
+        lines.append(
+            f"Medians of {plan.repeat} repetition(s). ↑ higher is better, ↓ lower is better; "
+            "ratio columns are tunnel's figure divided by the peer's."
+        )
+        lines.append(
+            f"MB/s = 10^6 bytes/s of client payload (each byte crosses the proxy twice: up and "
+            f"echoed back); GiB = 2^30 client-sent bytes; RSS per tunnel = (RSS with "
+            f"{plan.idle_tunnels:,} tunnels open - RSS just before) / tunnels, on a fresh process."
+        )
+    flagged = sorted(busy(session.samples))
+    if flagged:
+        pairs = ", ".join(f"{peer} {workload}" for peer, workload in flagged)
+        lines.append(
+            f"{BUSY_MARK} the load generator used more than {LOADGEN_BUSY:.0%} of a core "
+            f"({pairs}): that figure is bounded by the load generator (and the shared cores), "
+            "not by the proxy."
+        )
+    for name, reason in session.skipped.items():
+        lines.append(f"skipped {name}: {reason}")
+    two = session.scaling.get("tunnel w2", {})
+    if session.options.scaling and not two.get("supported", False):
+        lines.append(f"workers=2 unsupported: {two.get('reason', 'no measurement')}")
+    for sample in session.samples:
+        if sample.failure:
+            lines.append(
+                f"FAILED {sample.peer} {sample.workload} #{sample.repetition + 1}: {sample.failure}"
+            )
+    count = totals(session.samples)
+    for peer, c in count.items():
+        if c["errors"] or c["mismatches"]:
+            firsts = {
+                s.loadgen.get("first_error")
+                for s in session.samples
+                if s.peer == peer and s.loadgen.get("first_error")
+            }
+            lines.append(
+                f"{peer}: {c['errors']} error(s), {c['mismatches']} mismatch(es); first: "
+                + "; ".join(sorted(str(f) for f in firsts))
+            )
+        if c["log_problems"]:
+            shown = [line for s in session.samples if s.peer == peer for line in s.problems][:3]
+            lines.append(
+                f"{peer} logged {c['log_problems']} warning(s)/error(s), e.g.: " + " | ".join(shown)
+            )
+    lines += session.notes
+    return lines
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=False, cwd=peers.REPO_DIR
+    )
+    return result.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(session: Session) -> dict[str, Any]:
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--", "tunnel"))
+    names = ["tunnel", *session.options.against]
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "compiler": session.binaries.compiler if session.binaries else None,
+        "versions": {name: peers.version(name) for name in names},
+        "tunnel_commit": commit,
+        "tunnel_dirty": dirty,
+        "load_average": os.getloadavg(),
+    }
+
+
+def stamp(session: Session) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(session.started))
+
+
+def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
+    header, body = scaling_table(session) if session.options.scaling else comparison_table(session)
+    options = dataclasses.asdict(session.options)
+    options["out"] = str(session.options.out)
+    return {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session.started)),
+        "duration_seconds": round(session.finished - session.started, 1),
+        "command": " ".join(sys.argv) if sys.argv else "",
+        "machine": info,
+        "options": options,
+        "plan": dataclasses.asdict(session.plan),
+        "peers": session.peers,
+        "skipped": session.skipped,
+        "configs": session.configs,
+        "medians": medians(session.samples),
+        "totals": totals(session.samples),
+        "table": {"header": header, "rows": body},
+        "notes": notes(session),
+        "scaling": session.scaling,
+        "samples": [dataclasses.asdict(s) for s in session.samples],
+    }
+
+
+def to_markdown(session: Session, info: dict[str, Any]) -> str:
+    versions = ", ".join(f"{v}" for v in info["versions"].values())
+    dirty = " (tunnel/ had uncommitted changes)" if info["tunnel_dirty"] else ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(session.started))
+    o = session.options
+    lines = [
+        f"# tunnel benchmark, {when}",
+        "",
+        f"- command: `{' '.join(['python -m bench', *sys.argv[1:]])}`",
+        f"- machine: {info['cpu_model']}, {info['cores']} cores, {info['kernel']}, "
+        f"{info['python']}, {info['compiler']}",
+        f"- peers: {versions}",
+        f"- tunnel commit: {info['tunnel_commit']}{dirty}",
+        f"- plan: {session.plan.name}, relay={o.relay}, workers={o.workers}, "
+        f"repeat={session.plan.repeat}, took {session.finished - session.started:.0f} s",
+        "",
+        table(session),
+        "",
+        *(f"- {line}" for line in notes(session)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(session: Session, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<stamp>.md`` and ``<stamp>.json`` into ``out_dir``; return both paths."""
+    info = machine(session)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = stamp(session)
+    name, n = base, 1
+    while (out_dir / f"{name}.json").exists():
+        n += 1
+        name = f"{base}-{n}"
+    markdown = to_markdown(session, info)
+    md_path, json_path = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    md_path.write_text(markdown, encoding="utf-8")
+    json_path.write_text(
+        json.dumps(to_json(session, info), indent=1, default=str) + "\n", encoding="utf-8"
+    )
+    return md_path, json_path

@@ -1,0 +1,254 @@
+"""One benchmark session: build, start the backend and the peers, run every workload K times,
+stop everything. Returns the samples; ``bench.report`` turns them into the table."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import build, peers, procs, workloads
+from bench.workloads import PLANS, WORKLOADS, Plan, Sample, Target
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+Say = Callable[[str], None]
+
+
+def say_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Options:
+    against: tuple[str, ...] = ("nginx", "haproxy")
+    relay: str = "auto"
+    workers: int = 1
+    plan: str = "full"
+    repeat: int | None = None
+    only: tuple[str, ...] = WORKLOADS
+    out: Path = RESULTS_DIR
+    scaling: bool = False
+
+    def effective_plan(self) -> Plan:
+        plan = PLANS[self.plan]
+        return replace(plan, repeat=self.repeat) if self.repeat is not None else plan
+
+
+@dataclass
+class Session:
+    """Everything a session measured, plus what it could not."""
+
+    options: Options
+    plan: Plan
+    started: float
+    finished: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    binaries: build.Binaries | None = None
+    scaling: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: unwind so every process we started gets stopped."""
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_backend(binary: Path, workdir: Path) -> tuple[procs.Managed, int]:
+    backend = procs.start(
+        "echo_backend", [str(binary), "--port", "0"], workdir / "backend.log", capture_stdout=True
+    )
+    assert backend.stdout is not None
+    line = backend.stdout.readline(10.0)
+    if line is None or not line.startswith("listening "):
+        backend.stop()
+        raise procs.ProcessError(f"echo_backend did not start: {line!r} {backend.log_tail()}")
+    return backend, int(line.split()[1])
+
+
+def _start_peer(
+    name: str, workdir: Path, settings: peers.Settings, session: Session, loadgen: Path
+) -> peers.Running | None:
+    try:
+        running = peers.start(name, workdir, settings)
+    except procs.ProcessError as error:
+        session.skipped[name] = "failed to start: " + " / ".join(str(error).splitlines())
+        return None
+    workloads.warm_up(loadgen, running.port)
+    return running
+
+
+def run(options: Options, say: Say = say_to_stderr) -> Session:
+    """Run the session ``options`` describe; every process started here is stopped on return."""
+    plan = options.effective_plan()
+    session = Session(options, plan, time.time())
+    hard = procs.raise_nofile_limit()[1]
+    session.binaries = binaries = build.build()
+    workdir = Path(tempfile.mkdtemp(prefix="tunnel-bench-"))
+    started: list[peers.Running] = []
+    backend: procs.Managed | None = None
+    try:
+        with _stop_on_sigterm():
+            backend, backend_port = start_backend(binaries.echo_backend, workdir)
+            settings = peers.Settings(
+                backend_port=backend_port,
+                workers=options.workers,
+                relay=options.relay,
+                idle_tunnels=plan.idle_tunnels,
+                nofile=hard,
+            )
+            if options.scaling:
+                _scaling(session, settings, backend, workdir, say)
+            else:
+                _compare(session, settings, backend, workdir, started, say)
+    finally:
+        for running in started:
+            session.notes += running.stop()
+        if backend is not None:
+            session.notes += backend.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        session.finished = time.time()
+    return session
+
+
+def _compare(
+    session: Session,
+    settings: peers.Settings,
+    backend: procs.Managed,
+    workdir: Path,
+    started: list[peers.Running],
+    say: Say,
+) -> None:
+    options, plan = session.options, session.plan
+    assert session.binaries is not None
+    loadgen = session.binaries.loadgen
+    lineup: list[peers.Running] = [peers.direct(settings.backend_port)]
+    generation = 0
+    for name in ("tunnel", *options.against):
+        reason = peers.missing_reason(name)
+        if reason is not None:
+            session.skipped[name] = reason
+            say(f"bench: skipping {name}: {reason}")
+            continue
+        say(f"bench: starting {name}")
+        running = _start_peer(name, workdir / f"{name}-{generation}", settings, session, loadgen)
+        if running is None:
+            say(f"bench: skipping {name}: {session.skipped[name]}")
+            continue
+        started.append(running)
+        lineup.append(running)
+        session.configs[name] = running.config_text
+    session.peers = [running.name for running in lineup]
+    selected = [w for w in WORKLOADS if w in options.only]
+    for repetition in range(plan.repeat):
+        shift = repetition % len(lineup)  # rotate who goes first, to spread drift evenly
+        order = lineup[shift:] + lineup[:shift]
+        for workload in selected:
+            for running in order:
+                if workload == "idle" and running.process is None:
+                    continue  # "direct" has no proxy whose memory to measure
+                if workload == "idle":  # a fresh process, so earlier runs' memory is not reused
+                    generation += 1
+                    name = running.name
+                    session.notes += running.stop()
+                    started.remove(running)
+                    fresh = _start_peer(
+                        name, workdir / f"{name}-{generation}", settings, session, loadgen
+                    )
+                    if fresh is None:
+                        reason = session.skipped.pop(name)
+                        say(f"bench: {name} did not restart: {reason}")
+                        session.notes.append(f"{name} did not restart for the idle test: {reason}")
+                        lineup.remove(running)
+                        continue
+                    started.append(fresh)
+                    lineup[lineup.index(running)] = fresh
+                    running = fresh
+                say(
+                    f"bench: [{repetition + 1}/{plan.repeat}] {workload:8} {running.name}",
+                )
+                target = Target(loadgen, running, backend)
+                sample = workloads.run(target, plan, workload, repetition)
+                session.samples.append(sample)
+                _report_sample(sample, say)
+
+
+def _report_sample(sample: Sample, say: Say) -> None:
+    if sample.failure:
+        say(f"bench:   FAILED: {sample.failure}")
+    shown = {k: round(v, 2) for k, v in sample.metrics.items()}
+    say(
+        f"bench:   {shown} errors={sample.errors} mismatches={sample.mismatches}"
+        f" loadgen_cpu={sample.loadgen_cpu:.0%}"
+    )
+    for line in sample.problems[:3]:
+        say(f"bench:   log: {line}")
+
+
+def _scaling(
+    session: Session,
+    settings: peers.Settings,
+    backend: procs.Managed,
+    workdir: Path,
+    say: Say,
+) -> None:
+    """The upgrade workload against tunnel with workers = 1, then workers = 2."""
+    assert session.binaries is not None
+    loadgen = session.binaries.loadgen
+    plan = session.plan
+    result: dict[str, Any] = {"workers": [1, 2]}
+    for workers in (1, 2):
+        label = f"tunnel w{workers}"
+        say(f"bench: starting {label}")
+        try:
+            running = peers.start_tunnel(
+                workdir / f"scaling-{workers}", replace(settings, workers=workers), label
+            )
+        except procs.ProcessError as error:
+            result[label] = {"supported": False, "reason": f"did not start: {error}"}
+            say(f"bench: {label} did not start: {error}")
+            continue
+        try:
+            workloads.warm_up(loadgen, running.port)
+            processes = len(running.pids())
+            session.configs[label] = running.config_text
+            session.peers.append(label)
+            supported = workers == 1 or processes > 1
+            entry: dict[str, Any] = {"processes": processes, "supported": supported}
+            if not supported:
+                entry["reason"] = (
+                    f"server.workers = {workers} was accepted but only {processes} process runs; "
+                    "multi-process workers are not working in this build"
+                )
+                say(f"bench: {label}: {entry['reason']}")
+            result[label] = entry
+            for repetition in range(plan.repeat):
+                say(f"bench: [{repetition + 1}/{plan.repeat}] upgrade  {label}")
+                target = Target(loadgen, running, backend)
+                sample = workloads.run(target, plan, "upgrade", repetition)
+                session.samples.append(sample)
+                _report_sample(sample, say)
+        finally:
+            session.notes += running.stop()
+    session.scaling = result
