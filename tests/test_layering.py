@@ -22,6 +22,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "logs.py": IO_MODULES | {"tunnel.core", "tunnel.net", "tunnel.app", "tunnel.cli"},
     "net/": {"tunnel.app", "tunnel.cli", "click"},
     "app.py": {"tunnel.cli", "click"},
+    # L3 beside app.py: the supervisor of workers = N is plain os/signal/subprocess, no trio.
+    "supervisor.py": {"tunnel.cli", "click", "trio", "tunnel.app"},
+    "worker.py": {"tunnel.cli", "click"},
 }
 
 

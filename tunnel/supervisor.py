@@ -182,7 +182,7 @@ class _Supervisor:
                 wait = slot.restarts.exited(uptime=0.0)
                 slot.restart_at = now + wait
                 log.error(
-                    "worker could not be started; retrying",
+                    "worker could not be started",
                     extra=fields(worker=slot.number, error=str(exc), restart_in=f"{wait:g}s"),
                 )
                 return
