@@ -404,6 +404,25 @@ def test_a_stop_signal_stops_every_worker_and_exits_0(
         socket.create_connection((LOOPBACK, port), timeout=WAIT_SECONDS).close()
 
 
+def test_a_second_stop_signal_kills_a_worker_that_does_not_stop(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
+) -> None:
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend))
+    tunnel.wait_listening({1, 2})
+    stuck = tunnel.workers()[2]
+    assert parent_of(stuck) == tunnel.process.pid, "only the supervisor's own child is stopped"
+    os.kill(stuck, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM; SIGKILL still works
+
+    tunnel.process.send_signal(signal.SIGTERM)
+    tunnel.wait_for("the stop to begin", lambda log: "stopping workers" in log)
+    assert tunnel.stop() == 0
+
+    log = tunnel.log()
+    assert f'killing worker worker=2 pid={stuck} reason="a second stop signal arrived"' in log
+    assert f'worker stopped worker=2 pid={stuck} status="killed by SIGKILL"' in log
+    assert not is_tunnel_worker(stuck)
+
+
 def test_a_busy_port_exits_1_before_any_worker_starts(
     start_tunnel_process: Callable[..., TunnelProcess], busy_port: int
 ) -> None:

@@ -118,7 +118,7 @@ def worker(number: int, lifeline: int | None) -> None:
     reads end-of-file when the supervisor is gone (see ``tunnel.worker``).
     """
     try:
-        config = Config.from_toml(sys.stdin.read())
+        config = Config.from_toml(sys.stdin.buffer.read().decode("utf-8"))
     except ConfigError as error:
         _fail(f"worker {number}: configuration error: {error}")
         return

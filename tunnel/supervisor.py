@@ -177,7 +177,14 @@ class _Supervisor:
             config_file.seek(0)
             mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
             try:
-                process = subprocess.Popen(command, stdin=config_file, pass_fds=(self._lifeline,))
+                process = subprocess.Popen(
+                    command,
+                    stdin=config_file,
+                    pass_fds=(self._lifeline,),
+                    # Its own process group: Ctrl-C in a terminal reaches the supervisor only,
+                    # which stops the workers in order instead of racing them.
+                    process_group=0,
+                )
             except OSError as exc:
                 wait = slot.restarts.exited(uptime=0.0)
                 slot.restart_at = now + wait
@@ -230,19 +237,22 @@ class _Supervisor:
         for _, process in running:
             process.terminate()
         deadline = time.monotonic() + STOP_SECONDS
-        while running and (left := deadline - time.monotonic()) > 0:
-            if STOP_SIGNALS.intersection(_wait(self._wakeups, left)):
-                log.info("second stop signal; killing the workers now")
-                break
+        why = f"still running {STOP_SECONDS:g}s after SIGTERM"
+        while True:
             for number, process in running:
                 if process.poll() is not None:
                     self._stopped(number, process)
-            running = [(n, p) for n, p in running if p.returncode is None]
+            running = [
+                (number, process) for number, process in running if process.returncode is None
+            ]
+            left = deadline - time.monotonic()
+            if not running or left <= 0:
+                break
+            if STOP_SIGNALS.intersection(_wait(self._wakeups, left)):
+                why = "a second stop signal arrived"
+                break
         for number, process in running:
-            log.warning(
-                "worker did not stop in time; killing it",
-                extra=fields(worker=number, pid=process.pid, waited=f"{STOP_SECONDS:g}s"),
-            )
+            log.warning("killing worker", extra=fields(worker=number, pid=process.pid, reason=why))
             process.kill()
             try:
                 process.wait(KILL_WAIT_SECONDS)
