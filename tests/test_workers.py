@@ -329,6 +329,23 @@ def test_two_workers_share_the_port_and_both_serve(
     assert tunnel.stop() == 0
 
 
+def test_the_workers_flag_overrides_the_file(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend, tmp_path: Path
+) -> None:
+    config = tmp_path / "tunnel.toml"
+    config.write_text(
+        f'[server]\nworkers = 3\n[[listeners]]\nlisten = "{LOOPBACK}:0"\n'
+        f'[[routes]]\nname = "r"\nbackends = [{{ url = "{echo_backend.url}" }}]\n',
+        encoding="utf-8",
+    )
+    tunnel = start_tunnel_process("run", "--config", str(config), "--workers", "2")
+    tunnel.wait_listening({1, 2})
+    assert "starting workers workers=2 " in tunnel.log()
+    echo_once(tunnel.port())
+    assert tunnel.stop() == 0
+    assert set(tunnel.workers()) == {1, 2}
+
+
 def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
     start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend
 ) -> None:

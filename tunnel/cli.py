@@ -89,7 +89,11 @@ def run(
     log_format: str | None,
     workers: int | None,
 ) -> None:
-    """Run the tunnel until interrupted (Ctrl-C or SIGTERM); SIGHUP is logged, never fatal."""
+    """Run the tunnel until interrupted (Ctrl-C or SIGTERM).
+
+    SIGHUP is logged and never stops it. With more than one worker this process supervises
+    the workers (see docs/operations.md).
+    """
     try:
         config = _load(config_file).with_overrides(
             listen=listen, backends=backend, log_format=log_format, workers=workers
