@@ -336,8 +336,14 @@ class Engine:
 
     def _pump(self, flow: _Flow) -> None:
         """Move bytes from ``flow.src`` to ``flow.dst`` until the source is drained, the
-        destination is full, or this turn's budget is spent."""
-        if flow.eof:
+        destination is full, or this turn's budget is spent.
+
+        A flow that still holds bytes (parked or piped) is left alone: reading more now would
+        put new bytes ahead of them and overwrite them. It is pumped again when its destination
+        drains. This matters for flows queued in ``_again``: between the queueing and the retry,
+        an event may pump the same flow into a full destination.
+        """
+        if flow.eof or flow.parked or flow.piped:
             return
         for _ in range(READS_PER_TURN):
             moved = self._splice_once(flow) if self.splice else -1
