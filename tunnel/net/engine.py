@@ -315,6 +315,11 @@ class Engine:
                     if in_flow.ready and not (in_flow.parked or in_flow.piped):
                         self._pump(in_flow)
                 if mask & _IN:
+                    if out_flow.eof and mask & select.EPOLLERR:
+                        # The source already sent EOF, so no read will see this error: a
+                        # half-closed peer that then resets would otherwise linger until the
+                        # other side writes or the idle timeout.
+                        raise _TunnelEnded(out_flow.reset_src)
                     out_flow.ready = True
                     if mask & _HANGUP:
                         out_flow.hangup = True
