@@ -201,6 +201,10 @@ class Tunnel:
         self.closed = False
 
 
+def _closed_already(tunnel: Tunnel) -> None:
+    """Stands in for a closed tunnel's callback, so the tunnel no longer refers to its owner."""
+
+
 class _TunnelEnded(Exception):
     """Raised inside the pumps when a tunnel must close now; carries the reason."""
 
@@ -487,6 +491,21 @@ class Engine:
             tunnel.on_close(tunnel)
         except Exception:
             log.exception("error in a tunnel's close callback")
+        tunnel.on_close = _closed_already
+        self._drop_closed_deadlines()
+
+    def _drop_closed_deadlines(self) -> None:
+        """Rebuild the idle heap without closed tunnels once they are half of it.
+
+        A closed tunnel's entry would otherwise stay until its deadline (an hour by default),
+        keeping the tunnel and its callback alive. Rebuilding when the heap holds more than
+        twice the open tunnels costs O(1) per close, amortised, and leaves it empty when the
+        last tunnel closes. The list is changed in place: ``_expire_idle`` holds it.
+        """
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._tunnels):
+            deadlines[:] = [entry for entry in deadlines if not entry[2].closed]
+            heapq.heapify(deadlines)
 
     async def _expire_idle(self) -> None:
         """Close tunnels with no bytes either way for ``idle_timeout``; one timer for all."""
