@@ -57,8 +57,13 @@ backends = [ {{ name = "echo", url = "ws://{procs.LOOPBACK}:{settings.backend_po
 
 
 def nginx_worker_connections(settings: Settings) -> int:
-    """Two connections per tunnel (client and upstream) plus headroom, within the fd limit."""
-    return max(1024, min(2 * settings.idle_tunnels + 512, settings.nofile - 64))
+    """Two connections per tunnel (client and upstream) plus headroom, within the fd limit.
+
+    nginx starts closing connections it deems reusable (those still waiting for a request)
+    once fewer than 1/16 of ``worker_connections`` are free ("worker_connections are not
+    enough, reusing connections"), so twice the idle tunnels is not enough.
+    """
+    return max(1024, min(2 * settings.idle_tunnels * 5 // 4 + 1024, settings.nofile - 64))
 
 
 def nginx_config(port: int, prefix: Path, settings: Settings) -> str:
