@@ -244,6 +244,12 @@ def notes(session: Session) -> list[str]:
     two = session.scaling.get("tunnel w2", {})
     if session.options.scaling and not two.get("supported", False):
         lines.append(f"workers=2 unsupported: {two.get('reason', 'no measurement')}")
+    elif session.options.scaling:
+        lines.append(
+            f"Medians of {plan.repeat} repetition(s). workers=2 ran {two.get('processes')} "
+            f"processes (CPU summed over all); the machine's {os.cpu_count()} cores are shared "
+            "with the load generator and the backend, which bounds the ratio."
+        )
     for sample in session.samples:
         if sample.failure:
             lines.append(

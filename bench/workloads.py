@@ -52,9 +52,59 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan("full", 3, 32, 5.0, 50, 5.0, 2000.0, 5.0, 4, 65536, 8 * GiB, 5.0, 5000, 60.0, 1.0),
-    "quick": Plan("quick", 1, 32, 2.0, 50, 2.0, 2000.0, 2.0, 4, 65536, 2 * GiB, 2.0, 1000, 30, 0.5),
-    "smoke": Plan("smoke", 1, 8, 0.3, 10, 0.3, 2000.0, 0.3, 2, 65536, 16 * MiB, 0.3, 200, 15, 0.2),
+    "full": Plan(
+        name="full",
+        repeat=3,
+        upgrade_conns=32,
+        upgrade_seconds=5.0,
+        echo_conns=50,
+        echo_seconds=5.0,
+        latency_rate=2000.0,
+        latency_seconds=5.0,
+        bulk_conns=4,
+        bulk_chunk=64 * 1024,
+        bulk_bytes=8 * GiB,
+        bulk_seconds=5.0,
+        idle_tunnels=5000,
+        idle_setup_seconds=60.0,
+        settle_seconds=1.0,
+    ),
+    "quick": Plan(
+        name="quick",
+        repeat=1,
+        upgrade_conns=32,
+        upgrade_seconds=2.0,
+        echo_conns=50,
+        echo_seconds=2.0,
+        latency_rate=2000.0,
+        latency_seconds=2.0,
+        bulk_conns=4,
+        bulk_chunk=64 * 1024,
+        bulk_bytes=2 * GiB,
+        bulk_seconds=2.0,
+        idle_tunnels=1000,
+        idle_setup_seconds=30.0,
+        settle_seconds=0.5,
+    ),
+    # Tiny, for tests/test_bench.py; still long enough (0.3 s) for the proxies' CPU time, which
+    # /proc counts in 10 ms ticks, to be well above zero.
+    "smoke": Plan(
+        name="smoke",
+        repeat=1,
+        upgrade_conns=8,
+        upgrade_seconds=0.3,
+        echo_conns=10,
+        echo_seconds=0.3,
+        latency_rate=2000.0,
+        latency_seconds=0.3,
+        bulk_conns=2,
+        bulk_chunk=64 * 1024,
+        bulk_bytes=1 * GiB,
+        bulk_seconds=0.3,
+        idle_tunnels=200,
+        idle_setup_seconds=15.0,
+        settle_seconds=0.2,
+    ),
 }
 
 
