@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
 from tunnel.config import BackendConfig, is_ip_address, join_host_port
 from tunnel.errors import BackendTimeout, BackendUnreachable
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.sockio import prepare, send_all
 
 log = logging.getLogger(LOGGER_NAME)
+
+Address = tuple[int, Any]
+"""``(family, sockaddr)`` as ``getaddrinfo`` returns them."""
 
 
 def describe(backend: BackendConfig) -> str:
@@ -20,56 +28,87 @@ def describe(backend: BackendConfig) -> str:
     return address if backend.name == address else f"{backend.name} ({address})"
 
 
-async def connect(backend: BackendConfig, connect_timeout: float) -> trio.SocketStream:
-    """Open a TCP connection to ``backend`` within ``connect_timeout`` seconds.
+async def connect(
+    backend: BackendConfig, connect_timeout: float, first_bytes: bytes
+) -> socket.socket:
+    """Connect to ``backend`` and send ``first_bytes`` within ``connect_timeout`` seconds.
 
-    A numeric address is connected directly, without name resolution or happy eyeballs, so
-    that the error is the kernel's own ("Connection refused").
+    The send is tried right after the non-blocking ``connect``: on loopback and fast networks the
+    connection is up by then, so no wait is needed at all, and a refusal surfaces as the send's
+    error. A numeric address is used directly; a name is resolved and its addresses are tried in
+    order (no happy eyeballs: backends are near, and the error stays the kernel's own).
 
     Raises:
         BackendTimeout: 504, no connection within the timeout.
         BackendUnreachable: 502, refused, unreachable or unresolvable.
     """
-    with trio.move_on_after(connect_timeout):
-        try:
-            if is_ip_address(backend.host):
-                return await _connect_numeric(backend.host, backend.port)
-            return await trio.open_tcp_stream(backend.host, backend.port)
-        except OSError as exc:
-            raise BackendUnreachable(
-                f"backend {describe(backend)} refused or unreachable: {_reason(exc)}"
-            ) from exc
-    raise BackendTimeout(
-        f"backend {describe(backend)} did not accept the connection"
-        f" within connect_timeout ({connect_timeout:g}s)"
-    )
-
-
-async def _connect_numeric(host: str, port: int) -> trio.SocketStream:
-    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    deadline = trio.current_time() + connect_timeout
+    failure: OSError | None = None
     try:
-        await sock.connect((host, port))
+        for address in await _addresses(backend, deadline):
+            try:
+                return await _connect_and_send(address, first_bytes, deadline)
+            except OSError as exc:
+                failure = exc
+    except trio.TooSlowError:
+        raise BackendTimeout(
+            f"backend {describe(backend)} did not accept the connection"
+            f" within connect_timeout ({connect_timeout:g}s)"
+        ) from None
+    reason = failure.strerror if failure is not None and failure.strerror else str(failure)
+    raise BackendUnreachable(f"backend {describe(backend)} refused or unreachable: {reason}")
+
+
+async def _addresses(backend: BackendConfig, deadline: float) -> list[Address]:
+    if is_ip_address(backend.host):
+        family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
+        return [(family, (backend.host, backend.port))]
+    try:
+        with trio.fail_at(deadline):
+            infos = await trio.socket.getaddrinfo(
+                backend.host, backend.port, type=socket.SOCK_STREAM
+            )
+    except socket.gaierror as exc:
+        raise BackendUnreachable(
+            f"backend {describe(backend)} refused or unreachable: {exc.strerror or exc}"
+        ) from exc
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def _connect_and_send(address: Address, first_bytes: bytes, deadline: float) -> socket.socket:
+    family, sockaddr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        prepare(sock)
+        error = sock.connect_ex(sockaddr)
+        if error not in (0, errno.EINPROGRESS):
+            raise OSError(error, os.strerror(error))
+        try:
+            sent = sock.send(first_bytes)
+        except BlockingIOError:
+            with trio.fail_at(deadline):
+                await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+            sent = 0
+        if sent < len(first_bytes):
+            with trio.fail_at(deadline):
+                await send_all(sock, first_bytes[sent:])
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
-
-
-def _reason(exc: OSError) -> str:
-    """The first concrete cause: trio's resolver path wraps per-address errors in a group."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        for inner in cause.exceptions:
-            if isinstance(inner, OSError) and inner.strerror:
-                return inner.strerror
-    return exc.strerror or str(exc)
+    return sock
 
 
 async def connect_first(
-    candidates: Sequence[BackendConfig], connect_timeout: float, client: str
-) -> tuple[BackendConfig, trio.SocketStream]:
-    """Try each candidate in order; the first that accepts wins.
+    candidates: Sequence[BackendConfig],
+    connect_timeout: float,
+    client: str,
+    first_bytes: Callable[[BackendConfig], bytes],
+) -> tuple[BackendConfig, socket.socket]:
+    """Try each candidate in order, sending it ``first_bytes(backend)``; the first that accepts
+    wins.
 
     Raises the last backend's error when all fail: ``BackendTimeout`` (504) only if every
     attempt timed out, ``BackendUnreachable`` (502) otherwise.
@@ -77,7 +116,7 @@ async def connect_first(
     errors: list[BackendUnreachable | BackendTimeout] = []
     for backend in candidates:
         try:
-            return backend, await connect(backend, connect_timeout)
+            return backend, await connect(backend, connect_timeout, first_bytes(backend))
         except (BackendUnreachable, BackendTimeout) as exc:
             errors.append(exc)
             log.warning(

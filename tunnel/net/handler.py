@@ -1,7 +1,9 @@
-"""One client connection, from the first byte to the close: handshake, backend, relay.
+"""One client connection, from the first byte to the close: handshake, backend, hand-off.
 
 Every error is caught here and answered or logged: one bad connection never reaches the
-listener's nursery.
+listener's nursery. Sockets are plain non-blocking ``socket.socket`` objects driven through
+``sockio`` (syscall first, wait only on ``EAGAIN``); after the 101 both go to the relay engine
+and the connection's task ends.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from tunnel.errors import (
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
-from tunnel.net.relay import RelayStats, relay
+from tunnel.net.relay import RelayStats
+from tunnel.net.sockio import receive_some, send_all
 from tunnel.policy.balancer import RoundRobin
 from tunnel.policy.routing import match_route
 
@@ -53,23 +56,23 @@ LINGER_BYTES = 256 * KiB
 
 
 class Handler:
-    """Serves connections for one configuration. Call it with each accepted stream."""
+    """Serves connections for one configuration. Call it with each accepted socket."""
 
-    def __init__(
-        self, config: Config, *, scheme: str = "http", engine: Engine | None = None
-    ) -> None:
+    def __init__(self, config: Config, engine: Engine, *, scheme: str = "http") -> None:
         self.config = config
-        self.scheme = scheme
         self.engine = engine
-        """Relays plain-socket tunnels once they are established; None pumps them in tasks."""
+        self.scheme = scheme
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
         self._active = 0
         """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
 
-    async def __call__(self, stream: trio.SocketStream) -> None:
-        peer_ip, client = _peer(stream)
+    async def __call__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Serve one accepted, prepared (non-blocking) client socket; closes it unless the
+        tunnel was handed to the engine."""
+        client = join_host_port(peer[0], peer[1])
+        handed_off = False
         try:
-            await self._serve(stream, peer_ip, client)
+            handed_off = await self._serve(sock, peer[0], client)
         except ClientClosed:
             log.debug("client left before sending a request", extra=fields(client=client))
         except Exception:
@@ -78,13 +81,14 @@ class Handler:
                 extra=fields(client=client),
             )
         finally:
-            await stream.aclose()
+            if not handed_off:
+                sock.close()
 
-    async def _serve(self, stream: trio.SocketStream, peer_ip: str, client: str) -> None:
+    async def _serve(self, sock: socket.socket, peer_ip: str, client: str) -> bool:
         server = self.config.server
         head = RequestHead(server.max_header_bytes)
         try:
-            request = await _read_request(stream, head, server.handshake_timeout)
+            request = await _read_request(sock, head, server.handshake_timeout)
             upgrade = validate_request(request)
             route = match_route(self.config.routes, upgrade.hostname, upgrade.path)
             if route is None:
@@ -94,21 +98,22 @@ class Handler:
             if self._active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
         except TunnelError as error:
-            await self._refuse(stream, client, error)
-            return
+            await self._refuse(sock, client, error)
+            return False
         self._active += 1
         handed_off = False
         try:
             handed_off = await self._forward(
-                stream, peer_ip, client, route, upgrade, token, key, head.leftover
+                sock, peer_ip, client, route, upgrade, token, key, head.leftover
             )
         finally:
             if not handed_off:
                 self._active -= 1
+        return handed_off
 
     async def _forward(
         self,
-        stream: trio.SocketStream,
+        sock: socket.socket,
         peer_ip: str,
         client: str,
         route: RouteConfig,
@@ -120,14 +125,9 @@ class Handler:
         """Returns True when the tunnel was handed to the engine, which now owns both sockets
         and the ``max_tunnels`` slot."""
         server = self.config.server
-        try:
-            backend, backend_stream = await backends.connect_first(
-                self._balancers[route.name].candidates(), server.connect_timeout, client
-            )
-        except TunnelError as error:
-            await self._refuse(stream, client, error, route=route.name)
-            return False
-        try:
+        replies: list[BackendReply] = []
+
+        def request_for(backend: BackendConfig) -> bytes:
             hop = Forwarding(
                 peer_ip=peer_ip,
                 scheme=self.scheme,
@@ -136,34 +136,45 @@ class Handler:
                 path_prefix=route.path_prefix,
                 backend_path=backend.path,
             )
-            reply = BackendReply(rewrite_request(upgrade, token, hop), token, key, MAX_REPLY_HEAD)
+            replies.append(
+                BackendReply(rewrite_request(upgrade, token, hop), token, key, MAX_REPLY_HEAD)
+            )
+            return replies[-1].request_bytes
+
+        try:
+            backend, backend_sock = await backends.connect_first(
+                self._balancers[route.name].candidates(),
+                server.connect_timeout,
+                client,
+                request_for,
+            )
+        except TunnelError as error:
+            await self._refuse(sock, client, error, route=route.name)
+            return False
+        handed_off = False
+        try:
+            reply = replies[-1]
             try:
-                progress = await _ask_backend(
-                    backend_stream, reply, server.response_timeout, backend
-                )
+                progress = await _read_reply(backend_sock, reply, server.response_timeout, backend)
             except TunnelError as error:
-                await self._refuse(stream, client, error, route=route.name, backend=backend.name)
+                await self._refuse(sock, client, error, route=route.name, backend=backend.name)
                 return False
             if not progress.switched:
                 await self._relay_refusal(
-                    stream, backend_stream, reply, progress, client, route, backend
+                    sock, backend_sock, reply, progress, client, route, backend
                 )
                 return False
-            if self.engine is not None:
-                self._hand_off(
-                    self.engine, stream, backend_stream, progress, leftover, client, route, backend
-                )
-                return True
-            await self._tunnel(stream, backend_stream, progress, leftover, client, route, backend)
-            return False
+            self._hand_off(sock, backend_sock, progress, leftover, client, route, backend)
+            handed_off = True
+            return True
         finally:
-            await backend_stream.aclose()
+            if not handed_off:
+                backend_sock.close()
 
     def _hand_off(
         self,
-        engine: Engine,
-        stream: trio.SocketStream,
-        backend_stream: trio.SocketStream,
+        sock: socket.socket,
+        backend_sock: socket.socket,
         progress: ReplyProgress,
         leftover: bytes,
         client: str,
@@ -192,59 +203,19 @@ class Handler:
                 ),
             )
 
-        engine.adopt(
-            _detach(stream),
-            _detach(backend_stream),
+        self.engine.adopt(
+            sock,
+            backend_sock,
             RelayStats(),
             closed,
             to_client=progress.forward + progress.leftover,
             to_backend=leftover,
         )
 
-    async def _tunnel(
-        self,
-        stream: trio.SocketStream,
-        backend_stream: trio.SocketStream,
-        progress: ReplyProgress,
-        leftover: bytes,
-        client: str,
-        route: RouteConfig,
-        backend: BackendConfig,
-    ) -> None:
-        started = trio.current_time()
-        log.info(
-            "tunnel opened", extra=fields(client=client, route=route.name, backend=backend.name)
-        )
-        stats = RelayStats()
-        try:
-            await stream.send_all(progress.forward + progress.leftover)
-            stats.bytes_down += len(progress.leftover)
-            if leftover:
-                await backend_stream.send_all(leftover)
-                stats.bytes_up += len(leftover)
-            await relay(
-                stream, backend_stream, idle_timeout=self.config.server.idle_timeout, stats=stats
-            )
-        except trio.BrokenResourceError:
-            stats.close_reason = "reset during hand-off"
-        finally:
-            log.info(
-                "tunnel closed",
-                extra=fields(
-                    client=client,
-                    route=route.name,
-                    backend=backend.name,
-                    bytes_up=stats.bytes_up,
-                    bytes_down=stats.bytes_down,
-                    duration=f"{trio.current_time() - started:.3f}s",
-                    reason=stats.close_reason or "shutdown",
-                ),
-            )
-
     async def _relay_refusal(
         self,
-        stream: trio.SocketStream,
-        backend_stream: trio.SocketStream,
+        sock: socket.socket,
+        backend_sock: socket.socket,
         reply: BackendReply,
         progress: ReplyProgress,
         client: str,
@@ -258,108 +229,86 @@ class Handler:
                 client=client, route=route.name, backend=backend.name, status=progress.status
             ),
         )
-        timeout = self.config.server.response_timeout
         try:
-            await stream.send_all(progress.forward)
-            while not progress.complete:
-                with trio.move_on_after(timeout) as scope:
-                    data = await backend_stream.receive_some(READ_SIZE)
-                if scope.cancelled_caught:
-                    return
-                progress = reply.feed(data)
-                await stream.send_all(progress.forward)
-        except (TunnelError, trio.BrokenResourceError):
+            with trio.fail_after(self.config.server.response_timeout):
+                await send_all(sock, progress.forward)
+                while not progress.complete:
+                    progress = reply.feed(await receive_some(backend_sock, READ_SIZE))
+                    await send_all(sock, progress.forward)
+        except (TunnelError, OSError, trio.TooSlowError):
             return
-        await backend_stream.aclose()
-        await _linger(stream)
+        backend_sock.close()
+        await _linger(sock)
 
     async def _refuse(
-        self, stream: trio.SocketStream, client: str, error: TunnelError, **context: str
+        self, sock: socket.socket, client: str, error: TunnelError, **context: str
     ) -> None:
         log.warning(
             "request refused",
             extra=fields(client=client, status=error.status, reason=error.message, **context),
         )
-        with trio.move_on_after(LINGER_SECONDS):
-            try:
-                await stream.send_all(error_response(error))
-            except trio.BrokenResourceError:
-                return
-        await _linger(stream)
+        try:
+            with trio.fail_after(LINGER_SECONDS):
+                await send_all(sock, error_response(error))
+        except (OSError, trio.TooSlowError):
+            return
+        await _linger(sock)
 
 
 async def _read_request(
-    stream: trio.SocketStream, head: RequestHead, handshake_timeout: float
+    sock: socket.socket, head: RequestHead, handshake_timeout: float
 ) -> h11.Request:
-    with trio.move_on_after(handshake_timeout):
-        while True:
-            try:
-                data = await stream.receive_some(READ_SIZE)
-            except trio.BrokenResourceError as exc:
-                raise ClientClosed from exc
-            request = head.feed(data)
-            if request is not None:
-                return request
-    raise RequestTimeout(
-        "the request head did not arrive within handshake_timeout "
-        f"({format_duration(handshake_timeout)})"
-    )
-
-
-async def _ask_backend(
-    stream: trio.SocketStream, reply: BackendReply, response_timeout: float, backend: BackendConfig
-) -> ReplyProgress:
-    """Send the rewritten request and read until the reply's status is known."""
     try:
-        await stream.send_all(reply.request_bytes)
-        with trio.move_on_after(response_timeout):
+        with trio.fail_after(handshake_timeout):
             while True:
-                progress = reply.feed(await stream.receive_some(READ_SIZE))
+                request = head.feed(await receive_some(sock, READ_SIZE))
+                if request is not None:
+                    return request
+    except OSError as exc:
+        raise ClientClosed from exc
+    except trio.TooSlowError:
+        raise RequestTimeout(
+            "the request head did not arrive within handshake_timeout "
+            f"({format_duration(handshake_timeout)})"
+        ) from None
+
+
+async def _read_reply(
+    sock: socket.socket, reply: BackendReply, response_timeout: float, backend: BackendConfig
+) -> ReplyProgress:
+    """Read until the reply's status is known (the request went out with the connect)."""
+    try:
+        with trio.fail_after(response_timeout):
+            while True:
+                progress = reply.feed(await receive_some(sock, READ_SIZE))
                 if progress.status is not None:
                     return progress
-    except trio.BrokenResourceError as exc:
+    except OSError as exc:
         raise BackendUnreachable(
             f"backend {backends.describe(backend)} reset the connection before replying"
         ) from exc
-    raise BackendTimeout(
-        f"backend {backends.describe(backend)} did not answer the upgrade within "
-        "response_timeout "
-        f"({format_duration(response_timeout)})"
-    )
+    except trio.TooSlowError:
+        raise BackendTimeout(
+            f"backend {backends.describe(backend)} did not answer the upgrade within "
+            "response_timeout "
+            f"({format_duration(response_timeout)})"
+        ) from None
 
 
-async def _linger(stream: trio.SocketStream) -> None:
+async def _linger(sock: socket.socket) -> None:
     """Half-close, then read and discard what the client still sends, so that closing with
     unread bytes does not reset the connection before the client has read our answer."""
     try:
-        await stream.send_eof()
+        sock.shutdown(socket.SHUT_WR)
         with trio.move_on_after(LINGER_SECONDS):
             discarded = 0
             while discarded < LINGER_BYTES:
-                data = await stream.receive_some(READ_SIZE)
+                data = await receive_some(sock, READ_SIZE)
                 if not data:
                     return
                 discarded += len(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
-
-
-def _detach(stream: trio.SocketStream) -> socket.socket:
-    """The stream's socket as a plain non-blocking ``socket.socket``; trio forgets it."""
-    trio_socket = stream.socket
-    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
-    trio.lowlevel.notify_closing(trio_socket)
-    return socket.socket(family, kind, proto, fileno=trio_socket.detach())
-
-
-def _peer(stream: trio.SocketStream) -> tuple[str, str]:
-    """The client's IP address, and ``ip:port`` (``[ip]:port`` for IPv6) for log lines."""
-    try:
-        address = stream.socket.getpeername()
     except OSError:
-        return "", "unknown"
-    ip, port = address[0], address[1]
-    return ip, join_host_port(ip, port)
+        return
 
 
 def _host_header(backend: BackendConfig) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -11,6 +12,7 @@ import trio
 
 from tunnel.config import Address, ListenerConfig
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.sockio import prepare
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -131,20 +133,43 @@ def bound_address(listener: trio.SocketListener) -> str:
 
 async def accept_loop(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
     nursery: trio.Nursery,
 ) -> None:
-    """Accept forever, starting one handler task per connection in ``nursery``."""
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _RESOURCE_ERRNOS:
-                raise
-            log.error(
-                "accept failed; out of file descriptors or memory, retrying shortly",
-                extra=fields(listener=bound_address(listener), error=str(exc)),
-            )
-            await trio.sleep(ACCEPT_BACKOFF_SECONDS)
-            continue
-        nursery.start_soon(handler, stream)
+    """Accept forever, starting one handler task per connection in ``nursery``.
+
+    Accepts run on a duplicate of the listening descriptor as a plain socket: one wake-up
+    accepts every pending connection, and each arrives as the non-blocking ``socket.socket``
+    the handler and the relay engine work with, with no stream object built and thrown away.
+    """
+    trio_socket = listener.socket
+    accepting = socket.socket(
+        trio_socket.family, trio_socket.type, trio_socket.proto, fileno=os.dup(trio_socket.fileno())
+    )
+    accepting.setblocking(False)
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(accepting)
+            while True:
+                try:
+                    sock, peer = accepting.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed; out of file descriptors or memory, retrying shortly",
+                        extra=fields(listener=bound_address(listener), error=str(exc)),
+                    )
+                    await trio.sleep(ACCEPT_BACKOFF_SECONDS)
+                    break
+                try:
+                    prepare(sock)
+                except OSError:
+                    sock.close()
+                    continue
+                nursery.start_soon(handler, sock, peer)
+    finally:
+        trio.lowlevel.notify_closing(accepting)
+        accepting.close()

@@ -1,0 +1,39 @@
+"""Non-blocking socket calls that try the syscall first and wait in trio only on ``EAGAIN``.
+
+A handshake is a handful of small reads and writes that usually succeed at once; going through
+trio's stream layer for each costs a reschedule and an ``epoll_ctl`` even then. These helpers
+take plain non-blocking ``socket.socket`` objects, which the relay engine adopts afterwards
+without any conversion. Errors are the kernel's (``ConnectionResetError``, ``BrokenPipeError``).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+
+async def receive_some(sock: socket.socket, max_bytes: int) -> bytes:
+    """At most ``max_bytes``; ``b""`` at EOF."""
+    while True:
+        try:
+            return sock.recv(max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data``, waiting for room in the send buffer when it fills."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def prepare(sock: socket.socket) -> None:
+    """Make a TCP socket ready for the handler and the engine: non-blocking, no Nagle delay
+    (a WebSocket message must not wait for the ACK of the previous one)."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
