@@ -76,6 +76,10 @@ class EngineStatistics:
     """Reads that copied because no pipe was free (``splice_pipes`` reached or no descriptor)."""
 
 
+Pipe = tuple[int, int, int]
+"""``(read_fd, write_fd, size)`` of a pooled pipe."""
+
+
 class PipePool:
     """Pipes for splicing, held by a direction only while bytes sit in them.
 
@@ -87,12 +91,18 @@ class PipePool:
     def __init__(self, limit: int, size: int = PIPE_SIZE) -> None:
         self.limit = limit
         self.size = size
+        """What each new pipe asks for; the last grant is what ``statistics()`` shows."""
         self.in_use = 0
         self.fallbacks = 0
-        self._idle: list[tuple[int, int]] = []
+        self.granted = 0
+        self._idle: list[Pipe] = []
 
-    def acquire(self) -> tuple[int, int] | None:
-        """A ``(read_fd, write_fd)`` pair, or None when the limit or the descriptors ran out."""
+    def acquire(self) -> Pipe | None:
+        """A pipe, or None when the limit or the descriptors ran out.
+
+        Each pipe carries the size the kernel granted it: past ``pipe-user-pages-soft`` an
+        unprivileged process gets small pipes, and one small grant must not shrink the others.
+        """
         if self._idle:
             self.in_use += 1
             return self._idle.pop()
@@ -105,18 +115,19 @@ class PipePool:
             self.fallbacks += 1
             return None
         try:
-            self.size = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
+            granted = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
         except OSError:
-            self.size = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
+            granted = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
         self.in_use += 1
-        return read_fd, write_fd
+        self.granted = granted
+        return read_fd, write_fd, granted
 
-    def release(self, pipe: tuple[int, int]) -> None:
+    def release(self, pipe: Pipe) -> None:
         """Give back an empty pipe."""
         self.in_use -= 1
         self._idle.append(pipe)
 
-    def discard(self, pipe: tuple[int, int]) -> None:
+    def discard(self, pipe: Pipe) -> None:
         """Close a pipe that may still hold bytes (its tunnel died)."""
         self.in_use -= 1
         os.close(pipe[0])
@@ -125,7 +136,7 @@ class PipePool:
     def trim(self) -> None:
         """Close the idle pipes, so an idle server holds no descriptor for splicing."""
         while self._idle:
-            read_fd, write_fd = self._idle.pop()
+            read_fd, write_fd, _ = self._idle.pop()
             os.close(read_fd)
             os.close(write_fd)
 
@@ -166,7 +177,7 @@ class _Flow:
         self.upstream = upstream
         self.parked = b""
         """Bytes read but not yet written (copy path, or leftovers from the handshake)."""
-        self.pipe: tuple[int, int] | None = None
+        self.pipe: Pipe | None = None
         self.piped = 0
         """Bytes sitting in ``pipe`` (splice path)."""
         self.ready = False
@@ -234,7 +245,7 @@ class Engine:
             tunnels=len(self._tunnels),
             pipes_in_use=self.pipes.in_use,
             pipes_idle=len(self.pipes._idle),
-            pipe_size=self.pipes.size,
+            pipe_size=self.pipes.granted,
             splice_fallbacks=self.pipes.fallbacks,
         )
 
@@ -256,6 +267,9 @@ class Engine:
         once, so nothing is lost in the hand-over.
         """
         tunnel = Tunnel(client, backend, stats, on_close)
+        if self._epoll.closed:
+            self._close(tunnel, SHUTDOWN)
+            return tunnel
         tunnel.down.parked = to_client
         tunnel.up.parked = to_backend
         stats.last_activity = trio.current_time()
@@ -395,7 +409,7 @@ class Engine:
         if pipe is None:
             return -1
         try:
-            n = os.splice(flow.src_fd, pipe[1], self.pipes.size, flags=_SPLICE_FLAGS)
+            n = os.splice(flow.src_fd, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
         except BlockingIOError:
             self.pipes.release(pipe)
             flow.ready = False
@@ -410,7 +424,9 @@ class Engine:
         flow.pipe = pipe
         flow.piped = n
         self._flush(flow)
-        if not flow.piped and n < PAGE and not flow.hangup:
+        # Each pipe slot holds one page or one fragment, so a read can stop short because the
+        # slots ran out; only a read shorter than the slot count proves the socket drained.
+        if not flow.piped and n < pipe[2] // PAGE and not flow.hangup:
             flow.ready = False
             return 0
         return n
