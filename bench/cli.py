@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
+        print("bench: interrupted; the processes it started were stopped", file=sys.stderr)
         return 130
     md_path, json_path = report.write(session, args.out)
     print(report.table(session))

@@ -226,11 +226,19 @@ def notes(session: Session) -> list[str]:
             f"Medians of {plan.repeat} repetition(s). ↑ higher is better, ↓ lower is better; "
             "ratio columns are tunnel's figure divided by the peer's."
         )
-        lines.append(
-            f"MB/s = 10^6 bytes/s of client payload (each byte crosses the proxy twice: up and "
-            f"echoed back); GiB = 2^30 client-sent bytes; RSS per tunnel = (RSS with "
-            f"{plan.idle_tunnels:,} tunnels open - RSS just before) / tunnels, on a fresh process."
-        )
+        only = session.options.only
+        if "bulk" in only:
+            lines.append(
+                "MB/s = 10^6 bytes/s of client payload (each byte crosses the proxy twice: up "
+                "and echoed back); GiB = 2^30 client-sent bytes."
+            )
+        if "idle" in only:
+            lines.append(
+                f"RSS per tunnel = (RSS with {plan.idle_tunnels:,} tunnels open - RSS just "
+                "before) / tunnels, on a freshly started proxy."
+            )
+    o = session.options
+    lines.append(f"tunnel: relay={o.relay}, workers={o.workers} ({peers.version('tunnel')})")
     flagged = sorted(busy(session.samples))
     if flagged:
         pairs = ", ".join(f"{peer} {workload}" for peer, workload in flagged)

@@ -59,14 +59,12 @@ class Session:
     scaling: dict[str, Any] = field(default_factory=dict)
 
 
-class _Stop(Exception):
-    """SIGTERM arrived: unwind so every process we started gets stopped."""
-
-
 @contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C: unwind, so every process started here gets stopped."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Stop
+        raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
