@@ -47,10 +47,11 @@ POLL_LIMIT = 100_000
 
 needs_splice = pytest.mark.skipif(not splice_available(), reason=NO_SPLICE)
 MODES = [
-    pytest.param(True, id="splice", marks=needs_splice),
-    pytest.param(False, id="copy"),
+    pytest.param("splice", id="splice", marks=needs_splice),
+    pytest.param("copy", id="copy"),
+    pytest.param("auto", id="auto", marks=needs_splice),
 ]
-"""The ``splice`` argument of ``Engine``: both relay modes."""
+"""The ``relay`` argument of ``Engine``: every relay mode."""
 
 
 # --- the harness -------------------------------------------------------------------------------
@@ -155,14 +156,14 @@ class Relay:
 @asynccontextmanager
 async def running_engine(
     *,
-    splice: bool,
+    relay: str,
     splice_pipes: int = 64,
     idle_timeout: float = 0.0,
     guard: float = GUARD_SECONDS,
 ) -> AsyncIterator[Relay]:
     """An engine served in a nursery for the body of the ``async with``; afterwards every
     tunnel it adopted must have been reported to ``on_close`` exactly once."""
-    relay = Relay(Engine(splice=splice, splice_pipes=splice_pipes, idle_timeout=idle_timeout))
+    relay = Relay(Engine(relay=relay, splice_pipes=splice_pipes, idle_timeout=idle_timeout))
 
     async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -270,13 +271,13 @@ def rss_bytes() -> int:
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_large_transfers_both_ways_arrive_intact_with_a_slow_reader(splice: bool) -> None:
+async def test_large_transfers_both_ways_arrive_intact_with_a_slow_reader(splice: str) -> None:
     # 32 MiB each way at once. The backend reads in small pieces, so the engine keeps meeting
     # a full destination on the way up while the way down runs at full speed.
     size = 32 * MiB
     up, down = os.urandom(size), os.urandom(size)
     digests: dict[str, str] = {}
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
 
         async def collect(name: str, stream: trio.SocketStream, max_read: int) -> None:
@@ -297,8 +298,8 @@ async def test_large_transfers_both_ways_arrive_intact_with_a_slow_reader(splice
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_counters_are_live_and_equal_the_bytes_delivered(splice: bool) -> None:
-    async with running_engine(splice=splice) as relay:
+async def test_counters_are_live_and_equal_the_bytes_delivered(splice: str) -> None:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
         sent_up = sent_down = 0
         for size in (1, 1000, 70_000, 3 * MiB):
@@ -320,7 +321,7 @@ async def test_counters_are_live_and_equal_the_bytes_delivered(splice: bool) -> 
     ids=["small-buffers", "large-buffers"],
 )
 async def test_a_stalled_reader_stalls_the_writer_and_memory_stays_bounded(
-    splice: bool, buffer: int, size: int, bound: int
+    splice: str, buffer: int, size: int, bound: int
 ) -> None:
     # Socket buffers fixed on all four ends (the kernel doubles the figure): whatever the writer
     # gets rid of while the reader reads nothing sits in those buffers or in the engine, which
@@ -329,7 +330,7 @@ async def test_a_stalled_reader_stalls_the_writer_and_memory_stays_bounded(
     # before the destination fills, which is where a flow queued for another turn meets a
     # full destination.
     data = os.urandom(size)
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open(buffer=buffer)
         sent = 0
         sender_done = trio.Event()
@@ -364,14 +365,14 @@ async def test_a_stalled_reader_stalls_the_writer_and_memory_stays_bounded(
 @pytest.mark.parametrize("splice", MODES)
 @pytest.mark.parametrize("leftover_size", [17, 8 * MiB], ids=["small", "large"])
 async def test_leftovers_go_first_even_when_both_sides_already_sent(
-    splice: bool, leftover_size: int
+    splice: str, leftover_size: int
 ) -> None:
     # The peers sent before the engine adopted the sockets, so their bytes are queued at once;
     # a large leftover cannot be written in one go, so it waits for room while those bytes wait.
     to_client = b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + os.urandom(leftover_size)
     to_backend = os.urandom(leftover_size)
     early_up, early_down = b"client spoke first", b"backend spoke first"
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open(
             to_client=to_client,
             to_backend=to_backend,
@@ -397,9 +398,9 @@ async def test_leftovers_go_first_even_when_both_sides_already_sent(
     ("closer", "reason"), [("client", CLIENT_EOF), ("backend", BACKEND_EOF)], ids=str
 )
 async def test_half_close_is_passed_on_and_the_other_way_stays_open(
-    splice: bool, closer: str, reason: str
+    splice: str, closer: str, reason: str
 ) -> None:
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
         first, other = (
             (conn.client, conn.backend) if closer == "client" else (conn.backend, conn.client)
@@ -423,8 +424,8 @@ async def test_half_close_is_passed_on_and_the_other_way_stays_open(
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_both_sides_closing_at_once_ends_the_tunnel(splice: bool) -> None:
-    async with running_engine(splice=splice) as relay:
+async def test_both_sides_closing_at_once_ends_the_tunnel(splice: str) -> None:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
         await conn.client.send_all(b"bye")
         await conn.backend.send_all(b"bye")
@@ -443,8 +444,8 @@ async def test_both_sides_closing_at_once_ends_the_tunnel(splice: bool) -> None:
 @pytest.mark.parametrize(
     ("side", "reason"), [("client", CLIENT_RESET), ("backend", BACKEND_RESET)], ids=str
 )
-async def test_a_reset_closes_the_other_side(splice: bool, side: str, reason: str) -> None:
-    async with running_engine(splice=splice) as relay:
+async def test_a_reset_closes_the_other_side(splice: str, side: str, reason: str) -> None:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
         await conn.client.send_all(b"up")
         assert await read_exactly(conn.backend, 2) == b"up"
@@ -466,11 +467,11 @@ async def test_a_reset_closes_the_other_side(splice: bool, side: str, reason: st
     ("side", "reason"), [("client", CLIENT_RESET), ("backend", BACKEND_RESET)], ids=str
 )
 async def test_a_reset_after_a_half_close_still_closes_the_tunnel(
-    splice: bool, side: str, reason: str
+    splice: str, side: str, reason: str
 ) -> None:
     # A side sends EOF, then dies with RST while the other way is quiet: nothing is left to
     # read from it and nothing is being written to it, yet the tunnel must not linger.
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conn = relay.open()
         resetting, other = (
             (conn.client, conn.backend) if side == "client" else (conn.backend, conn.client)
@@ -496,9 +497,9 @@ def patient_clock() -> trio.testing.MockClock:
 
 @pytest.mark.parametrize("splice", MODES)
 async def test_idle_timeout_closes_a_silent_tunnel(
-    splice: bool, patient_clock: trio.testing.MockClock
+    splice: str, patient_clock: trio.testing.MockClock
 ) -> None:
-    async with running_engine(splice=splice, idle_timeout=10.0) as relay:
+    async with running_engine(relay=splice, idle_timeout=10.0) as relay:
         conn = relay.open()
         await conn.client.send_all(b"ping")
         assert await read_exactly(conn.backend, 4) == b"ping"
@@ -513,9 +514,9 @@ async def test_idle_timeout_closes_a_silent_tunnel(
 
 @pytest.mark.parametrize("splice", MODES)
 async def test_activity_either_way_defers_the_idle_timeout(
-    splice: bool, patient_clock: trio.testing.MockClock
+    splice: str, patient_clock: trio.testing.MockClock
 ) -> None:
-    async with running_engine(splice=splice, idle_timeout=10.0, guard=120.0) as relay:
+    async with running_engine(relay=splice, idle_timeout=10.0, guard=120.0) as relay:
         conn = relay.open()
         start = trio.current_time()
         for turn in range(6):
@@ -535,9 +536,9 @@ async def test_activity_either_way_defers_the_idle_timeout(
 
 @pytest.mark.parametrize("splice", MODES)
 async def test_idle_timeout_zero_never_expires(
-    splice: bool, patient_clock: trio.testing.MockClock
+    splice: str, patient_clock: trio.testing.MockClock
 ) -> None:
-    async with running_engine(splice=splice, idle_timeout=0.0, guard=10 * 86400.0) as relay:
+    async with running_engine(relay=splice, idle_timeout=0.0, guard=10 * 86400.0) as relay:
         conn = relay.open()
         await trio.sleep(86400.0)
         assert not conn.closed.is_set()
@@ -551,7 +552,7 @@ async def test_idle_timeout_zero_never_expires(
 @needs_splice
 async def test_pool_exhaustion_falls_back_to_copying_and_loses_nothing() -> None:
     size = 4 * MiB
-    async with running_engine(splice=True, splice_pipes=1) as relay:
+    async with running_engine(relay="splice", splice_pipes=1) as relay:
         # One tunnel whose backend does not read: its way up holds the only pipe.
         stuck = relay.open(buffer=128 * 1024)
         stuck_data = os.urandom(size)
@@ -590,11 +591,11 @@ async def test_pool_exhaustion_falls_back_to_copying_and_loses_nothing() -> None
     [pytest.param(True, 0, id="splice-with-no-pipes"), pytest.param(False, 64, id="copy")],
 )
 async def test_without_pipes_the_engine_copies_and_opens_no_pipe(
-    splice: bool, splice_pipes: int
+    splice: str, splice_pipes: int
 ) -> None:
     size = 2 * MiB
     pipes_before = open_pipes()
-    async with running_engine(splice=splice, splice_pipes=splice_pipes) as relay:
+    async with running_engine(relay=splice, splice_pipes=splice_pipes) as relay:
         conns = [relay.open() for _ in range(3)]
         payloads = [(os.urandom(size), os.urandom(size)) for _ in conns]
         most_pipes = 0
@@ -637,15 +638,15 @@ async def exchange(conn: Conn, size: int) -> None:
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_descriptors_return_to_the_baseline_after_tunnels_close(splice: bool) -> None:
-    async with running_engine(splice=splice, splice_pipes=16) as relay:
+async def test_descriptors_return_to_the_baseline_after_tunnels_close(splice: str) -> None:
+    async with running_engine(relay=splice, splice_pipes=16) as relay:
         baseline = open_fds()
         conns = [relay.open() for _ in range(50)]
         async with trio.open_nursery() as nursery:
             for conn in conns:
                 nursery.start_soon(exchange, conn, 256 * 1024)
         assert open_fds() > baseline
-        if splice:
+        if splice != "copy":
             # Pipes that carried bytes wait in the pool while any tunnel is open.
             assert relay.engine.statistics().pipes_idle > 0
 
@@ -664,10 +665,10 @@ async def test_descriptors_return_to_the_baseline_after_tunnels_close(splice: bo
 
 @pytest.mark.parametrize("splice", MODES)
 async def test_cancelling_the_engine_closes_every_tunnel_with_reason_shutdown(
-    splice: bool,
+    splice: str,
 ) -> None:
     baseline = open_fds()
-    async with running_engine(splice=splice, splice_pipes=16) as relay:
+    async with running_engine(relay=splice, splice_pipes=16) as relay:
         conns = [relay.open(buffer=128 * 1024) for _ in range(20)]
         async with trio.open_nursery() as nursery:
             for conn in conns[:10]:
@@ -680,7 +681,7 @@ async def test_cancelling_the_engine_closes_every_tunnel_with_reason_shutdown(
             for conn in conns[10:]:
                 stuck.start_soon(send_until_broken, conn.client)
             await trio.testing.wait_all_tasks_blocked(cushion=0.02)
-            if splice:
+            if splice == "splice":
                 assert relay.engine.statistics().pipes_in_use > 0
             await relay.stop()
             stuck.cancel_scope.cancel()
@@ -701,9 +702,9 @@ async def test_cancelling_the_engine_closes_every_tunnel_with_reason_shutdown(
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_many_tunnels_echo_at_once(splice: bool) -> None:
+async def test_many_tunnels_echo_at_once(splice: str) -> None:
     tunnels, messages = 200, 5
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         conns = [relay.open() for _ in range(tunnels)]
 
         async def echo(stream: trio.SocketStream) -> None:
@@ -731,12 +732,12 @@ async def test_many_tunnels_echo_at_once(splice: bool) -> None:
 
 @pytest.mark.parametrize("splice", MODES)
 async def test_a_failing_close_callback_does_not_stop_the_engine(
-    splice: bool, caplog: pytest.LogCaptureFixture
+    splice: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     def fail(tunnel: Tunnel) -> None:
         raise RuntimeError("callback bug")
 
-    async with running_engine(splice=splice) as relay:
+    async with running_engine(relay=splice) as relay:
         client_outer, client_inner = tcp_pair()
         backend_inner, backend_outer = tcp_pair()
         client_inner.setblocking(False)
@@ -768,12 +769,12 @@ class _WeakStats(RelayStats):
 
 
 @pytest.mark.parametrize("splice", MODES)
-async def test_closed_tunnels_are_not_kept_alive_until_their_idle_deadline(splice: bool) -> None:
+async def test_closed_tunnels_are_not_kept_alive_until_their_idle_deadline(splice: str) -> None:
     # With the default one-hour idle timeout, closed tunnels (and whatever their callbacks refer
     # to) must not pile up for the rest of the hour: none is left once all are closed.
     owners: list[weakref.ref[_Owner]] = []
     stats: list[weakref.ref[_WeakStats]] = []
-    async with running_engine(splice=splice, idle_timeout=3600.0) as relay:
+    async with running_engine(relay=splice, idle_timeout=3600.0) as relay:
         for _ in range(200):
             client_outer, client_inner = tcp_pair()
             backend_inner, backend_outer = tcp_pair()

@@ -33,7 +33,7 @@ async def serve(
     if server.relay == "splice" and not splice_available():
         raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
     engine = Engine(
-        splice=server.relay != "copy",
+        relay=server.relay,
         splice_pipes=server.splice_pipes,
         idle_timeout=server.idle_timeout,
     )

@@ -29,6 +29,9 @@ class UpgradeRequest:
     """Origin-form target (``/path?query``), even if the client sent absolute form."""
     offered: tuple[str, ...]
     """Upgrade tokens the client offered, lower-case, in its order of preference."""
+    fields: list[tuple[bytes, bytes]]
+    """The headers as (lower-case name, value), listed once: h11's header view is slow to
+    iterate, and a handshake looks headers up a dozen times."""
 
     @property
     def path(self) -> str:
@@ -57,7 +60,7 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
     if request.http_version != b"1.1":
         version = request.http_version.decode("ascii", "replace")
         raise HandshakeError(f"HTTP/{version} cannot upgrade; the tunnel needs HTTP/1.1")
-    raw = request.headers
+    raw = list(request.headers)
     if headers.values(raw, b"transfer-encoding"):
         raise HandshakeError("an upgrade request must not have a body (Transfer-Encoding sent)")
     for length in headers.values(raw, b"content-length"):
@@ -75,7 +78,7 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
     target = request.target.decode("latin-1")
     if not target.startswith("/"):
         target = _origin_form(target, host)
-    return UpgradeRequest(request, host, hostname, target, offered)
+    return UpgradeRequest(request, host, hostname, target, offered, raw)
 
 
 def _origin_form(target: str, host: str) -> str:
@@ -127,7 +130,7 @@ def check_websocket(request: h11.Request) -> str:
 
     Not checked: ``Origin`` (policy's job), subprotocols and extensions (the backend's).
     """
-    raw = request.headers
+    raw = list(request.headers)
     versions = headers.tokens(raw, b"sec-websocket-version")
     if versions != [WEBSOCKET_VERSION]:
         sent = ", ".join(versions) or "none"

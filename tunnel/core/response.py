@@ -28,7 +28,11 @@ def check_switch(response: h11.InformationalResponse, token: str, key: str | Non
 
     Not checked: subprotocol and extensions, which the client verifies end to end.
     """
-    raw = response.headers
+    check_switch_headers(response.headers, token, key)
+
+
+def check_switch_headers(raw: headers.HeaderList, token: str, key: str | None) -> None:
+    """``check_switch`` over a list of (lower-case name, value) pairs."""
     upgrade = headers.tokens(raw, b"upgrade")
     if upgrade != [token]:
         raise BadBackendResponse(

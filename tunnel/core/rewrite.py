@@ -44,6 +44,8 @@ class Forwarding:
 
 
 def is_trusted(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    if not networks:
+        return False
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -62,19 +64,19 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> h11
     ``Sec-WebSocket-*`` headers pass untouched.
     """
     request = upgrade.request
-    named = {name.encode("latin-1") for name in headers.tokens(request.headers, b"connection")}
+    named = {name.encode("latin-1") for name in headers.tokens(upgrade.fields, b"connection")}
     trusted = is_trusted(hop.peer_ip, hop.trusted_proxies)
     dropped = headers.HOP_BY_HOP | named | _REPLACED
     if not trusted:
         dropped |= _UNTRUSTED
     kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
-    client_chain = _forwarded_for(request.headers) if trusted else []
+    client_chain = _forwarded_for(upgrade.fields) if trusted else []
     chain = [*client_chain, hop.peer_ip]
     proto = hop.scheme
     forwarded_host = upgrade.host
     if trusted:
-        proto = _last(request.headers, b"x-forwarded-proto") or proto
-        forwarded_host = _last(request.headers, b"x-forwarded-host") or forwarded_host
+        proto = _last(upgrade.fields, b"x-forwarded-proto") or proto
+        forwarded_host = _last(upgrade.fields, b"x-forwarded-host") or forwarded_host
     real_ip = next(
         (ip for ip in reversed(chain) if not is_trusted(ip, hop.trusted_proxies)), chain[0]
     )

@@ -3,11 +3,13 @@ the backend's reply. Bytes go in, events and bytes to forward come out; no I/O h
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import h11
 
-from tunnel.core.response import check_switch, protocol_error
+from tunnel.core.response import check_switch, check_switch_headers, protocol_error
 from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
 
 
@@ -80,19 +82,26 @@ class BackendReply:
     A 101 is checked against the requested token and key, then forwarded verbatim; any other
     final response is forwarded verbatim, body included, and ends the connection. Interim 1xx
     responses other than 101 are consumed.
+
+    The common case, a well-formed 101 head, is recognised by a strict parser of its own:
+    building h11's client state machine costs more than the rest of the handshake together.
+    Anything else (a refusal, an interim response, bare LF line ends, a malformed line) is
+    handed, from its first byte, to an h11 client connection, which frames bodies and reports
+    protocol errors.
     """
 
     def __init__(
         self, request: h11.Request, token: str, websocket_key: str | None, max_head_bytes: int
     ) -> None:
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        self._request = request
         self._token = token
         self._key = websocket_key
+        self._max_head = max_head_bytes
+        self._head = bytearray()
+        self._conn: h11.Connection | None = None
         self._pending = bytearray()
         self._status: int | None = None
-        self.request_bytes = (self._conn.send(request) or b"") + (
-            self._conn.send(h11.EndOfMessage()) or b""
-        )
+        self.request_bytes = serialize_request(request)
 
     def feed(self, data: bytes) -> ReplyProgress:
         """Feed backend bytes (``b""`` for EOF).
@@ -101,6 +110,36 @@ class BackendReply:
             BadBackendResponse: 502, the reply is not HTTP, the backend closed before a complete
                 head, or the 101 does not match the request.
         """
+        if self._conn is not None:
+            return self._feed_h11(data)
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end >= 0:
+            fields = _clean_switch(bytes(self._head[:end])) if end < self._max_head else None
+            if fields is not None:
+                check_switch_headers(fields, self._token, self._key)
+                self._status = 101
+                head = bytes(self._head[: end + 4])
+                return ReplyProgress(
+                    head, 101, switched=True, leftover=bytes(self._head[end + 4 :])
+                )
+        elif data and b"\n\n" not in self._head and len(self._head) <= self._max_head:
+            return ReplyProgress()
+        return self._hand_to_h11(eof=not data)
+
+    def _hand_to_h11(self, *, eof: bool) -> ReplyProgress:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head)
+        self._conn.send(self._request)
+        self._conn.send(h11.EndOfMessage())
+        received, self._head = bytes(self._head), bytearray()
+        progress = self._feed_h11(received)
+        if not eof or progress.complete or progress.switched:
+            return progress
+        rest = self._feed_h11(b"")
+        return dataclasses.replace(rest, forward=progress.forward + rest.forward)
+
+    def _feed_h11(self, data: bytes) -> ReplyProgress:
+        assert self._conn is not None
         self._pending += data
         self._conn.receive_data(data)
         forward = bytearray()
@@ -140,3 +179,35 @@ class BackendReply:
             forward += chunk
             if isinstance(event, h11.EndOfMessage):
                 return ReplyProgress(bytes(forward), self._status, complete=True)
+
+
+def serialize_request(request: h11.Request) -> bytes:
+    """The request head as h11 would write it (a GET without a body), header case kept.
+
+    Every name and value was validated when the ``h11.Request`` was built.
+    """
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+    lines += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw_items()]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+_STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t -~\x80-\xff]*)?")
+_FIELD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[!-~\x80-\xff](?:[ \t]*[!-~\x80-\xff])*)?)[ \t]*"
+)
+
+
+def _clean_switch(head: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The (lower-case name, value) fields of a well-formed ``HTTP/1.1 101`` head (without its
+    final blank line), or None for anything else, which h11 then judges."""
+    lines = head.split(b"\r\n")
+    if _STATUS_101.fullmatch(lines[0]) is None:
+        return None
+    fields = []
+    for line in lines[1:]:
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            return None
+        fields.append((match[1].lower(), match[2]))
+    return fields

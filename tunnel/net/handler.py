@@ -258,7 +258,15 @@ class Handler:
 async def _read_request(
     sock: socket.socket, head: RequestHead, handshake_timeout: float
 ) -> h11.Request:
+    """The request head; most clients send it before the accept is even seen, so one read is
+    tried before any timer is set up."""
     try:
+        try:
+            request = head.feed(sock.recv(READ_SIZE))
+        except BlockingIOError:
+            request = None
+        if request is not None:
+            return request
         with trio.fail_after(handshake_timeout):
             while True:
                 request = head.feed(await receive_some(sock, READ_SIZE))
