@@ -9,6 +9,7 @@ the idle test.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -228,6 +229,23 @@ def version(name: str, python: str = sys.executable) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO_DIR)
     text = (result.stdout + result.stderr).strip()
     return text.splitlines()[0] if text else f"exit status {result.returncode}"
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=False, cwd=REPO_DIR
+    )
+    return result.stdout.strip()
+
+
+def tunnel_source() -> dict[str, str | bool]:
+    """tunnel's git commit, whether ``tunnel/`` has uncommitted changes, and a fingerprint of
+    those changes (so a session can tell that the code changed while it ran)."""
+    status = _git("status", "--porcelain", "--", "tunnel")
+    diff = _git("diff", "HEAD", "--", "tunnel")
+    commit = _git("rev-parse", "HEAD")
+    fingerprint = hashlib.sha256(f"{commit}\n{status}\n{diff}".encode()).hexdigest()[:16]
+    return {"commit": commit, "dirty": bool(status), "fingerprint": fingerprint}
 
 
 def _log_has(path: Path, needle: str, count: int) -> bool:

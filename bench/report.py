@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -280,15 +279,13 @@ def notes(session: Session) -> list[str]:
             lines.append(
                 f"{peer} logged {c['log_problems']} warning(s)/error(s), e.g.: " + " | ".join(shown)
             )
+    if session.source_at_start and peers.tunnel_source() != session.source_at_start:
+        lines.append(
+            "tunnel/ changed while the session ran (a commit or an edit): processes started "
+            "later (the idle test restarts the proxy) may have run different code."
+        )
     lines += session.notes
     return lines
-
-
-def _git(*args: str) -> str:
-    result = subprocess.run(
-        ["git", *args], capture_output=True, text=True, check=False, cwd=peers.REPO_DIR
-    )
-    return result.stdout.strip()
 
 
 def _cpu_model() -> str:
@@ -302,8 +299,7 @@ def _cpu_model() -> str:
 
 
 def machine(session: Session) -> dict[str, Any]:
-    commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--", "tunnel"))
+    source = peers.tunnel_source()
     names = ["tunnel", *session.options.against]
     return {
         "cpu_model": _cpu_model(),
@@ -312,8 +308,10 @@ def machine(session: Session) -> dict[str, Any]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "compiler": session.binaries.compiler if session.binaries else None,
         "versions": {name: peers.version(name) for name in names},
-        "tunnel_commit": commit,
-        "tunnel_dirty": dirty,
+        "tunnel_commit": session.source_at_start.get("commit", source["commit"]),
+        "tunnel_dirty": session.source_at_start.get("dirty", source["dirty"]),
+        "tunnel_changed_during_run": source != session.source_at_start,
+        "tunnel_source_at_end": source,
         "load_average": os.getloadavg(),
     }
 
@@ -348,6 +346,8 @@ def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
 def to_markdown(session: Session, info: dict[str, Any]) -> str:
     versions = ", ".join(f"{v}" for v in info["versions"].values())
     dirty = " (tunnel/ had uncommitted changes)" if info["tunnel_dirty"] else ""
+    if info["tunnel_changed_during_run"]:
+        dirty += f"; at the end: {info['tunnel_source_at_end']['commit']}"
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(session.started))
     o = session.options
     lines = [

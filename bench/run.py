@@ -57,6 +57,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     binaries: build.Binaries | None = None
     scaling: dict[str, Any] = field(default_factory=dict)
+    source_at_start: dict[str, str | bool] = field(default_factory=dict)
 
 
 @contextmanager
@@ -100,7 +101,7 @@ def _start_peer(
 def run(options: Options, say: Say = say_to_stderr) -> Session:
     """Run the session ``options`` describe; every process started here is stopped on return."""
     plan = options.effective_plan()
-    session = Session(options, plan, time.time())
+    session = Session(options, plan, time.time(), source_at_start=peers.tunnel_source())
     hard = procs.raise_nofile_limit()[1]
     session.binaries = binaries = build.build()
     workdir = Path(tempfile.mkdtemp(prefix="tunnel-bench-"))
