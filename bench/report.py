@@ -237,7 +237,8 @@ def notes(session: Session) -> list[str]:
                 "before) / tunnels, on a freshly started proxy."
             )
     o = session.options
-    lines.append(f"tunnel: relay={o.relay}, workers={o.workers} ({peers.version('tunnel')})")
+    workers = "1 and 2" if o.scaling else str(o.workers)
+    lines.append(f"tunnel: relay={o.relay}, workers={workers} ({peers.version('tunnel')})")
     flagged = sorted(busy(session.samples))
     if flagged:
         pairs = ", ".join(f"{peer} {workload}" for peer, workload in flagged)
