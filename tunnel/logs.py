@@ -63,3 +63,7 @@ def setup_logging(log_format: str, level: int = logging.INFO) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    # Neither format prints them, and each costs a getpid() or more per line.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False

@@ -14,7 +14,7 @@ import trio
 from tunnel.config import BackendConfig, is_ip_address, join_host_port
 from tunnel.errors import BackendTimeout, BackendUnreachable
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.sockio import prepare, send_all
+from tunnel.net.sockio import send_all, stream_socket
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -77,9 +77,8 @@ async def _addresses(backend: BackendConfig, deadline: float) -> list[Address]:
 
 async def _connect_and_send(address: Address, first_bytes: bytes, deadline: float) -> socket.socket:
     family, sockaddr = address
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = stream_socket(family)
     try:
-        prepare(sock)
         error = sock.connect_ex(sockaddr)
         if error not in (0, errno.EINPROGRESS):
             raise OSError(error, os.strerror(error))

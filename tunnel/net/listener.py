@@ -12,7 +12,7 @@ import trio
 
 from tunnel.config import Address, ListenerConfig
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.sockio import prepare
+from tunnel.net.sockio import no_delay
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -141,12 +141,14 @@ async def accept_loop(
     Accepts run on a duplicate of the listening descriptor as a plain socket: one wake-up
     accepts every pending connection, and each arrives as the non-blocking ``socket.socket``
     the handler and the relay engine work with, with no stream object built and thrown away.
+    Accepted sockets inherit ``TCP_NODELAY`` from the listening socket.
     """
     trio_socket = listener.socket
     accepting = socket.socket(
         trio_socket.family, trio_socket.type, trio_socket.proto, fileno=os.dup(trio_socket.fileno())
     )
     accepting.setblocking(False)
+    no_delay(accepting)
     try:
         while True:
             await trio.lowlevel.wait_readable(accepting)
@@ -165,7 +167,7 @@ async def accept_loop(
                     await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                     break
                 try:
-                    prepare(sock)
+                    sock.setblocking(False)
                 except OSError:
                     sock.close()
                     continue

@@ -32,8 +32,15 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-def prepare(sock: socket.socket) -> None:
-    """Make a TCP socket ready for the handler and the engine: non-blocking, no Nagle delay
-    (a WebSocket message must not wait for the ACK of the previous one)."""
-    sock.setblocking(False)
+def no_delay(sock: socket.socket) -> None:
+    """Turn off Nagle's delay: a WebSocket message must not wait for the ACK of the previous
+    one. Set on a listening socket, it is inherited by every accepted connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def stream_socket(family: int) -> socket.socket:
+    """A non-blocking TCP socket without Nagle's delay, made non-blocking at creation."""
+    sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
+    sock.setblocking(False)
+    no_delay(sock)
+    return sock
