@@ -239,6 +239,18 @@ def test_run_on_a_port_in_use_exits_1_with_cannot_listen_on(busy_port: int) -> N
     assert "ExceptionGroup" not in result.output
 
 
+def test_run_with_relay_splice_where_splice_is_missing_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Linux has splice(2); what a machine without it sees is simulated at the one check.
+    monkeypatch.setattr("tunnel.app.splice_available", lambda: False)
+    path = write_config(tmp_path, VALID.replace("[server]", '[server]\nrelay = "splice"'))
+    result = invoke("run", "--config", str(path), "--listen", "127.0.0.1:0")
+    assert result.exit_code == 1
+    assert "configuration error: server.relay: splice(2) is not available here" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_demo_on_a_port_in_use_exits_1_with_cannot_listen_on(busy_port: int) -> None:
     result = invoke("demo", "--once", "--listen", f"127.0.0.1:{busy_port}")
     assert result.exit_code == 1

@@ -167,8 +167,16 @@ async def test_subprotocol_and_permessage_deflate_are_negotiated_end_to_end(
 # 3. Volume -----------------------------------------------------------------------------------
 
 
+RELAY_MODES = ["auto", "splice", "copy"]
+"""``server.relay``: each must carry the same bytes; the engine's own tests go further."""
+
+
 @pytest.mark.slow
-async def test_16_mib_each_way_arrives_identical(tunnel: Tunnel, echo_backend: WsBackend) -> None:
+@pytest.mark.parametrize("relay", RELAY_MODES)
+async def test_16_mib_each_way_arrives_identical(
+    start_tunnel: StartTunnel, echo_backend: WsBackend, relay: str
+) -> None:
+    tunnel = await start_tunnel([echo_backend.url], relay=relay)
     chunks = [os.urandom(4 * 2**20) for _ in range(4)]
 
     def client() -> list[bytes]:
@@ -410,8 +418,9 @@ async def test_client_reset_closes_the_backend_socket(
 # 8. Half-close -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("relay", RELAY_MODES)
 async def test_half_closed_client_still_receives_the_backend_answer(
-    nursery: trio.Nursery, start_tunnel: StartTunnel
+    nursery: trio.Nursery, start_tunnel: StartTunnel, relay: str
 ) -> None:
     async def backend(stream: trio.SocketStream) -> None:
         async with stream:
@@ -421,7 +430,7 @@ async def test_half_closed_client_still_receives_the_backend_answer(
             await stream.send_all(b"|final words after your EOF")
 
     with trio.fail_after(15):
-        tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+        tunnel = await start_tunnel([await start_raw_backend(nursery, backend)], relay=relay)
         client, rest = await open_raw_tunnel(tunnel.port)
         async with client:
             await client.send_all(b"hello, then EOF")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import h11
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tunnel.core.response import websocket_accept
+from tunnel.core.response import check_switch, websocket_accept
 from tunnel.core.session import BackendReply, ClientClosed, RequestHead
 from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
 
@@ -239,3 +241,115 @@ def test_truncated_body_of_a_refusal_is_502() -> None:
     assert not progress.complete
     with pytest.raises(BadBackendResponse, match="malformed reply"):
         reply.feed(b"")
+
+
+# The fast 101 path against h11 as the oracle --------------------------------------------------
+
+FIELD_NAMES = st.sampled_from(
+    [
+        "Upgrade",
+        "upgrade",
+        "UPGRADE",
+        "Connection",
+        "connection",
+        "Sec-WebSocket-Accept",
+        "sec-websocket-accept",
+        "Server",
+        "X-Y",
+        "Bad Name",
+        "Bad:Name",
+        "",
+    ]
+)
+FIELD_VALUES = st.sampled_from(
+    [
+        "websocket",
+        "WebSocket",
+        "h2c",
+        "Upgrade",
+        "upgrade, keep-alive",
+        "keep-alive",
+        websocket_accept(KEY),
+        "wrong",
+        "",
+        " padded ",
+        "a\tb",
+        "caf\xe9",
+        "x\x00y",
+        "x\ry",
+    ]
+)
+FIELD_SEPARATORS = st.sampled_from([": ", ":", ":  ", ": \t", " : "])
+STATUS_LINES = st.sampled_from(
+    [
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 101 Switching Protocols",
+        "HTTP/1.1 101",
+        "HTTP/1.1 101 ",
+        "HTTP/1.0 101 x",
+        "HTTP/1.1 1010 x",
+        "http/1.1 101 x",
+        "HTTP/1.1 200 OK",
+        "HTTP/1.1 101 Sw\x01",
+    ]
+)
+LINE_ENDS = st.sampled_from(["\r\n", "\r\n", "\r\n", "\n"])
+
+
+@st.composite
+def reply_heads(draw: st.DrawFn) -> bytes:
+    """A backend reply head, usually a plausible 101, sometimes slightly broken."""
+    end = draw(LINE_ENDS)
+    fields = [
+        draw(FIELD_NAMES) + draw(FIELD_SEPARATORS) + draw(FIELD_VALUES)
+        for _ in range(draw(st.integers(min_value=0, max_value=4)))
+    ]
+    if draw(st.booleans()):
+        fields += [
+            draw(st.sampled_from(["Upgrade", "upgrade"])) + draw(FIELD_SEPARATORS) + "websocket",
+            draw(st.sampled_from(["Connection", "CONNECTION"]))
+            + draw(FIELD_SEPARATORS)
+            + draw(st.sampled_from(["Upgrade", "keep-alive, upgrade"])),
+            "Sec-WebSocket-Accept" + draw(FIELD_SEPARATORS) + websocket_accept(KEY),
+        ]
+    lines = [draw(STATUS_LINES), *draw(st.permutations(fields))]
+    return (end.join(lines) + end + end).encode("latin-1")
+
+
+def h11_verdict(head: bytes) -> bool | None:
+    """True when h11 reads ``head`` as a 101 that passes ``check_switch``, False when it reads
+    a 101 that fails the check, None when it does not read a valid 101 at all."""
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+    conn.send(upgrade_request())
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
+        return None
+    try:
+        check_switch(event, "websocket", KEY)
+    except BadBackendResponse:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(head=reply_heads(), tail=st.binary(max_size=8))
+def test_a_101_is_judged_as_h11_judges_it(head: bytes, tail: bytes) -> None:
+    verdict = h11_verdict(head)
+    reply = BackendReply(upgrade_request(), "websocket", KEY, 64 * 1024)
+    try:
+        progress = reply.feed(head + tail)
+    except BadBackendResponse:
+        assert verdict is not True, "a 101 that h11 accepts was refused"
+        return
+    if progress.switched:
+        assert verdict is True, "a reply that h11 does not accept as a 101 opened a tunnel"
+        assert progress.forward == head
+        assert progress.leftover == tail
+    else:
+        assert verdict is None

@@ -138,6 +138,8 @@ def _serve_in_this_process(
         trio.run(partial(_run_until_signal, config, reuse_port=reuse_port, lifeline=lifeline))
     except* ListenError as group:
         _fail(_listen_failure(group))
+    except* ConfigError as group:
+        _fail(f"configuration error: {group.exceptions[0]}")
     except* KeyboardInterrupt:
         pass
 
@@ -208,6 +210,8 @@ def demo(listen: str, once: bool) -> None:
         ok = trio.run(lambda: run_demo(address, once=once, report=click.echo))
     except* ListenError as group:
         _fail(_listen_failure(group))
+    except* ConfigError as group:
+        _fail(f"configuration error: {group.exceptions[0]}")
     except* KeyboardInterrupt:
         pass
     if not ok:
