@@ -329,6 +329,12 @@ BAD = [
         "routes[0].backends",
         "unique",
     ),
+    (
+        "backend-path-space",
+        doc(backends='[{ url = "ws://h:1/a b" }]'),
+        "routes[0].backends[0].url",
+        "percent-encode it",
+    ),
     ("route-unknown-key", doc(route='auth = "x"'), "routes[0].auth", "unknown key"),
     (
         "route-wildcard-host",

@@ -184,6 +184,7 @@ def test_client_bytes_parse_or_raise_a_documented_error(
         # Whatever passes validation can be rewritten and sent to a backend.
         hop = Forwarding(peer_ip="192.0.2.1", path_prefix="/", backend_path="/b/")
         rewritten = rewrite_request(upgrade, token, hop)
+        assert h11.Connection(h11.CLIENT).send(rewritten.to_h11()) == rewritten.to_bytes()
         assert BackendReply(rewritten, token, key, LIMIT).request_bytes.startswith(b"GET /b/")
 
 

@@ -9,7 +9,7 @@ import h11
 import pytest
 
 from tunnel.core.handshake import UpgradeRequest, validate_request
-from tunnel.core.rewrite import Forwarding, rewrite_request
+from tunnel.core.rewrite import Forwarding, ForwardRequest, rewrite_request
 from tunnel.core.session import BackendReply, RequestHead
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -40,12 +40,12 @@ def rewrite(
     extra: Sequence[tuple[str, str]] = (),
     hop: Forwarding = UNTRUSTED,
     target: str = "/chat?room=1",
-) -> h11.Request:
+) -> ForwardRequest:
     return rewrite_request(upgrade_of(extra, target), "websocket", hop)
 
 
-def raw(request: h11.Request) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
+def raw(request: ForwardRequest) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.fields]
 
 
 def get_all(request: h11.Request, name: str) -> list[str]:
@@ -224,3 +224,6 @@ def test_rewritten_request_is_a_valid_h11_upgrade() -> None:
     assert out.http_version == b"1.1"
     reply = BackendReply(out, "websocket", KEY, 64 * 1024)
     assert reply.request_bytes.endswith(b"\r\n\r\n")
+    # What the tunnel writes is what h11 itself would write for the same request.
+    conn = h11.Connection(h11.CLIENT)
+    assert conn.send(out.to_h11()) == reply.request_bytes

@@ -145,6 +145,11 @@ class BackendConfig:
         if not host:
             raise ConfigError(key, f"{url!r} names no host")
         path = parts.path if parts.path not in ("", "/") else ""
+        if any(not "!" <= c <= "~" for c in path):
+            raise ConfigError(
+                key,
+                f"{url!r}: the path has a space or a character outside ASCII; percent-encode it",
+            )
         return cls(name or join_host_port(host, port), host, port, path)
 
     @property

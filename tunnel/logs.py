@@ -21,7 +21,7 @@ def fields(**values: Any) -> dict[str, Any]:
 
 def _quote(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' "='):
+    if not text or " " in text or '"' in text or "=" in text:
         return json.dumps(text)
     return text
 
@@ -29,8 +29,21 @@ def _quote(value: Any) -> str:
 class TextFormatter(logging.Formatter):
     """``2026-11-23T13:40:00Z info tunnel closed client=1.2.3.4:5 reason="client EOF"``"""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, created: float) -> str:
+        """The UTC stamp, formatted once per second: a busy tunnel logs thousands a second."""
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            self._second = second
+        return self._stamp
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        stamp = self._time(record.created)
         values: dict[str, Any] = getattr(record, "fields", {})
         parts = [stamp, record.levelname.lower(), record.getMessage()]
         parts += [f"{key}={_quote(value)}" for key, value in values.items()]

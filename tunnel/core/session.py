@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import h11
 
 from tunnel.core.response import check_switch, check_switch_headers, protocol_error
+from tunnel.core.rewrite import ForwardRequest
 from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
 
 
@@ -91,8 +92,14 @@ class BackendReply:
     """
 
     def __init__(
-        self, request: h11.Request, token: str, websocket_key: str | None, max_head_bytes: int
+        self,
+        request: ForwardRequest | h11.Request,
+        token: str,
+        websocket_key: str | None,
+        max_head_bytes: int,
     ) -> None:
+        if isinstance(request, h11.Request):
+            request = ForwardRequest.from_h11(request)
         self._request = request
         self._token = token
         self._key = websocket_key
@@ -101,7 +108,7 @@ class BackendReply:
         self._conn: h11.Connection | None = None
         self._pending = bytearray()
         self._status: int | None = None
-        self.request_bytes = serialize_request(request)
+        self.request_bytes = request.to_bytes()
 
     def feed(self, data: bytes) -> ReplyProgress:
         """Feed backend bytes (``b""`` for EOF).
@@ -129,7 +136,7 @@ class BackendReply:
 
     def _hand_to_h11(self, *, eof: bool) -> ReplyProgress:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head)
-        self._conn.send(self._request)
+        self._conn.send(self._request.to_h11())
         self._conn.send(h11.EndOfMessage())
         received, self._head = bytes(self._head), bytearray()
         progress = self._feed_h11(received)
@@ -179,17 +186,6 @@ class BackendReply:
             forward += chunk
             if isinstance(event, h11.EndOfMessage):
                 return ReplyProgress(bytes(forward), self._status, complete=True)
-
-
-def serialize_request(request: h11.Request) -> bytes:
-    """The request head as h11 would write it (a GET without a body), header case kept.
-
-    Every name and value was validated when the ``h11.Request`` was built.
-    """
-    lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
-    lines += [b"%s: %s\r\n" % (name, value) for name, value in request.headers.raw_items()]
-    lines.append(b"\r\n")
-    return b"".join(lines)
 
 
 _STATUS_101 = re.compile(rb"HTTP/1\.1 101(?: [\t -~\x80-\xff]*)?")

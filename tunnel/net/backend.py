@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -59,9 +60,17 @@ async def connect(
     raise BackendUnreachable(f"backend {describe(backend)} refused or unreachable: {reason}")
 
 
+@functools.lru_cache(maxsize=1024)
+def _numeric_family(host: str) -> int | None:
+    """The address family of a numeric host, None for a name; cached, as backends repeat."""
+    if not is_ip_address(host):
+        return None
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 async def _addresses(backend: BackendConfig, deadline: float) -> list[Address]:
-    if is_ip_address(backend.host):
-        family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
+    family = _numeric_family(backend.host)
+    if family is not None:
         return [(family, (backend.host, backend.port))]
     try:
         with trio.fail_at(deadline):
