@@ -32,14 +32,15 @@ async def serve(
     server = config.server
     if server.relay == "splice" and not splice_available():
         raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
-    engine = Engine(
-        relay=server.relay,
-        splice_pipes=server.splice_pipes,
-        idle_timeout=server.idle_timeout,
-    )
-    handler = Handler(config, engine=engine)
     listeners = await open_listeners(config.listeners, reuse_port=reuse_port)
     try:
+        # Made once the ports are bound: its epoll descriptor lives until engine.run ends.
+        engine = Engine(
+            relay=server.relay,
+            splice_pipes=server.splice_pipes,
+            idle_timeout=server.idle_timeout,
+        )
+        handler = Handler(config, engine=engine)
         async with trio.open_nursery() as connections:
             await connections.start(engine.run)
             for listener in listeners:

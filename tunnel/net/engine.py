@@ -128,6 +128,11 @@ class PipePool:
         self.granted = granted
         return read_fd, write_fd, granted
 
+    @property
+    def idle(self) -> int:
+        """Empty pipes kept for reuse."""
+        return len(self._idle)
+
     def release(self, pipe: Pipe) -> None:
         """Give back an empty pipe."""
         self.in_use -= 1
@@ -258,7 +263,7 @@ class Engine:
         return EngineStatistics(
             tunnels=len(self._tunnels),
             pipes_in_use=self.pipes.in_use,
-            pipes_idle=len(self.pipes._idle),
+            pipes_idle=self.pipes.idle,
             pipe_size=self.pipes.granted,
             splice_fallbacks=self.pipes.fallbacks,
         )

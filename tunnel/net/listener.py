@@ -55,13 +55,7 @@ async def _open(address: Address) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(address.port, host=address.host or None)
     except OSError as exc:
-        hint = {
-            errno.EADDRINUSE: "another process holds this port; stop it or pick another port",
-            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
-            errno.EADDRNOTAVAIL: "this machine has no such address",
-        }.get(exc.errno or 0, "")
-        message = f"cannot listen on {address}: {exc.strerror or exc}"
-        raise ListenError(exc.errno or 0, f"{message}{'; ' + hint if hint else ''}") from exc
+        raise listen_error(address, exc) from exc
 
 
 LISTEN_BACKLOG = 0xFFFF
