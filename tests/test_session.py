@@ -353,3 +353,95 @@ def test_a_101_is_judged_as_h11_judges_it(head: bytes, tail: bytes) -> None:
         assert progress.leftover == tail
     else:
         assert verdict is None
+
+
+# The fast request path against h11 as the oracle ----------------------------------------------
+
+REQUEST_LINES = st.sampled_from(
+    [
+        "GET /chat HTTP/1.1",
+        "GET /chat HTTP/1.1",
+        "GET /a?b=c&d HTTP/1.1",
+        "GET http://chat.example.com/x HTTP/1.1",
+        "GET  /chat HTTP/1.1",
+        "GET /chat HTTP/1.0",
+        "GET /ch at HTTP/1.1",
+        "get /chat HTTP/1.1",
+        "POST /chat HTTP/1.1",
+        "GET /chat\x00 HTTP/1.1",
+        "GET /caf\xe9 HTTP/1.1",
+    ]
+)
+REQUEST_FIELDS = st.sampled_from(
+    [
+        "Host: chat.example.com",
+        "host:chat.example.com",
+        "Host: other.example.com",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {KEY}",
+        "Sec-WebSocket-Version: 13",
+        "Content-Length: 0",
+        "Content-Length: 5",
+        "Content-Length: x",
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: gzip",
+        "X-Empty:",
+        "X-Spaces:   a b   ",
+        "X-Tab:\tv",
+        " obs-fold",
+        "No-Colon",
+        "Bad Name: v",
+        "X-Ctl: a\x01b",
+        "X-Latin: caf\xe9",
+    ]
+)
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    end = draw(LINE_ENDS)
+    fields = draw(st.lists(REQUEST_FIELDS, max_size=7))
+    if draw(st.booleans()):
+        fields = ["Host: chat.example.com", *fields]
+    lines = [draw(REQUEST_LINES), *fields]
+    return (end.join(lines) + end + end).encode("latin-1")
+
+
+def h11_request(data: bytes) -> h11.Request | type[h11.RemoteProtocolError] | None:
+    """What h11 alone makes of ``data``: the request, the error class, or None (needs more)."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return h11.RemoteProtocolError
+    return event if isinstance(event, h11.Request) else None
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=request_heads(), tail=st.binary(max_size=8))
+def test_a_request_head_is_read_as_h11_reads_it(head: bytes, tail: bytes) -> None:
+    expected = h11_request(head + tail)
+    reader = RequestHead(64 * 1024)
+    try:
+        request = reader.feed(head + tail)
+    except HandshakeError:
+        assert expected is h11.RemoteProtocolError, "a head that h11 accepts was refused"
+        return
+    assert isinstance(expected, h11.Request), "a head that h11 refuses was accepted"
+    assert request is not None
+    assert (request.method, request.target, request.http_version) == (
+        expected.method,
+        expected.target,
+        expected.http_version,
+    )
+    assert request.headers.raw_items() == expected.headers.raw_items()
+    assert reader.leftover == tail
+
+
+def test_a_head_ending_in_lf_then_crlf_is_read_at_once() -> None:
+    # h11 accepts mixed line ends; waiting for a CRLF CRLF that never comes would stall to 408.
+    request = RequestHead(LIMIT).feed(b"GET /chat HTTP/1.1\r\nHost: a\n\r\n")
+    assert request is not None
+    assert request.target == b"/chat"
