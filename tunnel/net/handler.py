@@ -230,9 +230,12 @@ class Handler:
             ),
         )
         try:
-            with trio.fail_after(self.config.server.response_timeout):
+            timeout = self.config.server.response_timeout
+            with trio.fail_after(timeout):
                 await send_all(sock, progress.forward)
-                while not progress.complete:
+            while not progress.complete:
+                # Each step is bounded, not the whole body: a large refusal may take a while.
+                with trio.fail_after(timeout):
                     progress = reply.feed(await receive_some(backend_sock, READ_SIZE))
                     await send_all(sock, progress.forward)
         except (TunnelError, OSError, trio.TooSlowError):
