@@ -375,7 +375,9 @@ class Engine:
         again, self._again = self._again, []
         for flow in again:
             entry = self._by_fd.get(flow.src_fd)
-            if entry is None or entry[2].closed or not flow.ready:
+            # The flow's tunnel may have closed since it was queued, and its descriptor number
+            # may already belong to a tunnel adopted meanwhile: only the same flow is pumped.
+            if entry is None or entry[0] is not flow or not flow.ready:
                 continue
             try:
                 self._pump(flow)
