@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import resource
 import socket
 import struct
 import time
@@ -578,3 +579,40 @@ async def test_idle_timeout_closes_a_silent_tunnel(
     assert answer == "one message, then silence"
     assert outcome == "ConnectionClosedError"  # no close frame: the proxy cut TCP
     assert 0.8 <= silent_for < 3.0
+
+
+# 13. Out of descriptors ----------------------------------------------------------------------
+
+
+async def test_out_of_descriptors_the_listener_backs_off_then_serves_the_waiting_clients(
+    nursery: trio.Nursery, start_tunnel: StartTunnel, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            await accept_upgrade(stream)
+            while data := await stream.receive_some(16384):
+                await stream.send_all(data)
+
+    tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+    # The clients' sockets exist before the limit drops: connecting them takes no descriptor.
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(4)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        for client in clients:
+            client.connect((LOOPBACK, tunnel.port))
+        with trio.fail_after(10):
+            while "accept failed; out of file descriptors" not in caplog.text:
+                await trio.sleep(0.01)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # Descriptors are back: every waiting client gets its tunnel, and it works.
+    with trio.fail_after(10):
+        for client in clients:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
+            async with stream:
+                await stream.send_all(upgrade_request(f"{LOOPBACK}:{tunnel.port}"))
+                head, rest = await read_head(stream)
+                assert_switching(head, KEY)
+                await stream.send_all(b"still serving")
+                assert await read_exactly(stream, 13, rest) == b"still serving"

@@ -18,6 +18,20 @@ log = logging.getLogger(LOGGER_NAME)
 
 # Accept errors that mean "out of descriptors or memory": wait and retry instead of dying.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Accept errors that belong to one connection that is already gone (it was reset before the
+# accept, or a pending network error came with it): skip it and accept the next (accept(2)).
+_CONNECTION_ERRNOS = {
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.EPERM,
+    errno.ENETDOWN,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETUNREACH,
+}
 ACCEPT_BACKOFF_SECONDS = 0.1
 
 
@@ -152,6 +166,8 @@ async def accept_loop(
                 except BlockingIOError:
                     break
                 except OSError as exc:
+                    if exc.errno in _CONNECTION_ERRNOS:
+                        continue
                     if exc.errno not in _RESOURCE_ERRNOS:
                         raise
                     log.error(
