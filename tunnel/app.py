@@ -28,6 +28,9 @@ async def serve(
     accept connections (port 0 is resolved in ``listener.socket.getsockname()``).
     ``reuse_port`` lets several processes listen on the same ports (the workers of
     ``tunnel.supervisor.run_workers``); see ``open_listeners``.
+
+    This is one process, whatever ``server.workers`` says: ``run_workers(config)`` is the
+    entry point that starts a supervisor and that many processes.
     """
     server = config.server
     if server.relay == "splice" and not splice_available():
