@@ -102,6 +102,15 @@ async def accept_upgrade(stream: trio.SocketStream, extra: bytes = b"") -> bytes
     return rest
 
 
+async def echo_after_upgrade(stream: trio.SocketStream, then: bytes = b"") -> None:
+    """Backend side: accept the upgrade, echo raw bytes until EOF, then send ``then``."""
+    async with stream:
+        await accept_upgrade(stream)
+        while data := await stream.receive_some(16384):
+            await stream.send_all(data)
+        await stream.send_all(then)
+
+
 async def open_raw_tunnel(port: int, leftover: bytes = b"") -> tuple[trio.SocketStream, bytes]:
     """Client side: send the upgrade (plus ``leftover`` in the same write), expect the 101;
     return the stream and the bytes received after the 101 head."""
@@ -423,13 +432,7 @@ async def test_client_reset_closes_the_backend_socket(
 async def test_half_closed_client_still_receives_the_backend_answer(
     nursery: trio.Nursery, start_tunnel: StartTunnel, relay: str
 ) -> None:
-    async def backend(stream: trio.SocketStream) -> None:
-        async with stream:
-            await accept_upgrade(stream)
-            while data := await stream.receive_some(16384):
-                await stream.send_all(data)
-            await stream.send_all(b"|final words after your EOF")
-
+    backend = partial(echo_after_upgrade, then=b"|final words after your EOF")
     with trio.fail_after(15):
         tunnel = await start_tunnel([await start_raw_backend(nursery, backend)], relay=relay)
         client, rest = await open_raw_tunnel(tunnel.port)
@@ -587,13 +590,7 @@ async def test_idle_timeout_closes_a_silent_tunnel(
 async def test_out_of_descriptors_the_listener_backs_off_then_serves_the_waiting_clients(
     nursery: trio.Nursery, start_tunnel: StartTunnel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def backend(stream: trio.SocketStream) -> None:
-        async with stream:
-            await accept_upgrade(stream)
-            while data := await stream.receive_some(16384):
-                await stream.send_all(data)
-
-    tunnel = await start_tunnel([await start_raw_backend(nursery, backend)])
+    tunnel = await start_tunnel([await start_raw_backend(nursery, echo_after_upgrade)])
     # The clients' sockets exist before the limit drops: connecting them takes no descriptor.
     clients = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(4)]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
