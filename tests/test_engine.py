@@ -795,3 +795,17 @@ async def test_closed_tunnels_are_not_kept_alive_until_their_idle_deadline(splic
         alive_owners = sum(ref() is not None for ref in owners)
         alive_stats = sum(ref() is not None for ref in stats)
         assert (alive_owners, alive_stats) == (0, 0), "closed tunnels still referenced"
+
+
+@needs_splice
+async def test_auto_copies_messages_and_splices_bulk() -> None:
+    async with running_engine(relay="auto") as relay:
+        conn = relay.open()
+        for _ in range(50):
+            await conn.client.send_all(b"m" * 64)
+            assert await read_exactly(conn.backend, 64) == b"m" * 64
+        stats = relay.engine.statistics()
+        assert (stats.pipes_in_use, stats.pipes_idle) == (0, 0), "a message took a pipe"
+
+        await exchange(conn, 8 * MiB)
+        assert relay.engine.statistics().pipes_idle > 0, "bulk never went through a pipe"
