@@ -113,14 +113,9 @@ def _clean_request(head: bytes) -> h11.Request | None:
     for anything else, which h11 then judges from the first byte."""
     lines = head.split(b"\r\n")
     line = _REQUEST_LINE.fullmatch(lines[0])
-    if line is None:
+    fields = _clean_fields(lines[1:])
+    if line is None or fields is None:
         return None
-    fields = []
-    for text in lines[1:]:
-        match = _FIELD.fullmatch(text)
-        if match is None:
-            return None
-        fields.append((match[1], match[2]))
     try:
         return h11.Request(method=b"GET", target=line[1], headers=fields, http_version=b"1.1")
     except h11.LocalProtocolError:
@@ -263,12 +258,18 @@ def _clean_switch(head: bytes) -> list[tuple[bytes, bytes]] | None:
     """The (lower-case name, value) fields of a well-formed ``HTTP/1.1 101`` head (without its
     final blank line), or None for anything else, which h11 then judges."""
     lines = head.split(b"\r\n")
-    if _STATUS_101.fullmatch(lines[0]) is None:
+    fields = _clean_fields(lines[1:])
+    if _STATUS_101.fullmatch(lines[0]) is None or fields is None:
         return None
+    return [(name.lower(), value) for name, value in fields]
+
+
+def _clean_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]] | None:
+    """(name as sent, value) of each ``name: value`` line, or None if any line is not one."""
     fields = []
-    for line in lines[1:]:
+    for line in lines:
         match = _FIELD.fullmatch(line)
         if match is None:
             return None
-        fields.append((match[1].lower(), match[2]))
+        fields.append((match[1], match[2]))
     return fields
