@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -134,8 +136,16 @@ def worker(number: int, lifeline: int | None) -> None:
 def _serve_in_this_process(
     config: Config, *, reuse_port: bool = False, lifeline: int | None = None
 ) -> None:
-    try:
+    with _exit_on_startup_errors():
         trio.run(partial(_run_until_signal, config, reuse_port=reuse_port, lifeline=lifeline))
+
+
+@contextmanager
+def _exit_on_startup_errors() -> Iterator[None]:
+    """Around ``trio.run``: a port that cannot be bound or a configuration the running system
+    refuses exits 1 with its message, not a traceback; Ctrl-C is a normal way to stop."""
+    try:
+        yield
     except* ListenError as group:
         _fail(_listen_failure(group))
     except* ConfigError as group:
@@ -206,13 +216,7 @@ def demo(listen: str, once: bool) -> None:
         return
     setup_logging("text")
     ok = True  # Ctrl-C while serving is a normal way to stop the demo
-    try:
+    with _exit_on_startup_errors():
         ok = trio.run(lambda: run_demo(address, once=once, report=click.echo))
-    except* ListenError as group:
-        _fail(_listen_failure(group))
-    except* ConfigError as group:
-        _fail(f"configuration error: {group.exceptions[0]}")
-    except* KeyboardInterrupt:
-        pass
     if not ok:
         sys.exit(1)
