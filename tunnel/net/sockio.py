@@ -40,7 +40,9 @@ def no_delay(sock: socket.socket) -> None:
 
 def stream_socket(family: int) -> socket.socket:
     """A non-blocking TCP socket without Nagle's delay, made non-blocking at creation."""
-    sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
-    sock.setblocking(False)
+    nonblocking = getattr(socket, "SOCK_NONBLOCK", 0)
+    sock = socket.socket(family, socket.SOCK_STREAM | nonblocking)
+    if not nonblocking:  # SOCK_NONBLOCK already gave Python's timeout 0 without an ioctl
+        sock.setblocking(False)
     no_delay(sock)
     return sock
