@@ -21,6 +21,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "config.py": IO_MODULES | {"tunnel.core", "tunnel.net", "tunnel.app", "tunnel.cli"},
     "logs.py": IO_MODULES | {"tunnel.core", "tunnel.net", "tunnel.app", "tunnel.cli"},
     "net/": {"tunnel.app", "tunnel.cli", "click"},
+    # L2 beside net/: making certificates is synchronous cryptography work, so no trio either.
+    "certs.py": {"tunnel.app", "tunnel.cli", "click", "trio"},
     "app.py": {"tunnel.cli", "click"},
     # L3 beside app.py: the supervisor of workers = N is plain os/signal/subprocess, no trio.
     "supervisor.py": {"tunnel.cli", "click", "trio", "tunnel.app"},
@@ -72,3 +74,5 @@ def test_rules_catch_a_forbidden_import() -> None:
         "core/handshake.py imports trio (layer rule: no trio)"
     ]
     assert _violations("core/handshake.py", {"h11", "tunnel.errors"}) == []
+    assert _violations("certs.py", {"cryptography.x509", "tunnel.errors"}) == []
+    assert _violations("certs.py", {"trio"}) == ["certs.py imports trio (layer rule: no trio)"]
