@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -398,11 +398,8 @@ def config_toml(backend_url: str, listener: str = "") -> str:
 
 async def start_tunnel(nursery: trio.Nursery, config: Config) -> int:
     """Serve the tunnel in ``nursery``; return its first listener's port."""
-    listeners: list[Any] = await nursery.start(serve, config)
-    listener = listeners[0]
-    # A TLS listener wraps the socket listener (trio.SSLListener.transport_listener).
-    listener = getattr(listener, "transport_listener", listener)
-    port: int = listener.socket.getsockname()[1]
+    listeners: list[trio.SocketListener] = await nursery.start(serve, config)
+    port: int = listeners[0].socket.getsockname()[1]
     return port
 
 
