@@ -3,23 +3,51 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import trio
 
 from tunnel.config import Config
+from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.engine import Engine, splice_available
-from tunnel.net.handler import Handler
-from tunnel.net.listener import accept_loop, bound_address, open_listeners
+from tunnel.net.handler import Entry, Handler
+from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
+from tunnel.net.tls import ServerTLS, client_context
 
 log = logging.getLogger(LOGGER_NAME)
+
+
+class Control:
+    """Asks a running ``serve`` to act: pass one in, then call it from anywhere in the same
+    trio run (the CLI calls ``reload_certificates`` on SIGHUP)."""
+
+    def __init__(self) -> None:
+        self.certificates: list[ServerTLS] = []
+
+    def reload_certificates(self) -> int:
+        """Load every TLS listener's files again; the number of listeners now on new ones.
+        Open tunnels are untouched; a pair that fails to load keeps the old one (logged)."""
+        return sum(tls.reload(force=True) for tls in self.certificates)
+
+
+def check_tls(config: Config) -> None:
+    """Load every certificate, key and CA file the configuration names, as ``serve`` would;
+    ``tunnel check`` calls it. Raises ``ConfigError`` naming the key and the file."""
+    for i, listener in enumerate(config.listeners):
+        if listener.tls is not None:
+            ServerTLS(listener.tls, f"listeners[{i}].tls")
+    for i, route in enumerate(config.routes):
+        if any(backend.tls for backend in route.backends):
+            client_context(route.backend_tls, f"routes[{i}].backend_tls")
 
 
 async def serve(
     config: Config,
     *,
     reuse_port: bool = False,
+    control: Control | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until cancelled.
@@ -31,12 +59,23 @@ async def serve(
 
     This is one process, whatever ``server.workers`` says: ``run_workers(config)`` is the
     entry point that starts a supervisor and that many processes.
+
+    TLS certificates and keys are loaded before any port is bound (``ConfigError`` when one
+    cannot be); ``control`` lets the caller reload them.
     """
     server = config.server
     if server.relay == "splice" and not splice_available():
         raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
-    listeners = await open_listeners(config.listeners, reuse_port=reuse_port)
+    certificates = [
+        ServerTLS(listener.tls, f"listeners[{i}].tls") if listener.tls is not None else None
+        for i, listener in enumerate(config.listeners)
+    ]
+    if control is not None:
+        control.certificates = [tls for tls in certificates if tls is not None]
+    groups = await open_listener_groups(config.listeners, reuse_port=reuse_port)
+    listeners = [listener for group in groups for listener in group]
     try:
+        entries = _entries(config, groups, certificates)
         # Made once the ports are bound: its epoll descriptor lives until engine.run ends.
         engine = Engine(
             relay=server.relay,
@@ -54,9 +93,46 @@ async def serve(
                         routes=",".join(route.name for route in config.routes),
                     ),
                 )
-                connections.start_soon(accept_loop, listener, handler, connections)
+            for group, entry in zip(groups, entries, strict=True):
+                for listener in group:
+                    connections.start_soon(
+                        accept_loop, listener, partial(handler, entry=entry), connections
+                    )
+            watched = [tls for tls in certificates if tls is not None]
+            if watched and server.cert_check_interval > 0:
+                connections.start_soon(_watch_certificates, watched, server.cert_check_interval)
             task_status.started(listeners)
     finally:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
+
+
+def _entries(
+    config: Config,
+    groups: list[list[trio.SocketListener]],
+    certificates: list[ServerTLS | None],
+) -> list[Entry]:
+    """One entry per listener. A ``redirect_https`` listener sends clients to the port of the
+    first TLS listener, or to 443 when TLS is terminated elsewhere (a load balancer)."""
+    https_port = next(
+        (
+            group[0].socket.getsockname()[1]
+            for group, tls in zip(groups, certificates, strict=True)
+            if tls is not None
+        ),
+        HTTPS_PORT,
+    )
+    return [
+        Entry(tls=tls, redirect_port=https_port if settings.redirect_https else None)
+        for settings, tls in zip(config.listeners, certificates, strict=True)
+    ]
+
+
+async def _watch_certificates(certificates: list[ServerTLS], interval: float) -> None:
+    """Reload a listener's certificates when its files' contents change. Files are read in a
+    thread: a slow disk must not stall the relay."""
+    while True:
+        await trio.sleep(interval)
+        for tls in certificates:
+            await trio.to_thread.run_sync(partial(tls.reload, force=False))

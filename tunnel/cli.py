@@ -14,7 +14,7 @@ import click
 import trio
 
 from tunnel._version import __version__
-from tunnel.app import serve
+from tunnel.app import Control, check_tls, serve
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
@@ -84,21 +84,42 @@ def main() -> None:
     metavar="N",
     help="Processes sharing the listening ports (default 1, or the file's server.workers).",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="PEM",
+    help="Certificate chain: every listener serves TLS (wss://) with it. Needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="PEM",
+    help="Private key of --tls-cert.",
+)
 def run(
     config_file: Path | None,
     listen: tuple[str, ...],
     backend: tuple[str, ...],
     log_format: str | None,
     workers: int | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the tunnel until interrupted (Ctrl-C or SIGTERM).
 
-    SIGHUP is logged and never stops it. With more than one worker this process supervises
-    the workers (see docs/operations.md).
+    SIGHUP reloads TLS certificates and never stops it. With more than one worker this process
+    supervises the workers (see docs/operations.md).
     """
     try:
         config = _load(config_file).with_overrides(
-            listen=listen, backends=backend, log_format=log_format, workers=workers
+            listen=listen,
+            backends=backend,
+            log_format=log_format,
+            workers=workers,
+            tls_cert=None if tls_cert is None else str(tls_cert),
+            tls_key=None if tls_key is None else str(tls_key),
         )
     except ConfigError as error:
         _fail(f"configuration error: {error}")
@@ -161,13 +182,17 @@ async def _run_until_signal(config: Config, *, reuse_port: bool, lifeline: int |
             # A worker starts with these signals blocked, so that none arriving before this
             # receiver existed killed it; the receiver now holds any that are pending.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            await nursery.start(partial(serve, config, reuse_port=reuse_port))
+            control = Control()
+            await nursery.start(partial(serve, config, reuse_port=reuse_port, control=control))
             if lifeline is not None:
                 nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    # The TLS work makes SIGHUP reload certificates; until then it changes nothing.
-                    log.info("SIGHUP received; nothing to reload yet, still serving")
+                    if control.certificates:
+                        log.info("SIGHUP received; reloading TLS certificates")
+                        control.reload_certificates()
+                    else:
+                        log.info("SIGHUP received; no TLS listener to reload, still serving")
                     continue
                 nursery.cancel_scope.cancel()
                 break
@@ -188,9 +213,11 @@ async def _stop_when_supervisor_exits(lifeline: int, scope: trio.CancelScope) ->
     help="TOML file to check.",
 )
 def check(config_file: Path) -> None:
-    """Validate a configuration file and print the effective configuration."""
+    """Validate a configuration file (TLS files are loaded too) and print the effective
+    configuration."""
     try:
         config = Config.from_file(config_file)
+        check_tls(config)
     except ConfigError as error:
         _fail(f"{config_file}: {error}")
         return
@@ -220,3 +247,48 @@ def demo(listen: str, once: bool) -> None:
         ok = trio.run(lambda: run_demo(address, once=once, report=click.echo))
     if not ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="DNS name or IP address the certificate is for (repeatable); the first is its CN.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for ca.pem, ca-key.pem, cert.pem and key.pem (made 0700 if new).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Validity of the CA and the certificate (default 825, the longest Apple accepts).",
+)
+@click.option("--force", is_flag=True, help="Replace the files if they exist.")
+def cert(hosts: tuple[str, ...], out_dir: Path, days: int | None, force: bool) -> None:
+    """Make a development CA and a server certificate signed by it, and say how to trust it."""
+    # Imported here so that `tunnel run` starts without loading cryptography's X.509 code.
+    from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
+
+    try:
+        paths = write_dev_certificates(
+            out_dir, hosts, days=DEFAULT_DAYS if days is None else days, overwrite=force
+        )
+    except ConfigError as error:
+        _fail(str(error))
+        return
+    click.echo(f"CA certificate:          {paths.ca_cert}")
+    click.echo(f"CA key (keep it secret): {paths.ca_key}")
+    click.echo(f"certificate:             {paths.cert}")
+    click.echo(f"key:                     {paths.key}")
+    click.echo(f"valid for {', '.join(hosts)}")
+    click.echo()
+    click.echo(trust_instructions(paths), nl=False)

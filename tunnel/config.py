@@ -42,7 +42,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 BALANCE_METHODS = ("round-robin",)
 LOG_FORMATS = ("text", "json")
 RELAY_MODES = ("auto", "splice", "copy")
+TLS_VERSIONS = ("1.2", "1.3")
+DEFAULT_PORTS = {"ws": 80, "wss": 443}
 MAX_WORKERS = 256
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 UPGRADE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?$")
 
 
@@ -121,7 +124,7 @@ class BackendConfig:
 
     @classmethod
     def parse_url(cls, url: str, key: str, name: str = "") -> BackendConfig:
-        """Parse ``host:port`` or ``ws://host:port[/path]``."""
+        """Parse ``host:port``, ``ws://host:port[/path]`` or ``wss://host:port[/path]``."""
         if not isinstance(url, str) or not url:
             raise ConfigError(
                 key, f'expected a backend URL like "ws://127.0.0.1:9000", got {url!r}'
@@ -135,13 +138,11 @@ class BackendConfig:
             parts = urlsplit(url)
         except ValueError as exc:  # such as an unclosed "[" around an IPv6 host
             raise ConfigError(key, f"{url!r} is not a valid URL") from exc
-        if parts.scheme == "wss":
-            raise ConfigError(key, "wss:// backends need TLS to backends, which is not built yet")
-        if parts.scheme != "ws":
-            raise ConfigError(key, f"scheme {parts.scheme!r} is not supported; use ws://")
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ConfigError(key, f"scheme {parts.scheme!r} is not supported; use ws:// or wss://")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ConfigError(key, f"{url!r}: query, fragment and credentials are not allowed")
-        host, port = _split_host_port(parts.netloc, key, default_port=80)
+        host, port = _split_host_port(parts.netloc, key, default_port=DEFAULT_PORTS[parts.scheme])
         if not host:
             raise ConfigError(key, f"{url!r} names no host")
         path = parts.path if parts.path not in ("", "/") else ""
@@ -150,7 +151,11 @@ class BackendConfig:
                 key,
                 f"{url!r}: the path has a space or a character outside ASCII; percent-encode it",
             )
-        return cls(name or join_host_port(host, port), host, port, path)
+        return cls(name or join_host_port(host, port), host, port, path, parts.scheme)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "wss"
 
     @property
     def url(self) -> str:
@@ -158,8 +163,48 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CertPair:
+    """A certificate chain and its private key, both PEM files."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """TLS termination on a listener. The first pair is served to clients that send no SNI
+    name, or one that no pair's certificate covers."""
+
+    certs: tuple[CertPair, ...]
+    min_version: str = "1.2"
+    client_ca: str = ""
+    """PEM bundle of the CAs whose client certificates are accepted; "" = no client
+    certificate asked for."""
+    client_subject_header: str = ""
+    """Header carrying the verified client certificate's subject to the backend; "" = none."""
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     listen: Address
+    tls: ListenerTLS | None = None
+    redirect_https: bool = False
+    """Plain listener only: answer every request with a redirect to https:// (308) or, for an
+    upgrade request, 426 naming the wss:// URL."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLS:
+    """How ``wss://`` backends of a route are verified (``[routes.backend_tls]``)."""
+
+    ca: str = ""
+    """PEM bundle to verify backends against; "" = the system's trust store."""
+    server_name: str = ""
+    """Name checked against the certificate and sent as SNI; "" = the backend's host."""
+    cert: str = ""
+    key: str = ""
+    """Client certificate and key presented to backends that ask for one."""
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +218,7 @@ class RouteConfig:
     upgrades: tuple[str, ...] = ("websocket",)
     balance: str = "round-robin"
     preserve_host: bool = True
+    backend_tls: BackendTLS = BackendTLS()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +237,9 @@ class ServerConfig:
     """How established tunnels move bytes: splice(2) through pipes, or copying in user space."""
     splice_pipes: int = 512
     """Pipes the splice relay may hold at once (two descriptors each); beyond, it copies."""
+    cert_check_interval: float = 5 * SECONDS
+    """How often TLS certificate and key files are checked for new contents; 0 = only on
+    SIGHUP."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,26 +256,29 @@ class Config:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(str(path), f"cannot read the file: {exc.strerror}") from exc
-        return cls.from_toml(text)
+        return cls.from_toml(text, base=Path(path).absolute().parent)
 
     @classmethod
-    def from_toml(cls, text: str) -> Config:
+    def from_toml(cls, text: str, *, base: Path | None = None) -> Config:
+        """``base``: the directory relative file names (certificates, keys) are read from;
+        ``from_file`` passes the file's own directory, as nginx users expect of an include."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("(file)", f"not valid TOML: {exc}") from exc
-        return cls.from_mapping(data)
+        return cls.from_mapping(data, base=base)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Config:
+    def from_mapping(cls, data: Mapping[str, Any], *, base: Path | None = None) -> Config:
         _reject_unknown(data, ("server", "listeners", "routes"), "")
+        files = _Files(base)
         server = _parse_server(_table(data.get("server", {}), "server"))
         listeners = tuple(
-            _parse_listener(item, f"listeners[{i}]")
+            _parse_listener(item, f"listeners[{i}]", files)
             for i, item in enumerate(_array(data.get("listeners", []), "listeners"))
         )
         routes = tuple(
-            _parse_route(item, f"routes[{i}]")
+            _parse_route(item, f"routes[{i}]", files)
             for i, item in enumerate(_array(data.get("routes", []), "routes"))
         )
         config = cls(listeners=listeners, routes=routes, server=server)
@@ -240,13 +292,35 @@ class Config:
         backends: Sequence[str] = (),
         log_format: str | None = None,
         workers: int | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> Config:
-        """Apply command-line flags: each given flag replaces the file's value entirely."""
+        """Apply command-line flags: each given flag replaces the file's value entirely.
+
+        ``tls_cert`` and ``tls_key`` come together and make every listener (those of
+        ``listen``, else the file's) serve TLS with that one pair."""
         config = self
         if listen:
             config = dataclasses.replace(
                 config,
                 listeners=tuple(ListenerConfig(Address.parse(a, f"--listen {a}")) for a in listen),
+            )
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("--tls-cert/--tls-key", "give both, or neither")
+        if tls_cert is not None and tls_key is not None:
+            pair = CertPair(str(Path(tls_cert).absolute()), str(Path(tls_key).absolute()))
+            config = dataclasses.replace(
+                config,
+                listeners=tuple(
+                    dataclasses.replace(
+                        listener,
+                        tls=dataclasses.replace(listener.tls, certs=(pair,))
+                        if listener.tls is not None
+                        else ListenerTLS((pair,)),
+                        redirect_https=False,
+                    )
+                    for listener in config.listeners
+                ),
             )
         if backends:
             parsed = tuple(BackendConfig.parse_url(b, f"--backend {b}") for b in backends)
@@ -283,6 +357,12 @@ class Config:
             raise ConfigError("server.log_format", f"must be one of {', '.join(LOG_FORMATS)}")
         if self.server.relay not in RELAY_MODES:
             raise ConfigError("server.relay", f"must be one of {', '.join(RELAY_MODES)}")
+        for i, listener in enumerate(self.listeners):
+            if listener.tls is not None and listener.redirect_https:
+                raise ConfigError(
+                    f"listeners[{i}].redirect_https",
+                    "a TLS listener cannot redirect to itself; set it on the plain listener",
+                )
 
     def to_toml(self) -> str:
         """The effective configuration, every default spelled out (``tunnel check`` prints it)."""
@@ -300,9 +380,14 @@ class Config:
             f"workers = {s.workers}",
             f"relay = {_toml_str(s.relay)}",
             f"splice_pipes = {s.splice_pipes}",
+            f"cert_check_interval = {_toml_str(format_duration(s.cert_check_interval))}",
         ]
         for listener in self.listeners:
             lines += ["", "[[listeners]]", f"listen = {_toml_str(str(listener.listen))}"]
+            if listener.redirect_https:
+                lines.append("redirect_https = true")
+            if listener.tls is not None:
+                lines += _tls_toml(listener.tls)
         for route in self.routes:
             lines += [
                 "",
@@ -320,7 +405,29 @@ class Config:
                 ),
                 "]",
             ]
+            t = route.backend_tls
+            lines += [
+                "[routes.backend_tls]",
+                f"ca = {_toml_str(t.ca)}",
+                f"server_name = {_toml_str(t.server_name)}",
+                f"cert = {_toml_str(t.cert)}",
+                f"key = {_toml_str(t.key)}",
+                f"verify = {'true' if t.verify else 'false'}",
+            ]
         return "\n".join(lines) + "\n"
+
+
+def _tls_toml(tls: ListenerTLS) -> list[str]:
+    pairs = ", ".join(
+        f"{{ cert = {_toml_str(p.cert)}, key = {_toml_str(p.key)} }}" for p in tls.certs
+    )
+    return [
+        "[listeners.tls]",
+        f"certs = [{pairs}]",
+        f"min_version = {_toml_str(tls.min_version)}",
+        f"client_ca = {_toml_str(tls.client_ca)}",
+        f"client_subject_header = {_toml_str(tls.client_subject_header)}",
+    ]
 
 
 def _toml_str(text: str) -> str:
@@ -483,18 +590,95 @@ def _parse_server(table: Mapping[str, Any]) -> ServerConfig:
             lambda v: v >= 0,
             "must be 0 (never splice) or more",
         ),
+        cert_check_interval=duration("cert_check_interval", d.cert_check_interval, True),
     )
 
 
-def _parse_listener(item: Any, key: str) -> ListenerConfig:
+@dataclass(frozen=True, slots=True)
+class _Files:
+    """Resolves file names in the configuration against the configuration file's directory."""
+
+    base: Path | None
+
+    def path(self, table: Mapping[str, Any], name: str, prefix: str, required: bool) -> str:
+        value = _get(table, name, prefix, str, "")
+        if not value:
+            if required:
+                raise ConfigError(f"{prefix}.{name}", "missing; write the path of a PEM file")
+            return ""
+        path = Path(value).expanduser()
+        if self.base is not None and not path.is_absolute():
+            path = self.base / path
+        return str(path)
+
+
+def _parse_listener(item: Any, key: str, files: _Files) -> ListenerConfig:
     table = _table(item, key)
-    _reject_unknown(table, ("listen",), key)
+    _reject_unknown(table, ("listen", "tls", "redirect_https"), key)
     if "listen" not in table:
         raise ConfigError(f"{key}.listen", 'missing; write listen = "127.0.0.1:8080"')
-    return ListenerConfig(Address.parse(table["listen"], f"{key}.listen"))
+    tls = _parse_listener_tls(table["tls"], f"{key}.tls", files) if "tls" in table else None
+    return ListenerConfig(
+        Address.parse(table["listen"], f"{key}.listen"),
+        tls=tls,
+        redirect_https=_get(table, "redirect_https", key, bool, False),
+    )
 
 
-def _parse_route(item: Any, key: str) -> RouteConfig:
+def _parse_listener_tls(item: Any, key: str, files: _Files) -> ListenerTLS:
+    table = _table(item, key)
+    known = ("cert", "key", "certs", "min_version", "client_ca", "client_subject_header")
+    _reject_unknown(table, known, key)
+    pairs: list[CertPair] = []
+    if "cert" in table or "key" in table:
+        pairs.append(
+            CertPair(files.path(table, "cert", key, True), files.path(table, "key", key, True))
+        )
+    for j, raw in enumerate(_array(table.get("certs", []), f"{key}.certs")):
+        pkey = f"{key}.certs[{j}]"
+        ptable = _table(raw, pkey)
+        _reject_unknown(ptable, ("cert", "key"), pkey)
+        pairs.append(
+            CertPair(files.path(ptable, "cert", pkey, True), files.path(ptable, "key", pkey, True))
+        )
+    if not pairs:
+        raise ConfigError(
+            key, 'no certificate; write tls = { cert = "site.pem", key = "site.key" }'
+        )
+    min_version = _get(table, "min_version", key, str, "1.2")
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError(
+            f"{key}.min_version", f"{min_version!r}: must be one of {', '.join(TLS_VERSIONS)}"
+        )
+    header = _get(table, "client_subject_header", key, str, "")
+    if header and not HEADER_NAME.match(header):
+        raise ConfigError(f"{key}.client_subject_header", f"{header!r} is not a header name")
+    client_ca = files.path(table, "client_ca", key, False)
+    if header and not client_ca:
+        raise ConfigError(
+            f"{key}.client_subject_header", "needs client_ca: only a verified subject is sent"
+        )
+    return ListenerTLS(tuple(pairs), min_version, client_ca, header)
+
+
+def _parse_backend_tls(item: Any, key: str, files: _Files) -> BackendTLS:
+    table = _table(item, key)
+    names = [f.name for f in dataclasses.fields(BackendTLS)]
+    _reject_unknown(table, names, key)
+    cert = files.path(table, "cert", key, False)
+    private_key = files.path(table, "key", key, False)
+    if bool(cert) != bool(private_key):
+        raise ConfigError(f"{key}.cert", "a client certificate needs both cert and key")
+    return BackendTLS(
+        ca=files.path(table, "ca", key, False),
+        server_name=_get(table, "server_name", key, str, ""),
+        cert=cert,
+        key=private_key,
+        verify=_get(table, "verify", key, bool, True),
+    )
+
+
+def _parse_route(item: Any, key: str, files: _Files) -> RouteConfig:
     table = _table(item, key)
     names = [f.name for f in dataclasses.fields(RouteConfig)]
     _reject_unknown(table, names, key)
@@ -543,4 +727,7 @@ def _parse_route(item: Any, key: str) -> RouteConfig:
         upgrades=upgrades,
         balance=balance,
         preserve_host=_get(table, "preserve_host", key, bool, True),
+        backend_tls=_parse_backend_tls(table["backend_tls"], f"{key}.backend_tls", files)
+        if "backend_tls" in table
+        else BackendTLS(),
     )

@@ -5,6 +5,7 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
 (``core.response.error_response``) to answer the client::
 
     TunnelError
+    ├── PermanentRedirect (308)           redirect_https: a plain request sent to https://
     ├── HandshakeError (400)              the client's request head is unacceptable
     │   ├── RequestTimeout (408)          the head did not arrive within handshake_timeout
     │   ├── NoRoute (404)                 no route matches the Host and path
@@ -40,6 +41,19 @@ class TunnelError(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}: {self.message}"
+
+
+class PermanentRedirect(TunnelError):
+    """Not a failure: the answer of a ``redirect_https`` listener to a plain HTTP request."""
+
+    status = 308
+    reason = "Permanent Redirect"
+
+    def __init__(self, location: str) -> None:
+        super().__init__(
+            f"this site is served over HTTPS: {location}", headers=[("Location", location)]
+        )
+        self.location = location
 
 
 class HandshakeError(TunnelError):

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
-from tunnel.config import Address, Config, ListenerConfig
+from tunnel.config import Address, Config
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.listener import bind_shared
 from tunnel.policy.restart import RestartPolicy
@@ -80,7 +80,9 @@ def run_workers(config: Config) -> int:
             sockets = bind_shared(listener.listen, listen=False)
             reserved += sockets
             port = sockets[0].getsockname()[1]
-            listeners.append(ListenerConfig(Address(listener.listen.host, port)))
+            listeners.append(
+                dataclasses.replace(listener, listen=Address(listener.listen.host, port))
+            )
         worker_config = dataclasses.replace(
             config,
             listeners=tuple(listeners),

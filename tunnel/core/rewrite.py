@@ -41,6 +41,9 @@ class Forwarding:
     path_prefix: str = "/"
     backend_path: str = ""
     """When set, replaces ``path_prefix`` at the front of the path (nginx ``proxy_pass`` URI)."""
+    added: tuple[tuple[bytes, bytes], ...] = ()
+    """Headers the proxy vouches for (a verified client certificate's subject): appended, and
+    any copy the client sent under the same name is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +99,8 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     header named in ``Connection`` are dropped; ``Connection: Upgrade`` and the chosen
     ``Upgrade`` token are sent. ``X-Forwarded-For`` is replaced by the peer address, or appended
     to when the peer is a trusted proxy, whose ``X-Forwarded-Proto``/``-Host`` and ``Forwarded``
-    are then kept; an untrusted peer's ``Forwarded`` is dropped.
+    are then kept; an untrusted peer's ``Forwarded`` is dropped. ``hop.added`` headers go
+    last, replacing any the client sent under their names.
     ``Sec-WebSocket-*`` headers pass untouched.
     """
     request = upgrade.request
@@ -105,6 +109,8 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     dropped = headers.HOP_BY_HOP | named | _REPLACED
     if not trusted:
         dropped |= _UNTRUSTED
+    if hop.added:
+        dropped |= {name.lower() for name, _ in hop.added}
     kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
     client_chain = _forwarded_for(upgrade.fields) if trusted else []
     chain = [*client_chain, hop.peer_ip]
@@ -127,6 +133,7 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     ]
     out = [(b"Host", host.encode("latin-1")), *kept]
     out += [(name, value.encode("latin-1")) for name, value in added]
+    out += hop.added
     return ForwardRequest(_target(upgrade.target, hop).encode("latin-1"), out)
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,9 @@ import trio
 from tunnel.config import BackendConfig, is_ip_address, join_host_port
 from tunnel.errors import BackendTimeout, BackendUnreachable
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.sockio import send_all, stream_socket
+from tunnel.net.sockio import Conn, send_all, stream_socket
+from tunnel.net.tls import handshake, tls_failure
+from tunnel.net.tlsconn import TLSConn
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -30,24 +33,35 @@ def describe(backend: BackendConfig) -> str:
 
 
 async def connect(
-    backend: BackendConfig, connect_timeout: float, first_bytes: bytes
-) -> socket.socket:
+    backend: BackendConfig,
+    connect_timeout: float,
+    first_bytes: bytes,
+    tls: ssl.SSLContext | None = None,
+    server_name: str = "",
+) -> Conn:
     """Connect to ``backend`` and send ``first_bytes`` within ``connect_timeout`` seconds.
 
     The send is tried right after the non-blocking ``connect``: on loopback and fast networks the
     connection is up by then, so no wait is needed at all, and a refusal surfaces as the send's
     error. A numeric address is used directly; a name is resolved and its addresses are tried in
-    order (no happy eyeballs: backends are near, and the error stays the kernel's own).
+    order (no happy eyeballs: backends are near, and the error stays the kernel's own). With
+    ``tls`` (a ``wss://`` backend) the TLS handshake, which verifies the certificate for
+    ``server_name`` or the backend's host, is part of the connect.
 
     Raises:
         BackendTimeout: 504, no connection within the timeout.
-        BackendUnreachable: 502, refused, unreachable or unresolvable.
+        BackendUnreachable: 502, refused, unreachable or unresolvable, or its TLS handshake
+            failed (the message says why, such as the certificate's verification error).
     """
     deadline = trio.current_time() + connect_timeout
     failure: OSError | None = None
     try:
         for address in await _addresses(backend, deadline):
             try:
+                if tls is not None:
+                    return await _connect_tls(
+                        address, first_bytes, deadline, tls, server_name or backend.host, backend
+                    )
                 return await _connect_and_send(address, first_bytes, deadline)
             except OSError as exc:
                 failure = exc
@@ -109,14 +123,49 @@ async def _connect_and_send(address: Address, first_bytes: bytes, deadline: floa
     return sock
 
 
+async def _connect_tls(
+    address: Address,
+    first_bytes: bytes,
+    deadline: float,
+    context: ssl.SSLContext,
+    server_name: str,
+    backend: BackendConfig,
+) -> TLSConn:
+    family, sockaddr = address
+    sock = stream_socket(family)
+    try:
+        error = sock.connect_ex(sockaddr)
+        if error == errno.EINPROGRESS:
+            with trio.fail_at(deadline):
+                await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        conn = TLSConn(sock, context, server_side=False, server_hostname=server_name)
+        with trio.fail_at(deadline):
+            try:
+                await handshake(conn)
+            except ssl.SSLError as exc:
+                raise BackendUnreachable(
+                    f"backend {describe(backend)}: TLS handshake failed: {tls_failure(exc)}"
+                ) from exc
+            await send_all(conn, first_bytes)
+    except BaseException:
+        sock.close()
+        raise
+    return conn
+
+
 async def connect_first(
     candidates: Sequence[BackendConfig],
     connect_timeout: float,
     client: str,
     first_bytes: Callable[[BackendConfig], bytes],
-) -> tuple[BackendConfig, socket.socket]:
+    tls: ssl.SSLContext | None = None,
+    server_name: str = "",
+) -> tuple[BackendConfig, Conn]:
     """Try each candidate in order, sending it ``first_bytes(backend)``; the first that accepts
-    wins.
+    wins. ``tls`` and ``server_name`` apply to its ``wss://`` candidates.
 
     Raises the last backend's error when all fail: ``BackendTimeout`` (504) only if every
     attempt timed out, ``BackendUnreachable`` (502) otherwise.
@@ -124,7 +173,13 @@ async def connect_first(
     errors: list[BackendUnreachable | BackendTimeout] = []
     for backend in candidates:
         try:
-            return backend, await connect(backend, connect_timeout, first_bytes(backend))
+            return backend, await connect(
+                backend,
+                connect_timeout,
+                first_bytes(backend),
+                tls if backend.tls else None,
+                server_name,
+            )
         except (BackendUnreachable, BackendTimeout) as exc:
             errors.append(exc)
             log.warning(

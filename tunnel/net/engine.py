@@ -1,19 +1,22 @@
-"""The relay engine: every established plain-socket tunnel, served from one epoll set.
+"""The relay engine: every established tunnel, served from one epoll set.
 
 After the 101 nothing is parsed, so a tunnel needs no task, nursery or stream: its two
 non-blocking sockets go into one edge-triggered ``select.epoll``, and one trio task waits on that
 epoll's descriptor. Each wake-up services every ready socket in a batch, which is what brings the
 per-message cost near a C proxy's (``docs/benchmarks.md`` has the figures). Bytes move with
-``splice(2)`` through pooled pipes when allowed, or with ``recv_into``/``send`` through one
-shared buffer otherwise; either way a partial write parks the rest on the tunnel and stops
-reading its source until the destination drains, so memory stays bounded.
+``splice(2)`` through pooled pipes when allowed (both ends plain sockets), or with
+``recv_into``/``send`` through one shared buffer otherwise (TLS ends are ``TLSConn`` objects,
+which encrypt and decrypt inside those calls); either way a partial write parks the rest on the
+tunnel and stops reading its source until the destination drains, so memory stays bounded.
 
 Edge-triggered rules this code keeps (each cost a stall or a leak in a prototype):
 - a socket is read until ``EAGAIN``, a short read, or, once the peer's FIN was reported
   (``EPOLLRDHUP``), until ``recv`` returns EOF: the FIN is reported only once;
 - a source left unread because its destination was full is read again as soon as that
   destination drains, since no new edge will come for bytes already queued;
-- a batch that leaves work behind yields to trio and comes back to it.
+- a batch that leaves work behind yields to trio and comes back to it;
+- a TLS end may hold encrypted bytes its socket has not taken (``TLSConn.backlog``): they count
+  as parked, so a half-close or a close waits for them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from tunnel.net.relay import (
     IDLE_TIMEOUT,
     RelayStats,
 )
+from tunnel.net.sockio import Conn
+from tunnel.net.tlsconn import TLSConn
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,11 @@ _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _INTEREST = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
+
+
+def tunnel_splices(flow: _Flow) -> bool:
+    tunnel = flow.tunnel
+    return tunnel is not None and tunnel.splice
 
 
 def splice_available() -> bool:
@@ -172,13 +182,12 @@ class _Flow:
         "src",
         "src_fd",
         "stats",
+        "tls_dst",
         "tunnel",
         "upstream",
     )
 
-    def __init__(
-        self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, upstream: bool
-    ) -> None:
+    def __init__(self, tunnel: Tunnel, src: Conn, dst: Conn, upstream: bool) -> None:
         self.tunnel: Tunnel | None = tunnel
         """Cleared when the tunnel closes, so that no reference cycle outlives it."""
         self.stats = tunnel.stats
@@ -187,6 +196,8 @@ class _Flow:
         self.src_fd = src.fileno()
         self.dst_fd = dst.fileno()
         self.upstream = upstream
+        self.tls_dst = dst if isinstance(dst, TLSConn) else None
+        """Set when ``dst`` is TLS: its backlog must be written before the flow is done."""
         self.parked = b""
         """Bytes read but not yet written (copy path, or leftovers from the handshake)."""
         self.splicing = False
@@ -208,12 +219,12 @@ class _Flow:
 class Tunnel:
     """An established tunnel owned by the engine: two sockets, two flows and the counters."""
 
-    __slots__ = ("backend", "client", "closed", "down", "on_close", "stats", "up")
+    __slots__ = ("backend", "client", "closed", "down", "on_close", "splice", "stats", "up")
 
     def __init__(
         self,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Conn,
+        backend: Conn,
         stats: RelayStats,
         on_close: Callable[[Tunnel], None],
     ) -> None:
@@ -224,6 +235,8 @@ class Tunnel:
         self.up = _Flow(self, client, backend, upstream=True)
         self.down = _Flow(self, backend, client, upstream=False)
         self.closed = False
+        self.splice = False
+        """Both ends are plain sockets, so ``splice(2)`` may move their bytes."""
 
 
 def _closed_already(tunnel: Tunnel) -> None:
@@ -270,15 +283,15 @@ class Engine:
 
     def adopt(
         self,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Conn,
+        backend: Conn,
         stats: RelayStats,
         on_close: Callable[[Tunnel], None],
         *,
         to_client: bytes = b"",
         to_backend: bytes = b"",
     ) -> Tunnel:
-        """Take ownership of two connected non-blocking sockets and relay between them.
+        """Take ownership of two connected non-blocking connections and relay between them.
 
         ``to_client`` and ``to_backend`` are written first (the 101 and bytes the handshake
         read past its head). ``on_close`` runs once, after both sockets are closed, with
@@ -291,7 +304,9 @@ class Engine:
             return tunnel
         tunnel.down.parked = to_client
         tunnel.up.parked = to_backend
-        tunnel.up.splicing = tunnel.down.splicing = self.splice_always
+        plain = type(client) is socket.socket and type(backend) is socket.socket
+        tunnel.up.splicing = tunnel.down.splicing = self.splice_always and plain
+        tunnel.splice = plain
         stats.last_activity = trio.current_time()
         self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
         self._by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
@@ -353,7 +368,9 @@ class Engine:
             out_flow, in_flow, tunnel = entry
             tunnel.stats.last_activity = now
             try:
-                if mask & _OUT and (in_flow.parked or in_flow.piped):
+                if mask & _OUT and (
+                    in_flow.parked or in_flow.piped or (in_flow.tls_dst and in_flow.tls_dst.backlog)
+                ):
                     self._flush(in_flow)
                     if in_flow.ready and not (in_flow.parked or in_flow.piped):
                         self._pump(in_flow)
@@ -432,7 +449,7 @@ class Engine:
                 if not flow.hangup:
                     flow.ready = False
                     return
-            elif self.splice_bulk:
+            elif self.splice_bulk and tunnel_splices(flow):
                 flow.splicing = True
         self._again.append(flow)
 
@@ -470,6 +487,8 @@ class Engine:
     def _flush(self, flow: _Flow) -> None:
         """Write what is parked or piped; on ``EAGAIN`` keep it for the next ``EPOLLOUT``."""
         try:
+            if flow.tls_dst is not None and not flow.tls_dst.flush():
+                return
             if flow.parked:
                 sent = flow.dst.send(flow.parked)
                 self._count(flow, sent)
@@ -487,7 +506,10 @@ class Engine:
             self.pipes.release(flow.pipe)
             flow.pipe = None
         if flow.eof and not flow.parked:
-            self._shut(flow)
+            if flow.shut:
+                self._end_if_done(flow)
+            else:
+                self._shut(flow)
 
     @staticmethod
     def _count(flow: _Flow, sent: int) -> None:
@@ -514,8 +536,24 @@ class Engine:
         except OSError as exc:
             raise _TunnelEnded(flow.reset_dst) from exc
         tunnel = flow.tunnel
-        if tunnel is not None and tunnel.up.shut and tunnel.down.shut:
-            raise _TunnelEnded(flow.stats.close_reason)
+        if tunnel is None:
+            return
+        if flow.tls_dst is not None and flow.tls_dst.has_buffered_input:
+            # close_notify made the TLS end decrypt what it held: no socket event will say so.
+            reverse = tunnel.down if flow.upstream else tunnel.up
+            reverse.ready = True
+            self._again.append(reverse)
+        self._end_if_done(flow)
+
+    @staticmethod
+    def _end_if_done(flow: _Flow) -> None:
+        """Both directions shut and every TLS record written: the tunnel is done."""
+        tunnel = flow.tunnel
+        if tunnel is None or not (tunnel.up.shut and tunnel.down.shut):
+            return
+        if any(f.tls_dst is not None and f.tls_dst.backlog for f in (tunnel.up, tunnel.down)):
+            return
+        raise _TunnelEnded(flow.stats.close_reason)
 
     def _close(self, tunnel: Tunnel, reason: str) -> None:
         if tunnel.closed:

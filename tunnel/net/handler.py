@@ -1,20 +1,23 @@
 """One client connection, from the first byte to the close: handshake, backend, hand-off.
 
 Every error is caught here and answered or logged: one bad connection never reaches the
-listener's nursery. Sockets are plain non-blocking ``socket.socket`` objects driven through
-``sockio`` (syscall first, wait only on ``EAGAIN``); after the 101 both go to the relay engine
-and the connection's task ends.
+listener's nursery. Connections are plain non-blocking ``socket.socket`` objects, or
+``TLSConn`` over one, driven through ``sockio`` (syscall first, wait only on ``EAGAIN``); after
+the 101 both go to the relay engine and the connection's task ends.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
+from dataclasses import dataclass
 
 import h11
 import trio
 
 from tunnel.config import (
+    DEFAULT_PORTS,
     BackendConfig,
     Config,
     KiB,
@@ -28,6 +31,7 @@ from tunnel.core.handshake import (
     choose_upgrade,
     validate_request,
 )
+from tunnel.core.redirect import https_redirect
 from tunnel.core.response import error_response
 from tunnel.core.rewrite import Forwarding, rewrite_request
 from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, RequestHead
@@ -43,7 +47,9 @@ from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.relay import RelayStats
-from tunnel.net.sockio import receive_some, send_all
+from tunnel.net.sockio import Conn, receive_some, send_all
+from tunnel.net.tls import ServerTLS, client_context, handshake, peer_subject, tls_failure
+from tunnel.net.tlsconn import TLSConn
 from tunnel.policy.balancer import RoundRobin
 from tunnel.policy.routing import match_route
 
@@ -55,24 +61,53 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * KiB
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What differs between listeners: TLS termination, or a redirect to HTTPS."""
+
+    tls: ServerTLS | None = None
+    redirect_port: int | None = None
+    """Set for ``redirect_https``: the port of the https:// URLs clients are sent to."""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+
+PLAIN = Entry()
+
+
 class Handler:
     """Serves connections for one configuration. Call it with each accepted socket."""
 
-    def __init__(self, config: Config, engine: Engine, *, scheme: str = "http") -> None:
+    def __init__(self, config: Config, engine: Engine) -> None:
+        """Raises ``ConfigError`` when a route's ``backend_tls`` files cannot be loaded."""
         self.config = config
         self.engine = engine
-        self.scheme = scheme
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
+        self._backend_tls: dict[str, ssl.SSLContext] = {}
+        for i, route in enumerate(config.routes):
+            if any(backend.tls for backend in route.backends):
+                key = f"routes[{i}].backend_tls"
+                self._backend_tls[route.name] = client_context(route.backend_tls, key)
+                if not route.backend_tls.verify:
+                    log.warning(
+                        "backend certificates are NOT verified (verify = false): anyone on the "
+                        "path can pose as these backends",
+                        extra=fields(route=route.name, key=f"{key}.verify"),
+                    )
         self._active = 0
         """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
 
-    async def __call__(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def __call__(
+        self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
+    ) -> None:
         """Serve one accepted, prepared (non-blocking) client socket; closes it unless the
         tunnel was handed to the engine."""
         client = join_host_port(peer[0], peer[1])
         handed_off = False
         try:
-            handed_off = await self._serve(sock, peer[0], client)
+            handed_off = await self._serve(sock, peer[0], client, entry)
         except ClientClosed:
             log.debug("client left before sending a request", extra=fields(client=client))
         except Exception:
@@ -84,11 +119,21 @@ class Handler:
             if not handed_off:
                 sock.close()
 
-    async def _serve(self, sock: socket.socket, peer_ip: str, client: str) -> bool:
+    async def _serve(self, sock: socket.socket, peer_ip: str, client: str, entry: Entry) -> bool:
         server = self.config.server
         head = RequestHead(server.max_header_bytes)
+        deadline = trio.current_time() + server.handshake_timeout
+        conn: Conn = sock
+        subject = ""
+        if entry.tls is not None:
+            conn = TLSConn(sock, entry.tls.context, server_side=True)
+            if not await _tls_handshake(conn, deadline, client, server.handshake_timeout):
+                return False
+            subject = peer_subject(conn)
         try:
-            request = await _read_request(sock, head, server.handshake_timeout)
+            request = await _read_request(conn, head, server.handshake_timeout, deadline)
+            if entry.redirect_port is not None:
+                raise https_redirect(request, entry.redirect_port)
             upgrade = validate_request(request)
             route = match_route(self.config.routes, upgrade.hostname, upgrade.path)
             if route is None:
@@ -98,13 +143,17 @@ class Handler:
             if self._active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
         except TunnelError as error:
-            await self._refuse(sock, client, error)
+            await self._refuse(conn, client, error)
             return False
         self._active += 1
         handed_off = False
+        added: tuple[tuple[bytes, bytes], ...] = ()
+        if entry.tls is not None and entry.tls.settings.client_subject_header:
+            name = entry.tls.settings.client_subject_header.encode("latin-1")
+            added = ((name, subject.encode("latin-1")),)
         try:
             handed_off = await self._forward(
-                sock, peer_ip, client, route, upgrade, token, key, head.leftover
+                conn, peer_ip, client, route, upgrade, token, key, head.leftover, entry, added
             )
         finally:
             if not handed_off:
@@ -113,7 +162,7 @@ class Handler:
 
     async def _forward(
         self,
-        sock: socket.socket,
+        sock: Conn,
         peer_ip: str,
         client: str,
         route: RouteConfig,
@@ -121,6 +170,8 @@ class Handler:
         token: str,
         key: str | None,
         leftover: bytes,
+        entry: Entry,
+        added: tuple[tuple[bytes, bytes], ...],
     ) -> bool:
         """Returns True when the tunnel was handed to the engine, which now owns both sockets
         and the ``max_tunnels`` slot."""
@@ -130,11 +181,12 @@ class Handler:
         def request_for(backend: BackendConfig) -> bytes:
             hop = Forwarding(
                 peer_ip=peer_ip,
-                scheme=self.scheme,
+                scheme=entry.scheme,
                 trusted_proxies=server.trusted_proxies,
                 backend_host=None if route.preserve_host else _host_header(backend),
                 path_prefix=route.path_prefix,
                 backend_path=backend.path,
+                added=added,
             )
             replies.append(
                 BackendReply(rewrite_request(upgrade, token, hop), token, key, MAX_REPLY_HEAD)
@@ -147,6 +199,8 @@ class Handler:
                 server.connect_timeout,
                 client,
                 request_for,
+                self._backend_tls.get(route.name),
+                route.backend_tls.server_name,
             )
         except TunnelError as error:
             await self._refuse(sock, client, error, route=route.name)
@@ -173,8 +227,8 @@ class Handler:
 
     def _hand_off(
         self,
-        sock: socket.socket,
-        backend_sock: socket.socket,
+        sock: Conn,
+        backend_sock: Conn,
         progress: ReplyProgress,
         leftover: bytes,
         client: str,
@@ -214,8 +268,8 @@ class Handler:
 
     async def _relay_refusal(
         self,
-        sock: socket.socket,
-        backend_sock: socket.socket,
+        sock: Conn,
+        backend_sock: Conn,
         reply: BackendReply,
         progress: ReplyProgress,
         client: str,
@@ -243,13 +297,17 @@ class Handler:
         backend_sock.close()
         await _linger(sock)
 
-    async def _refuse(
-        self, sock: socket.socket, client: str, error: TunnelError, **context: str
-    ) -> None:
-        log.warning(
-            "request refused",
-            extra=fields(client=client, status=error.status, reason=error.message, **context),
-        )
+    async def _refuse(self, sock: Conn, client: str, error: TunnelError, **context: str) -> None:
+        if error.status < 400:
+            log.info(
+                "request redirected",
+                extra=fields(client=client, status=error.status, reason=error.message),
+            )
+        else:
+            log.warning(
+                "request refused",
+                extra=fields(client=client, status=error.status, reason=error.message, **context),
+            )
         try:
             with trio.fail_after(LINGER_SECONDS):
                 await send_all(sock, error_response(error))
@@ -258,8 +316,26 @@ class Handler:
         await _linger(sock)
 
 
+async def _tls_handshake(conn: TLSConn, deadline: float, client: str, limit: float) -> bool:
+    """The client's TLS handshake, inside the same ``handshake_timeout`` as the request head;
+    False (logged) when it failed, and the connection is then closed without an answer."""
+    try:
+        with trio.fail_at(deadline):
+            await handshake(conn)
+    except trio.TooSlowError:
+        log.info(
+            "TLS handshake timed out; closing",
+            extra=fields(client=client, handshake_timeout=format_duration(limit)),
+        )
+        return False
+    except OSError as exc:  # ssl.SSLError included
+        log.info("TLS handshake failed", extra=fields(client=client, reason=tls_failure(exc)))
+        return False
+    return True
+
+
 async def _read_request(
-    sock: socket.socket, head: RequestHead, handshake_timeout: float
+    sock: Conn, head: RequestHead, handshake_timeout: float, deadline: float
 ) -> h11.Request:
     """The request head; most clients send it before the accept is even seen, so one read is
     tried before any timer is set up."""
@@ -270,7 +346,7 @@ async def _read_request(
             request = None
         if request is not None:
             return request
-        with trio.fail_after(handshake_timeout):
+        with trio.fail_at(deadline):
             while True:
                 request = head.feed(await receive_some(sock, READ_SIZE))
                 if request is not None:
@@ -285,7 +361,7 @@ async def _read_request(
 
 
 async def _read_reply(
-    sock: socket.socket, reply: BackendReply, response_timeout: float, backend: BackendConfig
+    sock: Conn, reply: BackendReply, response_timeout: float, backend: BackendConfig
 ) -> ReplyProgress:
     """Read until the reply's status is known (the request went out with the connect)."""
     try:
@@ -306,12 +382,15 @@ async def _read_reply(
         ) from None
 
 
-async def _linger(sock: socket.socket) -> None:
+async def _linger(sock: Conn) -> None:
     """Half-close, then read and discard what the client still sends, so that closing with
     unread bytes does not reset the connection before the client has read our answer."""
     try:
         sock.shutdown(socket.SHUT_WR)
         with trio.move_on_after(LINGER_SECONDS):
+            if isinstance(sock, TLSConn):
+                while not sock.flush():
+                    await trio.lowlevel.wait_writable(sock)
             discarded = 0
             while discarded < LINGER_BYTES:
                 data = await receive_some(sock, READ_SIZE)
@@ -323,6 +402,6 @@ async def _linger(sock: socket.socket) -> None:
 
 
 def _host_header(backend: BackendConfig) -> str:
-    """The backend's ``host[:port]`` as a Host value; port 80 is implied by ``ws://``."""
+    """The backend's ``host[:port]`` as a Host value; the scheme's own port is left out."""
     address = join_host_port(backend.host, backend.port)
-    return address.rpartition(":")[0] if backend.port == 80 else address
+    return address.rpartition(":")[0] if backend.port == DEFAULT_PORTS[backend.scheme] else address

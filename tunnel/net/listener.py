@@ -48,21 +48,31 @@ async def open_listeners(
     ``workers = N`` each listen on the same ports and the kernel spreads connections among them.
     Off by default: without it a second tunnel on the same port fails loudly instead of sharing.
     """
-    listeners: list[trio.SocketListener] = []
+    groups = await open_listener_groups(configs, reuse_port=reuse_port)
+    return [listener for group in groups for listener in group]
+
+
+async def open_listener_groups(
+    configs: Sequence[ListenerConfig], *, reuse_port: bool = False
+) -> list[list[trio.SocketListener]]:
+    """``open_listeners``, keeping which sockets belong to which configured listener (one
+    ``:port`` may be two sockets), since listeners differ in TLS and redirects."""
+    groups: list[list[trio.SocketListener]] = []
     try:
         for config in configs:
             if reuse_port:
                 sockets = await trio.to_thread.run_sync(bind_shared, config.listen, True)
-                listeners += [
-                    trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets
-                ]
+                groups.append(
+                    [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+                )
             else:
-                listeners += await _open(config.listen)
+                groups.append(await _open(config.listen))
     except BaseException:
-        for listener in listeners:
-            await listener.aclose()
+        for group in groups:
+            for listener in group:
+                await listener.aclose()
         raise
-    return listeners
+    return groups
 
 
 async def _open(address: Address) -> list[trio.SocketListener]:

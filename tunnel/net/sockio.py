@@ -2,8 +2,9 @@
 
 A handshake is a handful of small reads and writes that usually succeed at once; going through
 trio's stream layer for each costs a reschedule and an ``epoll_ctl`` even then. These helpers
-take plain non-blocking ``socket.socket`` objects, which the relay engine adopts afterwards
-without any conversion. Errors are the kernel's (``ConnectionResetError``, ``BrokenPipeError``).
+take plain non-blocking ``socket.socket`` objects, or ``TLSConn`` over one, which the relay
+engine adopts afterwards without any conversion. Errors are the kernel's
+(``ConnectionResetError``, ``BrokenPipeError``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import socket
 
 import trio
 
+from tunnel.net.tlsconn import TLSConn
 
-async def receive_some(sock: socket.socket, max_bytes: int) -> bytes:
+Conn = socket.socket | TLSConn
+"""A client or backend connection: a plain socket, or TLS over one; both raise
+``BlockingIOError`` where they would block."""
+
+
+async def receive_some(sock: Conn, max_bytes: int) -> bytes:
     """At most ``max_bytes``; ``b""`` at EOF."""
     while True:
         try:
@@ -22,13 +29,17 @@ async def receive_some(sock: socket.socket, max_bytes: int) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of ``data``, waiting for room in the send buffer when it fills."""
+async def send_all(sock: Conn, data: bytes) -> None:
+    """Write all of ``data``, waiting for room in the send buffer when it fills; over TLS, until
+    the last record has reached the socket."""
     view = memoryview(data)
     while view:
         try:
             view = view[sock.send(view) :]
         except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+    if isinstance(sock, TLSConn):
+        while not sock.flush():
             await trio.lowlevel.wait_writable(sock)
 
 

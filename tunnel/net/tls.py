@@ -1,0 +1,245 @@
+"""TLS contexts: listeners (certificates by SNI, rotation, client certificates) and backends.
+
+A listener's contexts are rebuilt from its files on SIGHUP and when the files' contents change;
+a new handshake takes whatever is current, and an open tunnel keeps the session it made. A pair
+that does not load leaves the previous one in use, and the log names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cryptography import x509
+
+from tunnel.config import BackendTLS, ListenerTLS
+from tunnel.errors import ConfigError
+from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.sockio import Conn
+from tunnel.net.tlsconn import WANT_READ, TLSConn
+
+log = logging.getLogger(LOGGER_NAME)
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""Forward-secret AEAD suites only (Mozilla's "intermediate" list); TLS 1.3 suites are
+OpenSSL's, all of which are modern."""
+ALPN = ["http/1.1"]
+
+
+async def handshake(conn: TLSConn) -> None:
+    """Complete the TLS handshake, waiting on the socket as OpenSSL asks."""
+    while (want := conn.handshake_step()) is not None:
+        if want == WANT_READ:
+            await trio.lowlevel.wait_readable(conn)
+        else:
+            await trio.lowlevel.wait_writable(conn)
+
+
+def tls_failure(exc: BaseException) -> str:
+    """An operator's description of why a handshake failed: OpenSSL's reason, verification
+    detail first."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def peer_subject(conn: Conn) -> str:
+    """The verified client certificate's subject (RFC 4514), "" when there is none.
+
+    Characters outside printable ASCII are escaped as RFC 4514 allows (``\\XX`` per UTF-8 byte),
+    so the value can travel in a header and carries no line break."""
+    if not isinstance(conn, TLSConn):
+        return ""
+    der = conn.tls.getpeercert(binary_form=True)
+    if not der:
+        return ""
+    subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    return "".join(
+        c if " " <= c <= "~" else "".join(f"\\{b:02X}" for b in c.encode()) for c in subject
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """The contexts built from one reading of a listener's files."""
+
+    default: ssl.SSLContext
+    by_name: dict[str, ssl.SSLContext]
+    """Exact names and ``*.suffix`` wildcards (stored as ``.suffix``) from each certificate."""
+    digest: bytes
+    """Of every file read, to see when one changes."""
+
+
+class ServerTLS:
+    """A listener's TLS: the current contexts, reloaded without dropping open tunnels."""
+
+    def __init__(self, settings: ListenerTLS, key: str) -> None:
+        """``key`` names the listener in errors and logs (``listeners[0].tls``). Raises
+        ``ConfigError`` when the files cannot be loaded: a server must not start without its
+        certificates."""
+        self.settings = settings
+        self.key = key
+        self._loaded = self._load()
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context for the next handshake; SNI may switch it to another pair's."""
+        return self._loaded.default
+
+    def reload(self, *, force: bool) -> bool:
+        """Load the files again when they changed (or always, with ``force``); True when new
+        contexts are in use. On failure the old ones stay, and the log says which file."""
+        try:
+            if not force and _digest(self._files()) == self._loaded.digest:
+                return False
+            self._loaded = self._load()
+        except ConfigError as error:
+            log.error(
+                "TLS certificates not reloaded; the previous ones stay in use",
+                extra=fields(listener=self.key, error=error.message),
+            )
+            return False
+        log.info(
+            "TLS certificates reloaded; new handshakes use them",
+            extra=fields(
+                listener=self.key, certificates=",".join(p.cert for p in self.settings.certs)
+            ),
+        )
+        return True
+
+    def _files(self) -> list[str]:
+        files = [name for pair in self.settings.certs for name in (pair.cert, pair.key)]
+        return [*files, self.settings.client_ca] if self.settings.client_ca else files
+
+    def _load(self) -> _Loaded:
+        contents = {name: _read(name, self.key) for name in self._files()}
+        contexts = [
+            _server_context(self.settings, contents, pair.cert, pair.key, self.key)
+            for pair in self.settings.certs
+        ]
+        by_name: dict[str, ssl.SSLContext] = {}
+        for pair, context in reversed(list(zip(self.settings.certs, contexts, strict=True))):
+            for name in _names(contents[pair.cert]):
+                by_name[name] = context
+        default = contexts[0]
+        if len(contexts) > 1:
+            for context in contexts:
+                context.sni_callback = _choose(by_name, default)
+        return _Loaded(default, by_name, _digest_of(contents))
+
+
+def _choose(
+    by_name: dict[str, ssl.SSLContext], default: ssl.SSLContext
+) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+    """The SNI callback: an exact name first, then a wildcard one label up, else the default."""
+
+    def choose(tls: ssl.SSLObject, server_name: str | None, _current: ssl.SSLContext) -> None:
+        if not server_name:
+            return
+        name = server_name.lower().rstrip(".")
+        context = by_name.get(name)
+        if context is None:
+            parent = name.partition(".")[2]
+            context = by_name.get("." + parent) if parent else None
+        tls.context = context or default
+
+    return choose
+
+
+def _server_context(
+    settings: ListenerTLS, contents: dict[str, bytes], cert: str, key_file: str, key: str
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[settings.min_version]
+    context.set_ciphers(CIPHERS_TLS12)
+    context.set_alpn_protocols(ALPN)
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_pair(context, cert, key_file, key)
+    if settings.client_ca:
+        try:
+            context.load_verify_locations(cadata=contents[settings.client_ca].decode("latin-1"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"{key}.client_ca", f"{settings.client_ca}: no usable CA certificate ({exc})"
+            ) from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(settings: BackendTLS, key: str) -> ssl.SSLContext:
+    """The context for a route's ``wss://`` backends. Raises ``ConfigError`` naming the key."""
+    if settings.ca:
+        _read(settings.ca, f"{key}.ca")
+    try:
+        context = ssl.create_default_context(cafile=settings.ca or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{key}.ca", f"{settings.ca}: no usable CA certificate ({exc})") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(ALPN)
+    if settings.cert:
+        _load_pair(context, settings.cert, settings.key, key)
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _load_pair(context: ssl.SSLContext, cert: str, key_file: str, key: str) -> None:
+    try:
+        context.load_cert_chain(cert, key_file)
+    except OSError as exc:
+        problem = exc.strerror if not isinstance(exc, ssl.SSLError) else exc.reason or str(exc)
+        raise ConfigError(
+            f"{key}.cert",
+            f"cannot load certificate {cert} with key {key_file}: {problem}"
+            " (PEM files; the key must match the certificate and not be encrypted)",
+        ) from exc
+
+
+def _read(name: str, key: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {name}: {exc.strerror}") from exc
+
+
+def _digest_of(contents: dict[str, bytes]) -> bytes:
+    digest = hashlib.sha256()
+    for name in sorted(contents):
+        digest.update(name.encode() + b"\0" + contents[name] + b"\0")
+    return digest.digest()
+
+
+def _digest(files: Sequence[str]) -> bytes:
+    return _digest_of({name: _read(name, "tls") for name in files})
+
+
+def _names(pem: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate covers (its first, in the chain)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    names = [name.lower().rstrip(".") for name in san.get_values_for_type(x509.DNSName)]
+    names = ["." + name[2:] if name.startswith("*.") else name for name in names]
+    ips = [
+        str(ip)
+        for ip in san.get_values_for_type(x509.IPAddress)
+        if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    ]
+    return names + ips

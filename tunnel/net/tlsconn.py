@@ -1,0 +1,222 @@
+"""A TLS connection over a non-blocking socket that is driven like the socket itself.
+
+``recv``, ``recv_into`` and ``send`` raise ``BlockingIOError`` where the socket would, so the
+handshake helpers (``sockio``) and the relay engine serve TLS and plain connections with the same
+code. OpenSSL works on memory buffers (``ssl.MemoryBIO``) and this class moves the encrypted bytes
+itself, which ``ssl.SSLSocket`` cannot be made to do safely in two places a tunnel needs:
+
+- half-close: ``SSLSocket.unwrap`` calls ``SSL_shutdown`` twice, and the second call reads the
+  socket and throws away (with ``APPLICATION_DATA_AFTER_CLOSE_NOTIFY``) data the peer sent before
+  it saw our close_notify. Here the socket is read only when OpenSSL needs bytes, so records
+  already read are decrypted and kept before close_notify goes out, and nothing is lost;
+- edge-triggered readiness: ``recv_into`` keeps decrypting records until the buffer is full or
+  the socket said ``EAGAIN``, so a short read means drained, as it does for a plain socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import ssl
+from typing import Literal, cast
+
+RAW_READ = 64 * 1024
+"""Encrypted bytes read from the socket at a time: four full TLS records."""
+
+WANT_READ: Literal["read"] = "read"
+WANT_WRITE: Literal["write"] = "write"
+
+
+class TLSConn:
+    """TLS over ``sock``; owns the socket and closes it."""
+
+    __slots__ = ("_backlog", "_eof", "_incoming", "_outgoing", "_plain", "_wr_shut", "sock", "tls")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        self._backlog = bytearray()
+        """Encrypted bytes the socket has not taken yet."""
+        self._plain = bytearray()
+        """Decrypted bytes kept aside when close_notify was sent (see ``shutdown``)."""
+        self._eof = False
+        self._wr_shut = 0
+        """0: open; 1: close_notify queued, FIN to follow once the backlog is out; 2: done."""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def handshake_step(self) -> Literal["read", "write"] | None:
+        """Advance the handshake as far as the socket allows: None when it is complete, else
+        what to wait for. Raises ``ssl.SSLError`` (such as a failed verification) or
+        ``OSError``."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            self._queue_output()
+            if not self.flush():
+                return WANT_WRITE
+            if done:
+                return None
+            try:
+                if not self._fill():
+                    raise ConnectionAbortedError(
+                        errno.ECONNABORTED,
+                        "the peer closed the connection during the TLS handshake",
+                    )
+            except BlockingIOError:
+                return WANT_READ
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
+        """Decrypt into ``buffer`` until it is full, the socket has nothing more (a short count,
+        or ``BlockingIOError`` when there was nothing at all) or the peer closed (0)."""
+        view = memoryview(buffer)
+        want = nbytes or len(view)
+        filled = 0
+        if self._plain:
+            filled = min(want, len(self._plain))
+            view[:filled] = self._plain[:filled]
+            del self._plain[:filled]
+        while filled < want:
+            try:
+                # With a buffer, read() returns a count (typeshed knows only the bytes form).
+                n = cast(int, self.tls.read(want - filled, cast(bytearray, view[filled:])))
+            except ssl.SSLWantReadError:
+                n = -1
+            except ssl.SSLZeroReturnError:
+                n = 0
+            if n > 0:
+                filled += n
+                continue
+            if n == 0 or self._eof:
+                self._eof = True
+                break
+            try:
+                if not self._fill():
+                    self._eof = True  # closed without close_notify: an EOF all the same
+                    break
+            except BlockingIOError:
+                if filled:
+                    break
+                self._answer_quietly()
+                raise
+        self._answer_quietly()
+        return filled
+
+    def recv(self, bufsize: int, /) -> bytes:
+        buffer = bytearray(bufsize)
+        return bytes(buffer[: self.recv_into(buffer)])
+
+    def send(self, data: bytes | bytearray | memoryview, /) -> int:
+        """Encrypt all of ``data`` and write what the socket takes; the rest waits in a backlog
+        that ``flush`` (or the next ``send``) writes. While a backlog remains, nothing new is
+        accepted (``BlockingIOError``), which is the back-pressure a socket gives."""
+        if self._backlog and not self.flush():
+            raise BlockingIOError(errno.EAGAIN, "TLS records still waiting for the socket")
+        if not data:
+            return 0
+        self.tls.write(data)
+        self._queue_output()
+        self.flush()
+        return len(data)
+
+    @property
+    def backlog(self) -> int:
+        """Encrypted bytes accepted but not yet taken by the socket."""
+        return len(self._backlog)
+
+    @property
+    def has_buffered_input(self) -> bool:
+        """Decrypted bytes wait here that no socket event will announce."""
+        return bool(self._plain)
+
+    def flush(self) -> bool:
+        """Write the backlog; True when it is empty. Sends the FIN a ``shutdown`` asked for once
+        its close_notify is out."""
+        backlog = self._backlog
+        while backlog:
+            try:
+                sent = self.sock.send(backlog)
+            except BlockingIOError:
+                return False
+            del backlog[:sent]
+        if self._wr_shut == 1:
+            self._wr_shut = 2
+            self.sock.shutdown(socket.SHUT_WR)
+        return True
+
+    def shutdown(self, how: int, /) -> None:
+        """Close the write direction: close_notify, then FIN. Reading goes on (TLS 1.3 allows
+        the peer to keep sending, and OpenSSL delivers it); only ``SHUT_WR`` is meaningful."""
+        if self._wr_shut:
+            return
+        self._keep_decrypted()
+        # close_notify is queued; the peer's own comes later, through recv_into.
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        self._queue_output()
+        self._wr_shut = 1
+        self.flush()
+
+    def close(self) -> None:
+        """Close the socket, after a best-effort close_notify when none was sent."""
+        try:
+            if not self._wr_shut and self.tls.version() is not None:
+                self._wr_shut = 2
+                with contextlib.suppress(ssl.SSLError):
+                    self.tls.unwrap()
+                self._queue_output()
+                self.flush()
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def _fill(self) -> int:
+        """Read encrypted bytes into OpenSSL; 0 at EOF, ``BlockingIOError`` when none wait."""
+        raw = self.sock.recv(RAW_READ)
+        if raw:
+            self._incoming.write(raw)
+        return len(raw)
+
+    def _queue_output(self) -> None:
+        if self._outgoing.pending:
+            self._backlog += self._outgoing.read()
+
+    def _answer_quietly(self) -> None:
+        """Send what reading produced (TLS 1.3 key updates, session tickets); a socket error
+        here is left for the next write to meet."""
+        if self._outgoing.pending:
+            self._queue_output()
+            with contextlib.suppress(OSError):
+                self.flush()
+
+    def _keep_decrypted(self) -> None:
+        """Decrypt every complete record OpenSSL already holds, before close_notify is sent:
+        ``unwrap`` would otherwise discard them."""
+        while True:
+            try:
+                data = self.tls.read(RAW_READ)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                return
+            if not data:
+                return
+            self._plain += data
