@@ -1,5 +1,6 @@
-"""The ``tunnel`` command: ``check``, ``run`` and ``demo`` through click's CliRunner, plus two
-real subprocesses (``demo --once``, and ``run`` stopped with SIGTERM)."""
+"""The ``tunnel`` command: ``check``, ``run`` and ``demo`` through click's CliRunner, plus three
+real subprocesses (``demo --once``, ``run`` stopped with SIGTERM, and ``run --tls-cert`` reloading
+its certificates on SIGHUP)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +21,11 @@ import pytest
 import trio
 import websockets.sync.client
 from click.testing import CliRunner, Result
+from conftest import WsBackend
+from cryptography import x509
 
 from tunnel import Config, __version__
+from tunnel.certs import DevCertificates, Issued, issue, write_dev_certificates
 from tunnel.cli import main
 from tunnel.config import RouteConfig, ServerConfig
 from tunnel.echo import serve_echo
@@ -381,3 +387,276 @@ async def test_run_in_a_subprocess_tunnels_and_exits_0_on_sigterm(tmp_path: Path
     log_text = log_path.read_text(errors="replace")
     assert "tunnel opened" in log_text
     assert "tunnel closed" in log_text
+
+
+# --- TLS: tunnel check, run flags, and SIGHUP in a real subprocess -----------------------------
+
+TLS_CONFIG = """\
+[[listeners]]
+listen = "127.0.0.1:8443"
+tls = { cert = "certs/cert.pem", key = "certs/key.pem", min_version = "1.3" }
+
+[[routes]]
+name = "chat"
+backends = [ { url = "wss://127.0.0.1:9443" } ]
+[routes.backend_tls]
+ca = "certs/ca.pem"
+"""
+
+
+@pytest.fixture
+def dev_certs(tmp_path: Path) -> DevCertificates:
+    """A development CA and a 127.0.0.1 certificate in ``tmp_path/certs``."""
+    return write_dev_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+
+
+def test_check_loads_the_tls_files_and_prints_the_tls_section(
+    tmp_path: Path, dev_certs: DevCertificates
+) -> None:
+    path = write_config(tmp_path, TLS_CONFIG)
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "configuration is valid" in result.stderr
+    assert "[listeners.tls]" in result.stdout
+    printed = tomllib.loads(result.stdout)
+    [listener] = printed["listeners"]
+    assert listener["tls"] == {
+        "certs": [{"cert": str(dev_certs.cert), "key": str(dev_certs.key)}],
+        "min_version": "1.3",
+        "client_ca": "",
+        "client_subject_header": "",
+    }
+    [route] = printed["routes"]
+    assert route["backends"][0]["url"] == "wss://127.0.0.1:9443"
+    assert route["backend_tls"]["ca"] == str(dev_certs.ca_cert)
+    assert Config.from_toml(result.stdout) == Config.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "key", "file"),
+    [
+        pytest.param(
+            "certs/cert.pem", "certs/absent.pem", "listeners[0].tls", "absent.pem", id="cert"
+        ),
+        pytest.param(
+            "certs/key.pem", "certs/absent.key", "listeners[0].tls", "absent.key", id="key"
+        ),
+        pytest.param(
+            'min_version = "1.3"',
+            'client_ca = "certs/absent-ca.pem"',
+            "listeners[0].tls",
+            "absent-ca.pem",
+            id="client-ca",
+        ),
+        pytest.param(
+            'ca = "certs/ca.pem"',
+            'ca = "certs/absent-ca.pem"',
+            "routes[0].backend_tls.ca",
+            "absent-ca.pem",
+            id="backend-ca",
+        ),
+    ],
+)
+def test_check_with_a_missing_tls_file_exits_1_naming_the_key_and_the_file(
+    tmp_path: Path, dev_certs: DevCertificates, replace: str, by: str, key: str, file: str
+) -> None:
+    path = write_config(tmp_path, TLS_CONFIG.replace(replace, by))
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert f"{key}: cannot read {tmp_path / 'certs' / file}: No such file or directory" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_check_with_a_key_that_does_not_match_the_certificate_exits_1(
+    tmp_path: Path, dev_certs: DevCertificates
+) -> None:
+    other = write_dev_certificates(tmp_path / "other", ["127.0.0.1"])
+    path = write_config(tmp_path, TLS_CONFIG.replace("certs/key.pem", str(other.key)))
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert (
+        f"listeners[0].tls.cert: cannot load certificate {dev_certs.cert} with key {other.key}"
+        in result.stderr
+    )
+    assert "the key must match the certificate" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_check_with_a_client_ca_that_is_no_certificate_exits_1(
+    tmp_path: Path, dev_certs: DevCertificates
+) -> None:
+    text = TLS_CONFIG.replace('min_version = "1.3"', 'client_ca = "certs/key.pem"')
+    result = invoke("check", "--config", str(write_config(tmp_path, text)))
+    assert result.exit_code == 1, result.output
+    assert f"listeners[0].tls.client_ca: {dev_certs.key}: no usable CA certificate" in (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(["--tls-cert", "cert.pem"], id="cert-alone"),
+        pytest.param(["--tls-key", "key.pem"], id="key-alone"),
+    ],
+)
+def test_run_with_one_tls_flag_exits_1_naming_both(flags: list[str]) -> None:
+    result = invoke("run", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", *flags)
+    assert result.exit_code == 1
+    assert "configuration error: --tls-cert/--tls-key: give both, or neither" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_run_with_a_tls_file_that_cannot_be_read_exits_1_before_listening(
+    tmp_path: Path, dev_certs: DevCertificates
+) -> None:
+    missing = tmp_path / "missing.pem"
+    result = invoke(
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:9",
+        "--tls-cert",
+        str(dev_certs.cert),
+        "--tls-key",
+        str(missing),
+    )
+    assert result.exit_code == 1
+    assert f"listeners[0].tls: cannot read {missing}: No such file or directory" in result.stderr
+    assert "listening" not in result.stderr
+    assert "Traceback" not in result.output
+
+
+def wait_for_log(log_path: Path, process: subprocess.Popen[bytes], text: str) -> str:
+    """Poll the log (bounded by count and time) until it holds ``text``; return the log."""
+    deadline = time.monotonic() + SUBPROCESS_SECONDS
+    for _ in range(int(SUBPROCESS_SECONDS / 0.05) + 1):
+        log = log_path.read_text(errors="replace")
+        if text in log:
+            return log
+        assert process.poll() is None, f"tunnel exited early ({process.returncode}):\n{log}"
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the log:\n{log_path.read_text(errors='replace')}")
+
+
+def serial_of(tls: ssl.SSLSocket) -> int:
+    """The serial number of the certificate the server presented on ``tls``."""
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def handshake_serial(port: int, context: ssl.SSLContext) -> int:
+    """A new TLS handshake with the tunnel: the serial of the certificate it presents now."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        return serial_of(tls)
+
+
+def replace_pair(certs: DevCertificates) -> int:
+    """Write a new certificate and key from the same CA over ``cert.pem``/``key.pem``, each
+    replaced atomically; return the new serial."""
+    ca = Issued(certs.ca_cert.read_bytes(), certs.ca_key.read_bytes())
+    fresh = issue(ca, ["127.0.0.1", "localhost"])
+    for path, data in ((certs.key, fresh.key_pem), (certs.cert, fresh.cert_pem)):
+        temporary = path.with_name(f".{path.name}.new")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    return x509.load_pem_x509_certificate(fresh.cert_pem).serial_number
+
+
+def websocket_echo_tls(url: str, context: ssl.SSLContext) -> str | bytes:
+    """A new ``wss://`` client: one message there and back."""
+    with websockets.sync.client.connect(url, ssl=context, open_timeout=10, close_timeout=5) as ws:
+        ws.send("after the reload")
+        return ws.recv(timeout=10)
+
+
+def test_run_in_a_subprocess_serves_wss_and_reloads_certificates_on_sighup(
+    tmp_path: Path, dev_certs: DevCertificates, echo_backend: WsBackend
+) -> None:
+    # The file only turns the periodic check off, so that only SIGHUP can load the new pair;
+    # its listener and route are replaced by the flags.
+    config = write_config(
+        tmp_path,
+        '[server]\ncert_check_interval = "0s"\n[[listeners]]\nlisten = "127.0.0.1:1"\n'
+        '[[routes]]\nname = "file"\nbackends = [{ url = "127.0.0.1:1" }]\n',
+    )
+    port = free_port()
+    log_path = tmp_path / "tunnel.log"
+    context = ssl.create_default_context(cafile=str(dev_certs.ca_cert))
+    url = f"wss://127.0.0.1:{port}/"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tunnel",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--backend",
+                echo_backend.url,
+                "--tls-cert",
+                str(dev_certs.cert),
+                "--tls-key",
+                str(dev_certs.key),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    pid = process.pid
+    try:
+        wait_for_log(log_path, process, f"listening address=127.0.0.1:{port}")
+        with websockets.sync.client.connect(
+            url, ssl=context, open_timeout=10, close_timeout=5
+        ) as first:
+            first.send("before the reload")
+            assert first.recv(timeout=10) == "before the reload"
+            assert isinstance(first.socket, ssl.SSLSocket)
+            old_serial = serial_of(first.socket)
+            assert handshake_serial(port, context) == old_serial
+
+            new_serial = replace_pair(dev_certs)
+            assert new_serial != old_serial
+            assert "reloaded" not in log_path.read_text(errors="replace")
+            assert process.pid == pid
+            process.send_signal(signal.SIGHUP)  # Popen signals only the PID it started
+
+            log = wait_for_log(log_path, process, "TLS certificates reloaded")
+            assert "SIGHUP received; reloading TLS certificates" in log
+            assert handshake_serial(port, context) == new_serial
+            assert websocket_echo_tls(url, context) == "after the reload"
+            # The tunnel opened before the reload keeps its session and still carries data.
+            first.send("still open")
+            assert first.recv(timeout=10) == "still open"
+            assert serial_of(first.socket) == old_serial
+        assert process.poll() is None
+        assert echo_backend.connections == 2
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0, log_path.read_text(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()  # the Popen object kills only the PID it started
+                process.wait(10)

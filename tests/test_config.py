@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,11 @@ import pytest
 from tunnel.config import (
     Address,
     BackendConfig,
+    BackendTLS,
+    CertPair,
     Config,
     ListenerConfig,
+    ListenerTLS,
     RouteConfig,
     ServerConfig,
     parse_duration,
@@ -37,6 +42,15 @@ def doc(
         f"{top}\n[server]\n{server}\n\n[[listeners]]\n{listen_line}\n\n"
         f'[[routes]]\nname = "chat"\n{route}\nbackends = {backends}\n{more}\n'
     )
+
+
+TLS_LISTEN = '"127.0.0.1:8443"'
+
+
+def tls_doc(extra: str = "", *, pair: str = 'cert = "c.pem", key = "k.pem"') -> str:
+    """A valid file whose one listener serves TLS; ``extra`` adds keys to its tls table."""
+    inside = ", ".join(part for part in (pair, extra) if part)
+    return doc(listen=f"{TLS_LISTEN}\ntls = {{ {inside} }}")
 
 
 def test_minimal_file_has_safe_defaults() -> None:
@@ -374,6 +388,164 @@ BAD = [
         "routes[1].backends[1].url",
         "use ws:// or wss://",
     ),
+    (
+        "tls-min-version",
+        tls_doc('min_version = "1.1"'),
+        "listeners[0].tls.min_version",
+        "'1.1': must be one of 1.2, 1.3",
+    ),
+    (
+        "tls-min-version-number",
+        tls_doc("min_version = 1.3"),
+        "listeners[0].tls.min_version",
+        "expected str",
+    ),
+    (
+        "tls-missing-key",
+        doc(listen=f'{TLS_LISTEN}\ntls = {{ cert = "c.pem" }}'),
+        "listeners[0].tls.key",
+        "missing",
+    ),
+    (
+        "tls-missing-cert",
+        doc(listen=f'{TLS_LISTEN}\ntls = {{ key = "k.pem" }}'),
+        "listeners[0].tls.cert",
+        "missing",
+    ),
+    (
+        "tls-empty-cert",
+        tls_doc().replace('cert = "c.pem"', 'cert = ""'),
+        "listeners[0].tls.cert",
+        "missing",
+    ),
+    ("tls-no-pair", doc(listen=f"{TLS_LISTEN}\ntls = {{}}"), "listeners[0].tls", "no certificate"),
+    (
+        "tls-no-pair-only-options",
+        doc(listen=f'{TLS_LISTEN}\ntls = {{ min_version = "1.3" }}'),
+        "listeners[0].tls",
+        "no certificate",
+    ),
+    (
+        "tls-not-table",
+        doc(listen=f'{TLS_LISTEN}\ntls = "c.pem"'),
+        "listeners[0].tls",
+        "expected a table",
+    ),
+    ("tls-unknown-key", tls_doc('ciphers = "ALL"'), "listeners[0].tls.ciphers", "unknown key"),
+    (
+        "tls-certs-missing-key",
+        doc(
+            listen=f"{TLS_LISTEN}\ntls = {{ certs = "
+            '[{ cert = "a.pem", key = "a.key" }, { cert = "b.pem" }] }'
+        ),
+        "listeners[0].tls.certs[1].key",
+        "missing",
+    ),
+    (
+        "tls-certs-unknown-key",
+        doc(
+            listen=f"{TLS_LISTEN}\ntls = {{ certs = "
+            '[{ cert = "a.pem", key = "a.key", chain = "x" }] }'
+        ),
+        "listeners[0].tls.certs[0].chain",
+        "unknown key",
+    ),
+    (
+        "tls-certs-not-array",
+        doc(listen=f'{TLS_LISTEN}\ntls = {{ certs = "a.pem" }}'),
+        "listeners[0].tls.certs",
+        "expected an array",
+    ),
+    (
+        "tls-subject-header-without-client-ca",
+        tls_doc('client_subject_header = "X-Client-Subject"'),
+        "listeners[0].tls.client_subject_header",
+        "needs client_ca",
+    ),
+    (
+        "tls-bad-header-name",
+        tls_doc('client_ca = "ca.pem", client_subject_header = "X Client"'),
+        "listeners[0].tls.client_subject_header",
+        "'X Client' is not a header name",
+    ),
+    (
+        "tls-header-name-with-colon",
+        tls_doc('client_ca = "ca.pem", client_subject_header = "X-Subject:"'),
+        "listeners[0].tls.client_subject_header",
+        "is not a header name",
+    ),
+    (
+        "tls-on-second-listener",
+        doc(more="").replace(
+            "\n\n[[routes]]",
+            f'\n[[listeners]]\nlisten = {TLS_LISTEN}\ntls = {{ cert = "c.pem" }}\n\n[[routes]]',
+            1,
+        ),
+        "listeners[1].tls.key",
+        "missing",
+    ),
+    (
+        "redirect-on-a-tls-listener",
+        doc(
+            listen=f'{TLS_LISTEN}\nredirect_https = true\ntls = {{ cert = "c.pem", key = "k.pem" }}'
+        ),
+        "listeners[0].redirect_https",
+        "a TLS listener cannot redirect to itself",
+    ),
+    (
+        "redirect-not-bool",
+        doc(listen='"127.0.0.1:8080"\nredirect_https = "yes"'),
+        "listeners[0].redirect_https",
+        "expected bool",
+    ),
+    (
+        "backend-tls-cert-without-key",
+        doc(more='[routes.backend_tls]\ncert = "client.pem"'),
+        "routes[0].backend_tls.cert",
+        "needs both cert and key",
+    ),
+    (
+        "backend-tls-key-without-cert",
+        doc(more='[routes.backend_tls]\nkey = "client.key"'),
+        "routes[0].backend_tls.cert",
+        "needs both cert and key",
+    ),
+    (
+        "backend-tls-unknown-key",
+        doc(more='[routes.backend_tls]\nciphers = "ALL"'),
+        "routes[0].backend_tls.ciphers",
+        "unknown key",
+    ),
+    (
+        "backend-tls-verify-string",
+        doc(more='[routes.backend_tls]\nverify = "no"'),
+        "routes[0].backend_tls.verify",
+        "expected bool",
+    ),
+    (
+        "backend-tls-not-table",
+        doc(more='backend_tls = "ca.pem"'),
+        "routes[0].backend_tls",
+        "expected a table",
+    ),
+    (
+        "backend-https",
+        doc(backends='[{ url = "https://b:443" }]'),
+        "routes[0].backends[0].url",
+        "use ws:// or wss://",
+    ),
+    (
+        "cert-check-interval-no-unit",
+        doc(server='cert_check_interval = "5"'),
+        "server.cert_check_interval",
+        "is not a duration",
+    ),
+    (
+        "cert-check-interval-number",
+        doc(server="cert_check_interval = 5"),
+        "server.cert_check_interval",
+        "expected a duration string",
+    ),
 ]
 
 
@@ -474,6 +646,9 @@ def test_overrides_without_a_file() -> None:
         ({"listen": ["nope"]}, "--listen nope", "needs a port"),
         ({"backends": ["https://b:1"]}, "--backend https://b:1", "wss://"),
         ({"log_format": "xml"}, "server.log_format", "must be one of"),
+        ({"tls_cert": "c.pem"}, "--tls-cert/--tls-key", "give both, or neither"),
+        ({"tls_key": "k.pem"}, "--tls-cert/--tls-key", "give both, or neither"),
+        ({"listen": [":1"], "tls_cert": "c.pem"}, "--tls-cert/--tls-key", "give both"),
     ],
 )
 def test_bad_overrides_name_the_flag(kwargs: dict[str, object], key: str, message: str) -> None:
@@ -483,6 +658,39 @@ def test_bad_overrides_name_the_flag(kwargs: dict[str, object], key: str, messag
     assert caught.value.key == key
     assert message in caught.value.problem
 
+
+EVERY_TLS_KEY = """\
+[server]
+cert_check_interval = "0s"
+
+[[listeners]]
+listen = "127.0.0.1:8080"
+redirect_https = true
+
+[[listeners]]
+listen = "[::1]:8443"
+tls = { cert = "site.pem", key = "site.key", certs = [{ cert = "other.pem", key = "other.key" }], \
+min_version = "1.3", client_ca = "clients.pem", client_subject_header = "X-Client-Subject" }
+
+[[listeners]]
+listen = ":9443"
+tls = { certs = [{ cert = "/etc/tunnel/a.pem", key = "/etc/tunnel/a.key" }] }
+
+[[routes]]
+name = "secure"
+backends = [{ url = "wss://b.example" }, { name = "two", url = "wss://[::1]:9000/ws" }]
+[routes.backend_tls]
+ca = "backend-ca.pem"
+server_name = "internal.example"
+cert = "client.pem"
+key = "client.key"
+verify = false
+
+[[routes]]
+name = "plain"
+hosts = ["plain.example"]
+backends = [{ url = "ws://c.example" }]
+"""
 
 ROUND_TRIP = [
     pytest.param(doc(), id="minimal"),
@@ -510,6 +718,11 @@ ROUND_TRIP = [
             backends='[{ name = "a \\"b\\" \\\\ c\\t", url = "ws://h:1/p\\"q" }]',
         ).replace('name = "chat"', 'name = "chat \\"room\\""'),
         id="characters-toml-must-escape",
+    ),
+    pytest.param(EVERY_TLS_KEY, id="every-tls-key"),
+    pytest.param(
+        tls_doc(pair='cert = "dir with \\"quotes\\"/c\u00e9rt.pem", key = "back\\\\slash.key"'),
+        id="tls-paths-toml-must-escape",
     ),
 ]
 
@@ -568,3 +781,299 @@ def test_route_host_may_be_a_bare_ipv6_address() -> None:
         "routes": [{"name": "r", "hosts": ["::1"], "backends": [{"url": "127.0.0.1:9"}]}],
     }
     assert Config.from_mapping(data).routes[0].hosts == ("::1",)
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        pytest.param(
+            'tls = { cert = "site.pem", key = "site.key" }',
+            ListenerTLS((CertPair("site.pem", "site.key"),)),
+            id="one-pair",
+        ),
+        pytest.param(
+            'tls = { certs = [{ cert = "a.pem", key = "a.key" }, '
+            '{ cert = "b.pem", key = "b.key" }] }',
+            ListenerTLS((CertPair("a.pem", "a.key"), CertPair("b.pem", "b.key"))),
+            id="certs",
+        ),
+        pytest.param(
+            'tls = { certs = [{ cert = "b.pem", key = "b.key" }], cert = "a.pem", key = "a.key" }',
+            ListenerTLS((CertPair("a.pem", "a.key"), CertPair("b.pem", "b.key"))),
+            id="cert-key-first-then-certs",
+        ),
+        pytest.param(
+            'tls = { cert = "a.pem", key = "a.key", min_version = "1.2" }',
+            ListenerTLS((CertPair("a.pem", "a.key"),), min_version="1.2"),
+            id="min-version-1.2",
+        ),
+        pytest.param(
+            'tls = { cert = "a.pem", key = "a.key", min_version = "1.3" }',
+            ListenerTLS((CertPair("a.pem", "a.key"),), min_version="1.3"),
+            id="min-version-1.3",
+        ),
+        pytest.param(
+            'tls = { cert = "a.pem", key = "a.key", client_ca = "ca.pem" }',
+            ListenerTLS((CertPair("a.pem", "a.key"),), client_ca="ca.pem"),
+            id="client-ca",
+        ),
+        pytest.param(
+            'tls = { cert = "a.pem", key = "a.key", client_ca = "ca.pem", '
+            'client_subject_header = "X-Client-Subject" }',
+            ListenerTLS(
+                (CertPair("a.pem", "a.key"),),
+                client_ca="ca.pem",
+                client_subject_header="X-Client-Subject",
+            ),
+            id="client-subject-header",
+        ),
+        pytest.param(
+            '[listeners.tls]\ncert = "a.pem"\nkey = "a.key"\nmin_version = "1.3"',
+            ListenerTLS((CertPair("a.pem", "a.key"),), min_version="1.3"),
+            id="as-a-table",
+        ),
+    ],
+)
+def test_listener_tls_is_read(tls: str, expected: ListenerTLS) -> None:
+    config = Config.from_toml(doc(listen=f"{TLS_LISTEN}\n{tls}"))
+    (listener,) = config.listeners
+    assert listener.tls == expected
+    assert listener.redirect_https is False
+
+
+def test_a_listener_without_tls_is_plain_and_does_not_redirect() -> None:
+    (listener,) = Config.from_toml(doc()).listeners
+    assert listener.tls is None
+    assert listener.redirect_https is False
+    assert ListenerTLS((CertPair("c", "k"),)).min_version == "1.2"
+
+
+def test_redirect_https_on_a_plain_listener_beside_a_tls_one() -> None:
+    text = doc(listen='"127.0.0.1:8080"\nredirect_https = true').replace(
+        "\n\n[[routes]]",
+        f'\n[[listeners]]\nlisten = {TLS_LISTEN}\ntls = {{ cert = "c.pem", key = "k.pem" }}'
+        "\n\n[[routes]]",
+        1,
+    )
+    plain, secure = Config.from_toml(text).listeners
+    assert (plain.redirect_https, plain.tls) == (True, None)
+    assert secure.redirect_https is False
+    assert secure.tls == ListenerTLS((CertPair("c.pem", "k.pem"),))
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "path", "tls"),
+    [
+        ("wss://b.example", "b.example", 443, "", True),
+        ("wss://b.example/", "b.example", 443, "", True),
+        ("WSS://B.example:8443/socket", "b.example", 8443, "/socket", True),
+        ("wss://[::1]", "::1", 443, "", True),
+        ("ws://b.example", "b.example", 80, "", False),
+        ("ws://[::1]", "::1", 80, "", False),
+        ("b.example:443", "b.example", 443, "", False),
+    ],
+)
+def test_backend_scheme_sets_the_default_port_and_tls(
+    url: str, host: str, port: int, path: str, tls: bool
+) -> None:
+    backend = BackendConfig.parse_url(url, "k")
+    assert (backend.host, backend.port, backend.path, backend.tls) == (host, port, path, tls)
+    assert backend.scheme == ("wss" if tls else "ws")
+    assert BackendConfig.parse_url(backend.url, "k") == backend
+
+
+def test_wss_backends_in_a_file() -> None:
+    config = Config.from_toml(
+        doc(backends='[{ url = "wss://b.example" }, { url = "ws://c.example" }]')
+    )
+    secure, plain = config.routes[0].backends
+    assert (secure.port, secure.tls, secure.url) == (443, True, "wss://b.example:443")
+    assert (plain.port, plain.tls, plain.url) == (80, False, "ws://c.example:80")
+
+
+def test_backend_tls_keys_are_read() -> None:
+    config = Config.from_toml(
+        doc(
+            backends='[{ url = "wss://b.example" }]',
+            more='[routes.backend_tls]\nca = "ca.pem"\nserver_name = "internal.example"\n'
+            'cert = "client.pem"\nkey = "client.key"\nverify = false',
+        )
+    )
+    assert config.routes[0].backend_tls == BackendTLS(
+        ca="ca.pem",
+        server_name="internal.example",
+        cert="client.pem",
+        key="client.key",
+        verify=False,
+    )
+
+
+def test_backend_tls_defaults_verify_against_the_system_store() -> None:
+    (route,) = Config.from_toml(doc(backends='[{ url = "wss://b.example" }]')).routes
+    assert route.backend_tls == BackendTLS()
+    assert (route.backend_tls.ca, route.backend_tls.verify) == ("", True)
+    partial = Config.from_toml(doc(more='[routes.backend_tls]\nserver_name = "x"'))
+    assert partial.routes[0].backend_tls == BackendTLS(server_name="x")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(None, 5.0), ('"0s"', 0.0), ('"500ms"', 0.5), ('"1m"', 60.0), ('"1h"', 3600.0)],
+)
+def test_cert_check_interval(text: str | None, seconds: float) -> None:
+    server = "" if text is None else f"cert_check_interval = {text}"
+    config = Config.from_toml(doc(server=server))
+    assert config.server.cert_check_interval == seconds
+    assert Config.from_toml(config.to_toml()).server.cert_check_interval == seconds
+
+
+RELATIVE_TLS = doc(
+    listen=f"{TLS_LISTEN}\n"
+    'tls = { cert = "site.pem", key = "keys/site.key", '
+    'certs = [{ cert = "../up.pem", key = "/abs/other.key" }], client_ca = "clients.pem" }',
+    backends='[{ url = "wss://b.example" }]',
+    more='[routes.backend_tls]\nca = "backend-ca.pem"\ncert = "client.pem"\n'
+    'key = "/etc/client.key"\nserver_name = "relative.name"',
+)
+
+
+def test_relative_files_resolve_against_the_config_file_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "tunnel.toml").write_text(RELATIVE_TLS, encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    # The file named absolutely, and relatively to a working directory that is not its own.
+    for path in (sub / "tunnel.toml", Path("../sub/tunnel.toml")):
+        config = Config.from_file(path)
+        tls = config.listeners[0].tls
+        assert tls is not None
+        backend_tls = config.routes[0].backend_tls
+        files = [
+            *(name for pair in tls.certs for name in (pair.cert, pair.key)),
+            tls.client_ca,
+            backend_tls.ca,
+            backend_tls.cert,
+            backend_tls.key,
+        ]
+        assert all(Path(name).is_absolute() for name in files), files
+        assert [os.path.normpath(name) for name in files] == [
+            str(sub / "site.pem"),
+            str(sub / "keys" / "site.key"),
+            str(tmp_path / "up.pem"),
+            "/abs/other.key",
+            str(sub / "clients.pem"),
+            str(sub / "backend-ca.pem"),
+            str(sub / "client.pem"),
+            "/etc/client.key",
+        ]
+        assert backend_tls.server_name == "relative.name", "a name, not a file"
+
+
+def test_from_toml_without_a_base_leaves_file_names_as_written() -> None:
+    config = Config.from_toml(RELATIVE_TLS)
+    tls = config.listeners[0].tls
+    assert tls is not None
+    assert tls.certs == (
+        CertPair("site.pem", "keys/site.key"),
+        CertPair("../up.pem", "/abs/other.key"),
+    )
+    assert tls.client_ca == "clients.pem"
+    assert config.routes[0].backend_tls.ca == "backend-ca.pem"
+    assert config.routes[0].backend_tls.cert == "client.pem"
+
+
+def test_from_toml_with_a_base_resolves_against_it(tmp_path: Path) -> None:
+    config = Config.from_toml(RELATIVE_TLS, base=tmp_path)
+    tls = config.listeners[0].tls
+    assert tls is not None
+    assert tls.certs[0] == CertPair(str(tmp_path / "site.pem"), str(tmp_path / "keys/site.key"))
+
+
+def test_every_tls_key_round_trips_and_is_spelled_out() -> None:
+    config = Config.from_toml(EVERY_TLS_KEY)
+    assert Config.from_toml(config.to_toml()) == config
+    printed = tomllib.loads(config.to_toml())
+    redirect, first, second = printed["listeners"]
+    assert redirect == {"listen": "127.0.0.1:8080", "redirect_https": True}
+    assert first["tls"] == {
+        "certs": [
+            {"cert": "site.pem", "key": "site.key"},
+            {"cert": "other.pem", "key": "other.key"},
+        ],
+        "min_version": "1.3",
+        "client_ca": "clients.pem",
+        "client_subject_header": "X-Client-Subject",
+    }
+    assert second["tls"]["min_version"] == "1.2"
+    assert second["tls"]["client_ca"] == ""
+    secure, plain = printed["routes"]
+    assert secure["backends"][0]["url"] == "wss://b.example:443"
+    assert secure["backend_tls"] == {
+        "ca": "backend-ca.pem",
+        "server_name": "internal.example",
+        "cert": "client.pem",
+        "key": "client.key",
+        "verify": False,
+    }
+    assert plain["backend_tls"]["verify"] is True
+    assert printed["server"]["cert_check_interval"] == "0s"
+
+
+def test_tls_overrides_make_every_listener_tls_with_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    two_plain = doc().replace(
+        "\n\n[[routes]]", '\n[[listeners]]\nlisten = "127.0.0.1:8081"\n\n[[routes]]', 1
+    )
+    config = Config.from_toml(two_plain).with_overrides(tls_cert="c.pem", tls_key="keys/k.pem")
+    pair = CertPair(str(tmp_path / "c.pem"), str(tmp_path / "keys" / "k.pem"))
+    assert [listener.tls for listener in config.listeners] == [ListenerTLS((pair,))] * 2
+    assert [str(listener.listen) for listener in config.listeners] == [
+        "127.0.0.1:8080",
+        "127.0.0.1:8081",
+    ]
+    absolute = Config.from_toml(doc()).with_overrides(tls_cert="/a/c.pem", tls_key="/a/k.pem")
+    assert absolute.listeners[0].tls == ListenerTLS((CertPair("/a/c.pem", "/a/k.pem"),))
+
+
+def test_tls_overrides_keep_a_tls_listener_options_and_end_redirects(tmp_path: Path) -> None:
+    config = Config.from_toml(EVERY_TLS_KEY)
+    cert, key = str(tmp_path / "new.pem"), str(tmp_path / "new.key")
+    overridden = config.with_overrides(tls_cert=cert, tls_key=key)
+    pair = CertPair(cert, key)
+    redirect, first, second = overridden.listeners
+    assert redirect.tls == ListenerTLS((pair,))
+    assert redirect.redirect_https is False, "a TLS listener cannot redirect to itself"
+    assert first.tls == ListenerTLS(
+        (pair,),
+        min_version="1.3",
+        client_ca="clients.pem",
+        client_subject_header="X-Client-Subject",
+    )
+    assert second.tls == ListenerTLS((pair,))
+    assert overridden.routes == config.routes
+    assert overridden.server == config.server
+
+
+def test_tls_overrides_apply_to_the_listen_flags(tmp_path: Path) -> None:
+    cert, key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    config = Config.from_toml(EVERY_TLS_KEY).with_overrides(
+        listen=["127.0.0.1:9443"], tls_cert=cert, tls_key=key
+    )
+    assert config.listeners == (
+        ListenerConfig(Address("127.0.0.1", 9443), tls=ListenerTLS((CertPair(cert, key),))),
+    )
+    without = Config().with_overrides(
+        listen=[":1"], backends=["wss://b.example"], tls_cert=cert, tls_key=key
+    )
+    assert without.listeners[0].tls == ListenerTLS((CertPair(cert, key),))
+    assert without.routes[0].backends[0].tls is True
