@@ -25,17 +25,22 @@ def https_redirect(request: h11.Request, https_port: int = HTTPS_PORT) -> Tunnel
     Not checked: anything else about the request; it is never forwarded.
     """
     raw = list(request.headers)
-    host_values = headers.values(raw, b"host")
     target = request.target.decode("latin-1")
-    if not target.startswith("/"):
-        parts = urlsplit(target) if "://" in target else None
-        host_values = host_values or ([parts.netloc.encode("latin-1")] if parts else [])
-        target = (
-            ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")) if parts else "/"
-        )
-    if not host_values or not host_values[0]:
+    host_values = headers.values(raw, b"host")
+    hostname = headers.split_host(host_values[0].decode("latin-1"))[0] if host_values else ""
+    if "://" in target:
+        # An absolute-form target names the host itself, and Host is then ignored
+        # (RFC 9112, section 3.2.2).
+        try:
+            parts = urlsplit(target)
+            hostname = parts.hostname or ""
+        except ValueError:
+            return HandshakeError(f"request target {target!r} is not a valid URL")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    elif not target.startswith("/"):
+        target = "/"  # asterisk or authority form: the site's root is the nearest page
+    if not hostname:
         return HandshakeError("the request names no Host, so it cannot be redirected to HTTPS")
-    hostname, _ = headers.split_host(host_values[0].decode("latin-1"))
     authority = f"[{hostname}]" if ":" in hostname else hostname
     if https_port != HTTPS_PORT:
         authority += f":{https_port}"

@@ -174,7 +174,15 @@ class TLSConn:
             self.tls.unwrap()
         self._queue_output()
         self._wr_shut = 1
-        self.flush()
+        try:
+            self.flush()
+        except OSError:
+            if not self._eof:
+                raise
+            # The peer closed first and may be gone: its kernel answers the close_notify with a
+            # reset. Both directions have ended in order, which is a clean close.
+            self._backlog.clear()
+            self._wr_shut = 2
 
     def close(self) -> None:
         """Close the socket, after a best-effort close_notify when none was sent."""
