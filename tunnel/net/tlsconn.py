@@ -71,6 +71,13 @@ class TLSConn:
                 done = True
             except ssl.SSLWantReadError:
                 done = False
+            except ssl.SSLError:
+                # The alert that says why (protocol_version, unknown_ca...) is queued: send it,
+                # so the peer learns the reason instead of seeing a bare close.
+                self._queue_output()
+                with contextlib.suppress(OSError):
+                    self.flush()
+                raise
             self._queue_output()
             if not self.flush():
                 return WANT_WRITE
