@@ -317,6 +317,12 @@ class Engine:
         except OSError:
             self._close(tunnel, CLIENT_RESET)
             return tunnel
+        for flow in (tunnel.up, tunnel.down):
+            if isinstance(flow.src, TLSConn) and flow.src.has_buffered_input:
+                # Already out of the socket, so no event will come for it. Registering the
+                # (writable) sockets wakes the engine, which then retries this flow.
+                flow.ready = True
+                self._again.append(flow)
         if self.idle_timeout > 0:
             deadline = stats.last_activity + self.idle_timeout
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), tunnel))

@@ -152,8 +152,9 @@ class TLSConn:
 
     @property
     def has_buffered_input(self) -> bool:
-        """Decrypted bytes wait here that no socket event will announce."""
-        return bool(self._plain)
+        """Bytes wait here, decrypted or not, that no socket event will announce: what the
+        handshake code read past its needs, or what ``shutdown`` kept aside."""
+        return bool(self._plain or self._incoming.pending or self.tls.pending())
 
     def flush(self) -> bool:
         """Write the backlog; True when it is empty. Sends the FIN a ``shutdown`` asked for once
