@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,7 +27,9 @@ import trio.testing
 import websockets.sync.client
 from click.testing import CliRunner
 from conftest import WsBackend
+from cryptography import x509
 
+from tunnel.certs import issue, make_ca
 from tunnel.cli import main
 from tunnel.config import Address, ListenerConfig
 from tunnel.logs import LOGGER_NAME, TextFormatter, fields
@@ -522,4 +525,55 @@ def test_sighup_does_not_stop_a_single_process_run(
     assert "worker" not in log, "one process: no supervisor, no workers"
     assert tunnel.process.poll() is None
     echo_once(port)
+    assert tunnel.stop() == 0
+
+
+def test_tls_workers_serve_wss_and_sighup_reloads_every_worker(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend, tmp_path: Path
+) -> None:
+    """Each worker terminates TLS with the pair passed on the command line (the supervisor
+    hands the paths on in the configuration), and SIGHUP to the supervisor makes every worker
+    load the files again."""
+    ca = make_ca()
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    (pki / "ca.pem").write_bytes(ca.cert_pem)
+    first = issue(ca, [LOOPBACK])
+    (pki / "cert.pem").write_bytes(first.cert_pem)
+    (pki / "key.pem").write_bytes(first.key_pem)
+    tunnel = start_tunnel_process(
+        *run_workers_args(echo_backend),
+        "--tls-cert",
+        str(pki / "cert.pem"),
+        "--tls-key",
+        str(pki / "key.pem"),
+    )
+    tunnel.wait_listening({1, 2})
+    port = tunnel.port()
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    for i in range(4):
+        with websockets.sync.client.connect(
+            f"wss://{LOOPBACK}:{port}/", ssl=context, open_timeout=10, close_timeout=5
+        ) as ws:
+            ws.send(f"over TLS {i}")
+            assert ws.recv(timeout=10) == f"over TLS {i}"
+
+    second = issue(ca, [LOOPBACK])
+    (pki / "cert.pem").write_bytes(second.cert_pem)
+    (pki / "key.pem").write_bytes(second.key_pem)
+    tunnel.process.send_signal(signal.SIGHUP)
+    log = tunnel.wait_for(
+        "both workers to reload",
+        lambda log: set(re.findall(r"TLS certificates reloaded.* worker=(\d+)", log)) == {"1", "2"},
+    )
+    assert "not reloaded" not in log
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=LOOPBACK) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    assert x509.load_der_x509_certificate(der).serial_number == (
+        x509.load_pem_x509_certificate(second.cert_pem).serial_number
+    )
     assert tunnel.stop() == 0

@@ -2,12 +2,22 @@
 
 Embed it with ``from tunnel import Config, serve`` and ``await nursery.start(serve, config)``;
 ``run_workers(config)`` (blocking, from the main thread) serves with ``server.workers`` processes.
+Pass ``control=Control()`` to ``serve`` to reload TLS certificates from the caller
+(``control.reload_certificates()``), as SIGHUP does for ``tunnel run``.
 """
 
 from tunnel._version import __version__
-from tunnel.app import serve
+from tunnel.app import Control, serve
 from tunnel.config import Config
 from tunnel.errors import ConfigError, TunnelError
 from tunnel.supervisor import run_workers
 
-__all__ = ["Config", "ConfigError", "TunnelError", "__version__", "run_workers", "serve"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Control",
+    "TunnelError",
+    "__version__",
+    "run_workers",
+    "serve",
+]
