@@ -15,6 +15,7 @@ import trio
 
 from tunnel._version import __version__
 from tunnel.app import Control, check_tls, serve
+from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
@@ -275,9 +276,6 @@ def demo(listen: str, once: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace the files if they exist.")
 def cert(hosts: tuple[str, ...], out_dir: Path, days: int | None, force: bool) -> None:
     """Make a development CA and a server certificate signed by it, and say how to trust it."""
-    # Imported here so that `tunnel run` starts without loading cryptography's X.509 code.
-    from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
-
     try:
         paths = write_dev_certificates(
             out_dir, hosts, days=DEFAULT_DAYS if days is None else days, overwrite=force
