@@ -42,13 +42,27 @@ async def handshake(conn: TLSConn) -> None:
             await trio.lowlevel.wait_writable(conn)
 
 
+_HINTS = {
+    "UNSUPPORTED_PROTOCOL": "the client's TLS version is below min_version",
+    "NO_SHARED_CIPHER": "the client offers none of the accepted cipher suites",
+    "HTTP_REQUEST": "plain HTTP sent to a TLS port; use https:// or wss://",
+    "WRONG_VERSION_NUMBER": "not TLS, or a TLS version this side refuses",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "client_ca is set and the client sent no certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this side's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected this side's certificate",
+}
+"""OpenSSL's reasons that are common at an edge, and what they mean to an operator."""
+
+
 def tls_failure(exc: BaseException) -> str:
-    """An operator's description of why a handshake failed: OpenSSL's reason, verification
-    detail first."""
+    """An operator's description of why a handshake failed: OpenSSL's reason (verification
+    detail first), with what it usually means."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verification failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        return exc.reason.lower().replace("_", " ")
+        reason = exc.reason.lower().replace("_", " ")
+        hint = _HINTS.get(exc.reason)
+        return f"{reason} ({hint})" if hint else reason
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
