@@ -11,7 +11,7 @@ import hashlib
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +104,10 @@ class ServerTLS:
         certificates."""
         self.settings = settings
         self.key = key
-        self._loaded = self._load()
+        self._loaded = self._load(self._read_files())
+        self._rejected: bytes | str | None = None
+        """What the last failed reload saw (a digest, or an unreadable file's error), so that
+        the watcher logs a broken pair once, not at every check."""
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -115,15 +118,17 @@ class ServerTLS:
         """Load the files again when they changed (or always, with ``force``); True when new
         contexts are in use. On failure the old ones stay, and the log says which file."""
         try:
-            if not force and _digest(self._files()) == self._loaded.digest:
-                return False
-            self._loaded = self._load()
+            contents = self._read_files()
         except ConfigError as error:
-            log.error(
-                "TLS certificates not reloaded; the previous ones stay in use",
-                extra=fields(listener=self.key, error=error.message),
-            )
+            return self._reject(error, error.message, force)
+        digest = _digest_of(contents)
+        if not force and digest in (self._loaded.digest, self._rejected):
             return False
+        try:
+            self._loaded = self._load(contents)
+        except ConfigError as error:
+            return self._reject(error, digest, force)
+        self._rejected = None
         log.info(
             "TLS certificates reloaded; new handshakes use them",
             extra=fields(
@@ -132,12 +137,22 @@ class ServerTLS:
         )
         return True
 
-    def _files(self) -> list[str]:
-        files = [name for pair in self.settings.certs for name in (pair.cert, pair.key)]
-        return [*files, self.settings.client_ca] if self.settings.client_ca else files
+    def _reject(self, error: ConfigError, seen: bytes | str, force: bool) -> bool:
+        if force or seen != self._rejected:
+            log.error(
+                "TLS certificates not reloaded; the previous ones stay in use",
+                extra=fields(listener=self.key, error=error.message),
+            )
+        self._rejected = seen
+        return False
 
-    def _load(self) -> _Loaded:
-        contents = {name: _read(name, self.key) for name in self._files()}
+    def _read_files(self) -> dict[str, bytes]:
+        files = [name for pair in self.settings.certs for name in (pair.cert, pair.key)]
+        if self.settings.client_ca:
+            files.append(self.settings.client_ca)
+        return {name: _read(name, self.key) for name in files}
+
+    def _load(self, contents: dict[str, bytes]) -> _Loaded:
         contexts = [
             _server_context(self.settings, contents, pair.cert, pair.key, self.key)
             for pair in self.settings.certs
@@ -233,10 +248,6 @@ def _digest_of(contents: dict[str, bytes]) -> bytes:
     for name in sorted(contents):
         digest.update(name.encode() + b"\0" + contents[name] + b"\0")
     return digest.digest()
-
-
-def _digest(files: Sequence[str]) -> bytes:
-    return _digest_of({name: _read(name, "tls") for name in files})
 
 
 def _names(pem: bytes) -> list[str]:
