@@ -499,8 +499,8 @@ async def test_plain_http_on_a_tls_listener_is_dropped_and_the_tunnel_keeps_serv
     echo_backend: WsBackend,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Cleartext HTTP sent to a TLS port gets no HTTP answer, is closed promptly and logged,
-    and the next (TLS) client is served normally."""
+    """Cleartext HTTP sent to a TLS port gets a plain 400 saying so (as nginx answers), is
+    closed promptly and logged, and the next (TLS) client is served normally."""
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     with trio.fail_after(TEST_TIMEOUT):
         port = await start(nursery, tls_config([echo_backend.url], tls=site.toml()))
@@ -512,10 +512,12 @@ async def test_plain_http_on_a_tls_listener_is_dropped_and_the_tunnel_keeps_serv
             exchange, f"wss://localhost:{port}", ["still serving"], ssl=client_context(pki.ca_file)
         )
 
-    assert not data.startswith(b"HTTP/"), data[:200]
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert b"plain HTTP was sent to a TLS port; use https:// or wss://" in data
     assert answers == ["still serving"]
     assert echo_backend.connections == 1
-    assert "TLS handshake failed" in tunnel_log(caplog)
+    assert "request refused" in tunnel_log(caplog)
+    assert "plain HTTP was sent to a TLS port" in tunnel_log(caplog)
 
 
 # 5. SNI --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, Reque
 from tunnel.errors import (
     BackendTimeout,
     BackendUnreachable,
+    HandshakeError,
     NoRoute,
     Overloaded,
     RequestTimeout,
@@ -59,6 +60,7 @@ READ_SIZE = 16 * KiB
 MAX_REPLY_HEAD = 64 * KiB
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * KiB
+PLAIN_HTTP_ON_TLS = "plain HTTP was sent to a TLS port; use https:// or wss://"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,10 @@ class Handler:
         subject = ""
         if entry.tls is not None:
             conn = TLSConn(sock, entry.tls.context, server_side=True)
-            if not await _tls_handshake(conn, deadline, client, server.handshake_timeout):
+            failure = await _tls_handshake(conn, deadline, client, server.handshake_timeout)
+            if failure is not None:
+                if _is_plain_http(failure):
+                    await self._refuse(sock, client, HandshakeError(PLAIN_HTTP_ON_TLS))
                 return False
             subject = peer_subject(conn)
         try:
@@ -316,22 +321,31 @@ class Handler:
         await _linger(sock)
 
 
-async def _tls_handshake(conn: TLSConn, deadline: float, client: str, limit: float) -> bool:
-    """The client's TLS handshake, inside the same ``handshake_timeout`` as the request head;
-    False (logged) when it failed, and the connection is then closed without an answer."""
+async def _tls_handshake(
+    conn: TLSConn, deadline: float, client: str, limit: float
+) -> BaseException | None:
+    """The client's TLS handshake, inside the same ``handshake_timeout`` as the request head.
+    Returns why it failed (logged, unless it was plain HTTP, which the caller answers), and the
+    connection is then closed."""
     try:
         with trio.fail_at(deadline):
             await handshake(conn)
-    except trio.TooSlowError:
+    except trio.TooSlowError as exc:
         log.info(
             "TLS handshake timed out; closing",
             extra=fields(client=client, handshake_timeout=format_duration(limit)),
         )
-        return False
+        return exc
     except OSError as exc:  # ssl.SSLError included
-        log.info("TLS handshake failed", extra=fields(client=client, reason=tls_failure(exc)))
-        return False
-    return True
+        if not _is_plain_http(exc):
+            log.info("TLS handshake failed", extra=fields(client=client, reason=tls_failure(exc)))
+        return exc
+    return None
+
+
+def _is_plain_http(failure: BaseException) -> bool:
+    """OpenSSL saw an HTTP request line where a TLS ClientHello belongs."""
+    return isinstance(failure, ssl.SSLError) and failure.reason == "HTTP_REQUEST"
 
 
 async def _read_request(
