@@ -922,3 +922,29 @@ async def test_4_mib_each_way_through_tls_at_both_ends(
     assert len(answers[0]) == len(up)
     assert answers[0] == up
     assert wss_backend.backend.digests == [hashlib.sha256(up).hexdigest()]
+
+
+async def test_reload_picks_up_a_new_backend_ca(
+    nursery: trio.Nursery,
+    wss_backend: WssBackend,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``backend_tls`` files are reloaded with the listeners' (SIGHUP, or
+    ``Control.reload_certificates``): a CA bundle that did not cover the backend's issuer and
+    now does lets new connections through, without a restart."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    bundle = tmp_path / "backend-ca.pem"
+    bundle.write_bytes(make_ca().cert_pem)
+    control = Control()
+    with trio.fail_after(TEST_TIMEOUT):
+        config = tls_config([wss_backend.url()], backend_tls={"ca": str(bundle)})
+        port = await start(nursery, config, control)
+        before = await in_thread(refused, f"ws://{LOOPBACK}:{port}")
+        replace_file(bundle, wss_backend.pki.ca_file.read_bytes())
+        control.reload_certificates()
+        answers = await in_thread(exchange, f"ws://{LOOPBACK}:{port}", ["new CA"])
+
+    assert before.status_code == 502
+    assert answers == ["new CA"]
+    assert "backend TLS files reloaded" in tunnel_log(caplog)

@@ -389,7 +389,7 @@ def test_sighup_reaches_every_worker_and_nothing_exits(
     log = tunnel.wait_for(
         "both workers to log SIGHUP",
         lambda log: (
-            set(re.findall(r"SIGHUP received; no TLS listener to reload.* worker=(\d+)", log))
+            set(re.findall(r"SIGHUP received; no TLS files to reload.* worker=(\d+)", log))
             == {"1", "2"}
         ),
     )
@@ -521,7 +521,7 @@ def test_sighup_does_not_stop_a_single_process_run(
     tunnel.process.send_signal(signal.SIGHUP)
 
     log = tunnel.wait_for("the SIGHUP line", lambda log: "SIGHUP received" in log)
-    assert "info SIGHUP received; no TLS listener to reload, still serving\n" in log
+    assert "info SIGHUP received; no TLS files to reload, still serving\n" in log
     assert "worker" not in log, "one process: no supervisor, no workers"
     assert tunnel.process.poll() is None
     echo_once(port)

@@ -25,10 +25,21 @@ class Control:
 
     def __init__(self) -> None:
         self.certificates: list[ServerTLS] = []
+        self.handler: Handler | None = None
+
+    @property
+    def has_tls(self) -> bool:
+        """Whether there is anything for ``reload_certificates`` to load."""
+        return bool(self.certificates) or (
+            self.handler is not None and self.handler.reloads_backend_tls
+        )
 
     def reload_certificates(self) -> int:
-        """Load every TLS listener's files again; the number of listeners now on new ones.
-        Open tunnels are untouched; a pair that fails to load keeps the old one (logged)."""
+        """Load every TLS listener's files, and the routes' ``backend_tls`` files, again; the
+        number of listeners now on new ones. Open tunnels are untouched; a pair that fails to
+        load keeps the old one (logged)."""
+        if self.handler is not None:
+            self.handler.reload_backend_tls()
         return sum(tls.reload(force=True) for tls in self.certificates)
 
 
@@ -83,6 +94,8 @@ async def serve(
             idle_timeout=server.idle_timeout,
         )
         handler = Handler(config, engine=engine)
+        if control is not None:
+            control.handler = handler
         async with trio.open_nursery() as connections:
             await connections.start(engine.run)
             for listener in listeners:

@@ -189,11 +189,11 @@ async def _run_until_signal(config: Config, *, reuse_port: bool, lifeline: int |
                 nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    if control.certificates:
+                    if control.has_tls:
                         log.info("SIGHUP received; reloading TLS certificates")
                         control.reload_certificates()
                     else:
-                        log.info("SIGHUP received; no TLS listener to reload, still serving")
+                        log.info("SIGHUP received; no TLS files to reload, still serving")
                     continue
                 nursery.cancel_scope.cancel()
                 break

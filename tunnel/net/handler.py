@@ -38,6 +38,7 @@ from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, Reque
 from tunnel.errors import (
     BackendTimeout,
     BackendUnreachable,
+    ConfigError,
     HandshakeError,
     NoRoute,
     Overloaded,
@@ -87,19 +88,36 @@ class Handler:
         self.config = config
         self.engine = engine
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
-        self._backend_tls: dict[str, ssl.SSLContext] = {}
+        self._backend_tls = _backend_contexts(config)
         for i, route in enumerate(config.routes):
-            if any(backend.tls for backend in route.backends):
-                key = f"routes[{i}].backend_tls"
-                self._backend_tls[route.name] = client_context(route.backend_tls, key)
-                if not route.backend_tls.verify:
-                    log.warning(
-                        "backend certificates are NOT verified (verify = false): anyone on the "
-                        "path can pose as these backends",
-                        extra=fields(route=route.name, key=f"{key}.verify"),
-                    )
+            if route.name in self._backend_tls and not route.backend_tls.verify:
+                log.warning(
+                    "backend certificates are NOT verified (verify = false): anyone on the "
+                    "path can pose as these backends",
+                    extra=fields(route=route.name, key=f"routes[{i}].backend_tls.verify"),
+                )
         self._active = 0
         """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
+
+    @property
+    def reloads_backend_tls(self) -> bool:
+        return bool(self._backend_tls)
+
+    def reload_backend_tls(self) -> bool:
+        """Load the ``backend_tls`` files again (CA bundles, client certificates); new backend
+        connections use them. On failure the previous ones stay, and the log says why."""
+        if not self._backend_tls:
+            return False
+        try:
+            self._backend_tls = _backend_contexts(self.config)
+        except ConfigError as error:
+            log.error(
+                "backend TLS files not reloaded; the previous ones stay in use",
+                extra=fields(error=error.message),
+            )
+            return False
+        log.info("backend TLS files reloaded", extra=fields(routes=",".join(self._backend_tls)))
+        return True
 
     async def __call__(
         self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
@@ -413,6 +431,15 @@ async def _linger(sock: Conn) -> None:
                 discarded += len(data)
     except OSError:
         return
+
+
+def _backend_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """A client context per route with ``wss://`` backends; ``ConfigError`` names the key."""
+    return {
+        route.name: client_context(route.backend_tls, f"routes[{i}].backend_tls")
+        for i, route in enumerate(config.routes)
+        if any(backend.tls for backend in route.backends)
+    }
 
 
 def _host_header(backend: BackendConfig) -> str:
