@@ -25,7 +25,7 @@ from conftest import WsBackend
 from cryptography import x509
 
 from tunnel import Config, __version__
-from tunnel.certs import DevCertificates, Issued, issue, write_dev_certificates
+from tunnel.certs import DevCertificates, Issued, issue, make_ca, write_dev_certificates
 from tunnel.cli import main
 from tunnel.config import RouteConfig, ServerConfig
 from tunnel.echo import serve_echo
@@ -660,3 +660,31 @@ def test_run_in_a_subprocess_serves_wss_and_reloads_certificates_on_sighup(
             except subprocess.TimeoutExpired:
                 process.kill()  # the Popen object kills only the PID it started
                 process.wait(10)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_with_a_missing_tls_key_exits_1_before_any_worker_starts(
+    tmp_path: Path, workers: str
+) -> None:
+    """With workers, the files are loaded once by the supervisor, which fails at once with the
+    key and the file, instead of every worker failing and being restarted."""
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(issue(make_ca(), ["localhost"]).cert_pem)
+    missing = tmp_path / "missing-key.pem"
+    result = invoke(
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:9",
+        "--workers",
+        workers,
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(missing),
+    )
+    assert result.exit_code == 1
+    assert "configuration error: listeners[0].tls" in result.stderr
+    assert str(missing) in result.stderr
+    assert "starting workers" not in result.stderr

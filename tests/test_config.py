@@ -915,8 +915,20 @@ def test_backend_tls_defaults_verify_against_the_system_store() -> None:
     (route,) = Config.from_toml(doc(backends='[{ url = "wss://b.example" }]')).routes
     assert route.backend_tls == BackendTLS()
     assert (route.backend_tls.ca, route.backend_tls.verify) == ("", True)
-    partial = Config.from_toml(doc(more='[routes.backend_tls]\nserver_name = "x"'))
+    partial = Config.from_toml(
+        doc(
+            backends='[{ url = "wss://b.example" }]', more='[routes.backend_tls]\nserver_name = "x"'
+        )
+    )
     assert partial.routes[0].backend_tls == BackendTLS(server_name="x")
+
+
+def test_backend_tls_on_a_route_without_wss_backends_is_refused() -> None:
+    """It would do nothing there; a setting that does nothing is an error, never ignored."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc(more='[routes.backend_tls]\nca = "ca.pem"'))
+    assert caught.value.key == "routes[0].backend_tls"
+    assert "wss://" in caught.value.problem
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ that sends clients to a TLS listener of the same tunnel, over real loopback sock
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from tunnel import Config, serve
 from tunnel.certs import DevCertificates, write_dev_certificates
 from tunnel.core.redirect import HTTPS_PORT, https_redirect
 from tunnel.errors import HandshakeError, PermanentRedirect, TunnelError, UpgradeRequired
+from tunnel.logs import LOGGER_NAME
 
 WAIT_SECONDS = 10.0
 """Bound on any one exchange with the tunnel; a healthy one takes milliseconds."""
@@ -261,8 +263,9 @@ async def test_the_plain_listener_redirects_to_the_tls_listener_which_serves_wss
 
 
 async def test_without_a_tls_listener_the_redirect_names_no_port(
-    nursery: trio.Nursery, echo_backend: WsBackend
+    nursery: trio.Nursery, echo_backend: WsBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
     [plain] = await nursery.start(serve, redirect_config(echo_backend, None))
     port = port_of(plain)
 
@@ -273,6 +276,10 @@ async def test_without_a_tls_listener_the_redirect_names_no_port(
     refused = await exchange(port, upgrade_request(f"example.com:{port}", path="/chat"))
     assert status_of(refused) == 426, refused
     assert header(refused, "Location") == "wss://example.com/chat"
+    redirected = [r for r in caplog.records if r.getMessage().startswith("request redirected")]
+    assert [r.levelno for r in redirected] == [logging.INFO, logging.INFO], (
+        "both answers of a redirect listener are routine (info), not warnings"
+    )
 
 
 async def test_an_http10_request_without_host_gets_400_on_the_redirect_listener(

@@ -70,7 +70,8 @@ def main() -> None:
     "--backend",
     multiple=True,
     metavar="URL",
-    help="host:port or ws://host:port[/path]; several are tried round-robin.",
+    help="host:port, ws://host:port[/path] or wss://host:port[/path]; several are tried "
+    "round-robin.",
 )
 @click.option(
     "--log-format",
@@ -128,7 +129,11 @@ def run(
     setup_logging(config.server.log_format)
     if config.server.workers > 1:
         try:
+            check_tls(config)  # here, once, rather than in every worker it would stop
             status = run_workers(config)
+        except ConfigError as error:
+            _fail(f"configuration error: {error}")
+            return
         except ListenError as error:
             _fail(error.strerror or str(error))
             return

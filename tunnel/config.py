@@ -357,6 +357,12 @@ class Config:
             raise ConfigError("server.log_format", f"must be one of {', '.join(LOG_FORMATS)}")
         if self.server.relay not in RELAY_MODES:
             raise ConfigError("server.relay", f"must be one of {', '.join(RELAY_MODES)}")
+        for i, route in enumerate(self.routes):
+            if route.backend_tls != BackendTLS() and not any(b.tls for b in route.backends):
+                raise ConfigError(
+                    f"routes[{i}].backend_tls",
+                    "applies to wss:// backends and this route has none; remove it or use wss://",
+                )
         for i, listener in enumerate(self.listeners):
             if listener.tls is not None and listener.redirect_https:
                 raise ConfigError(

@@ -156,7 +156,10 @@ class Handler:
         try:
             request = await _read_request(conn, head, server.handshake_timeout, deadline)
             if entry.redirect_port is not None:
-                raise https_redirect(request, entry.redirect_port)
+                await self._refuse(
+                    conn, client, https_redirect(request, entry.redirect_port), redirect=True
+                )
+                return False
             upgrade = validate_request(request)
             route = match_route(self.config.routes, upgrade.hostname, upgrade.path)
             if route is None:
@@ -320,8 +323,12 @@ class Handler:
         backend_sock.close()
         await _linger(sock)
 
-    async def _refuse(self, sock: Conn, client: str, error: TunnelError, **context: str) -> None:
-        if error.status < 400:
+    async def _refuse(
+        self, sock: Conn, client: str, error: TunnelError, *, redirect: bool = False, **context: str
+    ) -> None:
+        """Answer ``error`` and close. ``redirect``: the answer of a ``redirect_https`` listener
+        (308, or 426 naming the wss:// URL), which is routine, not a warning."""
+        if redirect and error.status in (308, 426):
             log.info(
                 "request redirected",
                 extra=fields(client=client, status=error.status, reason=error.message),
