@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -688,3 +689,25 @@ def test_run_with_a_missing_tls_key_exits_1_before_any_worker_starts(
     assert "configuration error: listeners[0].tls" in result.stderr
     assert str(missing) in result.stderr
     assert "starting workers" not in result.stderr
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_example_configuration_is_valid() -> None:
+    result = invoke("check", "--config", str(EXAMPLES / "tunnel.toml"))
+    assert result.exit_code == 0, result.output
+
+
+def test_the_tls_example_is_valid_once_its_certificates_exist(tmp_path: Path) -> None:
+    """The steps its header gives: two ``tunnel cert`` runs, then ``tunnel check``."""
+    shutil.copy(EXAMPLES / "tunnel-tls.toml", tmp_path / "tunnel-tls.toml")
+    for out, hosts in (
+        ("certs", ["--host", "localhost", "--host", "127.0.0.1"]),
+        ("certs/chat", ["--host", "chat.localhost", "--host", "*.chat.localhost"]),
+    ):
+        made = invoke("cert", *hosts, "--out", str(tmp_path / out))
+        assert made.exit_code == 0, made.output
+    result = invoke("check", "--config", str(tmp_path / "tunnel-tls.toml"))
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / "certs" / "chat" / "cert.pem") in result.stdout
