@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
         help="where to write <UTC timestamp>.md and .json (default: bench/results)",
     )
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="clients reach every proxy over TLS (wss://; the backend side stays plain); "
+        "needs libssl-dev for the load generator",
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="instead: the upgrade workload against tunnel with workers=1 and 2",
@@ -99,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only or WORKLOADS,
         out=args.out,
         scaling=args.scaling,
+        tls=args.tls,
     )
     try:
         session = run(options)

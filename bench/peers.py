@@ -5,6 +5,15 @@ only, the same backend, the same forwarded headers (``Host`` kept, ``X-Forwarded
 ``-Proto``, ``-Host``, ``X-Real-IP``), a 1 h tunnel timeout, no access logging (tunnel cannot
 turn off its two lines per tunnel; they go to a file) and connection limits large enough for
 the idle test.
+
+With ``Settings.tls`` every proxy terminates TLS on its listener (the backend side stays plain)
+with the same certificate (EC P-256, made once per session by ``make_certificates``) and the
+same policy, which is tunnel's: TLS 1.2 and 1.3, forward-secret AEAD suites for 1.2
+(``TLS12_CIPHERS``) and OpenSSL's default suites for 1.3, the server's preference, OpenSSL's
+default key-exchange groups, ALPN ``http/1.1``, session tickets on (OpenSSL's default, which
+tunnel's Python ``ssl`` keeps: two tickets after a TLS 1.3 handshake). Session caches stay at
+each one's default (HAProxy's is its shared cache; nginx has none; tunnel's is OpenSSL's, which
+stateless TLS 1.3 tickets leave unused). All three link the same libssl at run time.
 """
 
 from __future__ import annotations
@@ -23,6 +32,37 @@ from bench import procs
 REPO_DIR = Path(__file__).resolve().parent.parent
 PEER_NAMES = ("tunnel", "nginx", "haproxy")
 START_SECONDS = 20.0
+TLS_HOSTS = ("localhost", "127.0.0.1")
+"""The names the benchmark certificate covers; the load generator sends SNI "localhost"."""
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""tunnel's TLS 1.2 cipher list (``tunnel.net.tls.CIPHERS_TLS12``), given to nginx and HAProxy."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The benchmark's certificate and key (PEM), and both in one file for HAProxy."""
+
+    cert: Path
+    key: Path
+    combined: Path
+
+
+def make_certificates(directory: Path) -> TLSFiles:
+    """A throwaway CA and an EC P-256 certificate for ``TLS_HOSTS`` it signs, made with
+    ``tunnel.certs`` (the code behind ``tunnel cert``), written into ``directory``."""
+    from tunnel.certs import issue, make_ca  # here: only TLS sessions need cryptography
+
+    directory.mkdir(parents=True, exist_ok=True)
+    issued = issue(make_ca("tunnel bench CA"), list(TLS_HOSTS))
+    files = TLSFiles(directory / "cert.pem", directory / "key.pem", directory / "combined.pem")
+    files.cert.write_bytes(issued.cert_pem)
+    for path, data in (
+        (files.key, issued.key_pem),
+        (files.combined, issued.cert_pem + issued.key_pem),
+    ):
+        path.touch(mode=0o600)
+        path.write_bytes(data)
+    return files
 
 
 @dataclass(frozen=True)
@@ -35,12 +75,17 @@ class Settings:
     idle_tunnels: int = 5000
     nofile: int = 20000
     python: str = sys.executable
+    tls: TLSFiles | None = None
+    """Terminate TLS on the listener with these files (None: plain ws://)."""
 
 
 # --- config writers (pure) -------------------------------------------------------------------
 
 
 def tunnel_config(port: int, settings: Settings) -> str:
+    tls = ""
+    if settings.tls is not None:  # tunnel's defaults otherwise: min_version = "1.2"
+        tls = f'tls = {{ cert = "{settings.tls.cert}", key = "{settings.tls.key}" }}\n'
     return f"""\
 [server]
 relay = "{settings.relay}"
@@ -50,7 +95,7 @@ max_tunnels = 100000
 
 [[listeners]]
 listen = "{procs.LOOPBACK}:{port}"
-
+{tls}
 [[routes]]
 name = "bench"
 backends = [ {{ name = "echo", url = "ws://{procs.LOOPBACK}:{settings.backend_port}" }} ]
@@ -67,9 +112,29 @@ def nginx_worker_connections(settings: Settings) -> int:
     return max(1024, min(2 * settings.idle_tunnels * 5 // 4 + 1024, settings.nofile - 64))
 
 
+def nginx_tls(settings: Settings) -> tuple[str, str]:
+    """The ``listen`` flag and the server-block directives that make nginx terminate TLS."""
+    if settings.tls is None:
+        return "", ""
+    # ssl_session_tickets on and no ssl_session_cache are nginx's defaults and tunnel's too.
+    return (
+        " ssl",
+        f"""
+        ssl_certificate {settings.tls.cert};
+        ssl_certificate_key {settings.tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {TLS12_CIPHERS};
+        ssl_prefer_server_ciphers on;
+        ssl_ecdh_curve auto;
+        ssl_session_tickets on;
+""",
+    )
+
+
 def nginx_config(port: int, prefix: Path, settings: Settings) -> str:
     user = "user root;\n" if os.geteuid() == 0 else ""
     temp = prefix / "tmp"
+    ssl_flag, ssl_directives = nginx_tls(settings)
     return f"""\
 worker_processes {settings.workers};
 master_process on;
@@ -90,7 +155,7 @@ http {{
     scgi_temp_path {temp}/scgi;
 
     server {{
-        listen {procs.LOOPBACK}:{port} backlog=4096;
+        listen {procs.LOOPBACK}:{port}{ssl_flag} backlog=4096;{ssl_directives}
         location / {{
             proxy_pass http://{procs.LOOPBACK}:{settings.backend_port};
             proxy_http_version 1.1;
@@ -119,11 +184,20 @@ def haproxy_maxconn(settings: Settings) -> int:
 
 def haproxy_config(port: int, settings: Settings) -> str:
     maxconn = haproxy_maxconn(settings)
+    bind, proto, ssl_global = "", "http", ""
+    if settings.tls is not None:
+        # HAProxy reads the certificate and its key from one file. Session tickets are on by
+        # default, so is the server's cipher preference (prefer-client-ciphers unset), and its
+        # key-exchange groups are OpenSSL's defaults (no ``curves``): X25519 is negotiated, as
+        # with the other two (the load generator reports what each handshake negotiated).
+        bind = f" ssl crt {settings.tls.combined} alpn http/1.1 ssl-min-ver TLSv1.2"
+        proto = "https"
+        ssl_global = f"    ssl-default-bind-ciphers {TLS12_CIPHERS}\n"
     return f"""\
 global
     nbthread {settings.workers}
     maxconn {maxconn}
-
+{ssl_global}
 defaults
     mode http
     maxconn {maxconn}
@@ -135,8 +209,8 @@ defaults
     option forwardfor
 
 frontend bench
-    bind {procs.LOOPBACK}:{port}
-    http-request set-header X-Forwarded-Proto http
+    bind {procs.LOOPBACK}:{port}{bind}
+    http-request set-header X-Forwarded-Proto {proto}
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
     http-request set-header X-Real-IP %[src]
     default_backend echo
@@ -158,6 +232,8 @@ class Running:
     process: procs.Managed | None
     measured: Callable[[], list[int]] = field(default=list)
     config_text: str = ""
+    tls: bool = False
+    """Clients reach it over TLS."""
 
     def pids(self) -> list[int]:
         """The processes whose CPU and RSS count as the proxy's."""
@@ -299,7 +375,8 @@ def start_tunnel(workdir: Path, settings: Settings, label: str = "tunnel") -> Ru
     except BaseException:
         process.stop()
         raise
-    return Running(label, port, process, lambda: procs.tree(process.pid), text)
+    tls = settings.tls is not None
+    return Running(label, port, process, lambda: procs.tree(process.pid), text, tls)
 
 
 def start_nginx(workdir: Path, settings: Settings) -> Running:
@@ -327,7 +404,7 @@ def start_nginx(workdir: Path, settings: Settings) -> Running:
     except BaseException:
         process.stop()
         raise
-    return Running("nginx", port, process, workers, text)
+    return Running("nginx", port, process, workers, text, settings.tls is not None)
 
 
 def start_haproxy(workdir: Path, settings: Settings) -> Running:
@@ -347,7 +424,8 @@ def start_haproxy(workdir: Path, settings: Settings) -> Running:
     except BaseException:
         process.stop()
         raise
-    return Running("haproxy", port, process, lambda: procs.tree(process.pid), text)
+    tls = settings.tls is not None
+    return Running("haproxy", port, process, lambda: procs.tree(process.pid), text, tls)
 
 
 def start(name: str, workdir: Path, settings: Settings) -> Running:

@@ -38,17 +38,28 @@ class Row:
     """Throughput figures, which a saturated load generator caps: marked when that happened."""
 
 
-def rows(plan: Plan) -> list[Row]:
+def rows(plan: Plan, tls: bool = False) -> list[Row]:
+    """The table's rows. Over TLS the keys are the same; the labels say that an upgrade then
+    includes a full TLS handshake and that the idle tunnels are TLS ones."""
     rate = f"{plan.latency_rate:,.0f} msg/s"
+    upgrade = "TLS handshakes + upgrades" if tls else "upgrades"
+    per_upgrade = "TLS handshake + upgrade" if tls else "upgrade"
+    idle = "idle TLS tunnel" if tls else "idle tunnel"
     return [
         Row(
             "upgrade_rate",
-            f"upgrades/s ({plan.upgrade_conns} conns)",
+            f"{upgrade}/s ({plan.upgrade_conns} conns)",
             "upgrade",
             "higher",
             busy_marks=True,
         ),
-        Row("upgrade_cpu_us", "proxy CPU per upgrade (µs)", "upgrade", "lower", proxy_only=True),
+        Row(
+            "upgrade_cpu_us",
+            f"proxy CPU per {per_upgrade} (µs)",
+            "upgrade",
+            "lower",
+            proxy_only=True,
+        ),
         Row(
             "echo_rate",
             f"echo msg/s ({plan.message_size} B, {plan.echo_conns} conns, closed loop)",
@@ -77,7 +88,7 @@ def rows(plan: Plan) -> list[Row]:
         Row("bulk_cpu_s_per_gib", "proxy CPU s per GiB sent", "bulk", "lower", proxy_only=True),
         Row(
             "idle_rss_kib",
-            f"RSS per idle tunnel (KiB, {plan.idle_tunnels:,} open)",
+            f"RSS per {idle} (KiB, {plan.idle_tunnels:,} open)",
             "idle",
             "lower",
             proxy_only=True,
@@ -140,16 +151,24 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
+TLS_METRIC = "metric (over TLS)"
+DIRECT_PLAIN = "direct (plain)"
+
+
 def comparison_table(session: Session) -> tuple[list[str], list[list[str]]]:
-    """The table: one row per metric, one column per peer, then tunnel/nginx, tunnel/haproxy."""
+    """The table: one row per metric, one column per peer, then tunnel/nginx, tunnel/haproxy.
+    Over TLS the first header cell says so, and ``direct`` (the backend has no TLS) is labelled
+    as the plain reference it is."""
     med = medians(session.samples)
     flagged = busy(session.samples)
     count = totals(session.samples)
     columns = list(session.peers)
+    tls = session.options.tls
     ratio_peers = [p for p in RATIO_PEERS if p in columns and "tunnel" in columns]
-    header = ["metric", *columns, *(f"tunnel/{p}" for p in ratio_peers)]
+    shown = [DIRECT_PLAIN if tls and c == "direct" else c for c in columns]
+    header = [TLS_METRIC if tls else "metric", *shown, *(f"tunnel/{p}" for p in ratio_peers)]
     body: list[list[str]] = []
-    for row in rows(session.plan):
+    for row in rows(session.plan, tls):
         if row.workload not in session.options.only:
             continue
         cells = [f"{row.label} {'↑' if row.better == 'higher' else '↓'}"]
@@ -179,9 +198,11 @@ def scaling_table(session: Session) -> tuple[list[str], list[list[str]]]:
     header = ["metric", one, two, "w2/w1"]
     body: list[list[str]] = []
     supported = bool(session.scaling.get(two, {}).get("supported"))
+    upgrade = "TLS handshakes + upgrades" if session.options.tls else "upgrades"
+    per_upgrade = "TLS handshake + upgrade" if session.options.tls else "upgrade"
     for key, label in (
-        ("upgrade_rate", f"upgrades/s ({session.plan.upgrade_conns} conns) ↑"),
-        ("upgrade_cpu_us", "proxy CPU per upgrade, all processes (µs) ↓"),
+        ("upgrade_rate", f"{upgrade}/s ({session.plan.upgrade_conns} conns) ↑"),
+        ("upgrade_cpu_us", f"proxy CPU per {per_upgrade}, all processes (µs) ↓"),
     ):
         a, b = med.get(one, {}).get(key), med.get(two, {}).get(key)
         cells = [label, MISSING if a is None else number(a), MISSING if b is None else number(b)]
@@ -211,6 +232,8 @@ def render(header: list[str], body: list[list[str]]) -> str:
 
 
 def table(session: Session) -> str:
+    if "tls" in session.skipped:
+        return f"TLS workloads skipped: {session.skipped['tls']}"
     if session.options.scaling:
         return render(*scaling_table(session))
     return render(*comparison_table(session))
@@ -236,6 +259,8 @@ def notes(session: Session) -> list[str]:
                 f"RSS per tunnel = (RSS with {plan.idle_tunnels:,} tunnels open - RSS just "
                 "before) / tunnels, on a freshly started proxy."
             )
+    if session.options.tls and "tls" not in session.skipped:
+        lines += tls_notes(session)
     o = session.options
     workers = "1 and 2" if o.scaling else str(o.workers)
     lines.append(f"tunnel: relay={o.relay}, workers={workers} ({peers.version('tunnel')})")
@@ -289,6 +314,51 @@ def notes(session: Session) -> list[str]:
     return lines
 
 
+def negotiated(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
+    """Per peer: what its TLS handshakes negotiated (from the load generator's first one in each
+    run; any run that differs is listed too) and the counts over all runs: handshakes, resumed
+    ones, session tickets received, EOFs without close_notify."""
+    result: dict[str, dict[str, Any]] = {}
+    counters = ("handshakes", "resumed", "tickets", "unclean_eof")
+    for sample in samples:
+        tls = sample.loadgen.get("tls")
+        if not isinstance(tls, dict) or not tls.get("version"):
+            continue
+        entry = result.setdefault(sample.peer, {"negotiated": [], **dict.fromkeys(counters, 0)})
+        what = " ".join(str(tls.get(k)) for k in ("version", "cipher", "group") if tls.get(k)) + (
+            f" ALPN {tls['alpn']}" if tls.get("alpn") else " no ALPN"
+        )
+        if what not in entry["negotiated"]:
+            entry["negotiated"].append(what)
+        for key in counters:
+            entry[key] += int(tls.get(key, 0))
+    return result
+
+
+def tls_notes(session: Session) -> list[str]:
+    text = (
+        "Over TLS: the load generator connects with TLS (1.3 offered, SNI localhost, no "
+        "certificate verification) and never resumes a session, so every upgrade is a full "
+        "handshake, the cost of a new client. Each proxy terminates TLS with the same EC P-256 "
+        "certificate and policy; the backend side is plain."
+    )
+    if "direct" in session.peers:
+        text += (
+            f" `{DIRECT_PLAIN}` is the load generator talking plain ws:// to the backend: a "
+            "reference without TLS, so the added latency includes TLS at both ends."
+        )
+    lines = [text]
+    for peer, entry in negotiated(session.samples).items():
+        handshakes = entry["handshakes"]
+        tickets = entry["tickets"] / handshakes if handshakes else 0.0
+        lines.append(
+            f"TLS with {peer}: {' / '.join(entry['negotiated'])}; {handshakes:,} handshakes, "
+            f"{entry['resumed']} resumed, {tickets:.1f} session tickets per handshake, "
+            f"{entry['unclean_eof']:,} closes without close_notify."
+        )
+    return lines
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -318,12 +388,18 @@ def machine(session: Session) -> dict[str, Any]:
 
 
 def stamp(session: Session) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(session.started))
+    """The results' file name: the UTC start time, with ``-tls`` for a TLS session."""
+    suffix = "-tls" if session.options.tls else ""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(session.started)) + suffix
 
 
 def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
     header, body = scaling_table(session) if session.options.scaling else comparison_table(session)
     options = dataclasses.asdict(session.options)
+    tls: dict[str, Any] = {"enabled": session.options.tls}
+    if session.options.tls:
+        tls["skipped"] = session.skipped.get("tls")
+        tls["peers"] = negotiated(session.samples)
     options["out"] = str(session.options.out)
     return {
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(session.started)),
@@ -340,6 +416,7 @@ def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
         "table": {"header": header, "rows": body},
         "notes": notes(session),
         "scaling": session.scaling,
+        "tls": tls,
         "samples": [dataclasses.asdict(s) for s in session.samples],
     }
 
@@ -351,8 +428,10 @@ def to_markdown(session: Session, info: dict[str, Any]) -> str:
         dirty += f"; at the end: {info['tunnel_source_at_end']['commit']}"
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(session.started))
     o = session.options
+    title = "tunnel benchmark over TLS (wss://)" if o.tls else "tunnel benchmark"
+    clients = ["- clients: TLS (wss://) to every proxy, plain ws:// from them to the backend"]
     lines = [
-        f"# tunnel benchmark, {when}",
+        f"# {title}, {when}",
         "",
         f"- command: `{' '.join(['python -m bench', *sys.argv[1:]])}`",
         f"- machine: {info['cpu_model']}, {info['cores']} cores, {info['kernel']}, "
@@ -361,6 +440,7 @@ def to_markdown(session: Session, info: dict[str, Any]) -> str:
         f"- tunnel commit: {info['tunnel_commit']}{dirty}",
         f"- plan: {session.plan.name}, relay={o.relay}, workers={o.workers}, "
         f"repeat={session.plan.repeat}, took {session.finished - session.started:.0f} s",
+        *(clients if o.tls else []),
         "",
         table(session),
         "",

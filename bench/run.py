@@ -36,6 +36,8 @@ class Options:
     only: tuple[str, ...] = WORKLOADS
     out: Path = RESULTS_DIR
     scaling: bool = False
+    tls: bool = False
+    """Clients reach every proxy over TLS (wss://); the backend side stays plain."""
 
     def effective_plan(self) -> Plan:
         plan = PLANS[self.plan]
@@ -94,7 +96,7 @@ def _start_peer(
     except procs.ProcessError as error:
         session.skipped[name] = "failed to start: " + " / ".join(str(error).splitlines())
         return None
-    workloads.warm_up(loadgen, running.port)
+    workloads.warm_up(loadgen, running.port, running.tls)
     return running
 
 
@@ -104,6 +106,11 @@ def run(options: Options, say: Say = say_to_stderr) -> Session:
     session = Session(options, plan, time.time(), source_at_start=peers.tunnel_source())
     hard = procs.raise_nofile_limit()[1]
     session.binaries = binaries = build.build()
+    if options.tls and binaries.tls_missing is not None:
+        session.skipped["tls"] = binaries.tls_missing
+        say(f"bench: skipped: {binaries.tls_missing}")
+        session.finished = time.time()
+        return session
     workdir = Path(tempfile.mkdtemp(prefix="tunnel-bench-"))
     started: list[peers.Running] = []
     backend: procs.Managed | None = None
@@ -116,6 +123,7 @@ def run(options: Options, say: Say = say_to_stderr) -> Session:
                 relay=options.relay,
                 idle_tunnels=plan.idle_tunnels,
                 nofile=hard,
+                tls=peers.make_certificates(workdir / "tls") if options.tls else None,
             )
             if options.scaling:
                 _scaling(session, settings, backend, workdir, say)
@@ -229,7 +237,7 @@ def _scaling(
             say(f"bench: {label} did not start: {error}")
             continue
         try:
-            workloads.warm_up(loadgen, running.port)
+            workloads.warm_up(loadgen, running.port, running.tls)
             processes = len(running.pids())
             session.configs[label] = running.config_text
             session.peers.append(label)

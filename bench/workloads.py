@@ -4,6 +4,9 @@ Each run goes: the load generator opens its tunnels and says ``ready``; the harn
 proxy's CPU time (and RSS); it says ``go``; the load generator measures and prints its result;
 the harness samples again before the load generator closes its connections. So set-up and
 tear-down of the tunnels never count in the per-message or per-byte figures.
+
+Against a peer that terminates TLS (``Running.tls``) the load generator runs with ``--tls``: every
+connection starts with a full TLS handshake, which the upgrade workload therefore includes.
 """
 
 from __future__ import annotations
@@ -167,6 +170,8 @@ def drive(
     """Run the load generator in ``--sync`` mode: ready → on_ready → go → result → on_result →
     close. Every wait has a deadline; on failure the load generator (our child) is killed."""
     argv = [str(target.loadgen), mode, "--port", str(target.peer.port), "--sync", *flags]
+    if target.peer.tls:
+        argv.append("--tls")
     popen = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -394,14 +399,14 @@ def run(target: Target, plan: Plan, workload: str, repetition: int) -> Sample:
     return sample
 
 
-def warm_up(loadgen: Path, port: int) -> None:
+def warm_up(loadgen: Path, port: int, tls: bool = False) -> None:
     """A few upgrades and messages, so that first-use costs (imports, caches) are not measured."""
     for argv in (
         ["upgrade", "--conns", "8", "--count", "64", "--seconds", "5"],
         ["echo", "--conns", "8", "--count", "400", "--seconds", "5", "--setup-seconds", "5"],
     ):
         subprocess.run(
-            [str(loadgen), argv[0], "--port", str(port), *argv[1:]],
+            [str(loadgen), argv[0], "--port", str(port), *argv[1:], *(["--tls"] if tls else [])],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=30,

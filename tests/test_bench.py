@@ -2,8 +2,10 @@
 
 One smoke session (``python -m bench --smoke``: builds the C load generator and echo backend,
 runs every workload for a fraction of a second against tunnel and, when installed, nginx)
-feeds the tests below. A deliberately corrupting backend checks that the load generator's
-byte-for-byte echo verification does catch a wrong byte, so "no mismatches" means something.
+feeds the tests below. A second one runs over TLS (``--smoke --tls``, against tunnel and
+whichever of nginx and HAProxy are installed; skipped, with the reason, without libssl-dev).
+A deliberately corrupting backend checks that the load generator's byte-for-byte echo
+verification does catch a wrong byte, so "no mismatches" means something.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,9 +27,13 @@ from typing import Any
 
 import pytest
 
+from tunnel.certs import issue, make_ca
+
 REPO = Path(__file__).resolve().parent.parent
 NGINX_MISSING = "nginx not installed (apt-get install nginx)"
 NGINX_INSTALLED = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+HAPROXY_MISSING = "haproxy not installed (apt-get install haproxy)"
+HAPROXY_INSTALLED = shutil.which("haproxy") is not None or Path("/usr/sbin/haproxy").exists()
 SMOKE_TIMEOUT = 120
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -47,13 +54,26 @@ def _need_compiler() -> None:
         pytest.skip("gcc not installed (apt-get install gcc)")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The JSON report of one smoke session, plus what it printed."""
-    _need_compiler()
-    out = tmp_path_factory.mktemp("bench-results")
-    against = "nginx" if NGINX_INSTALLED else "none"
-    command = [sys.executable, "-m", "bench", "--smoke", "--against", against, "--out", str(out)]
+def _openssl_missing() -> str:
+    """Why the load generator cannot speak TLS here ("" when it can), as bench.build says."""
+    probe = (
+        "from bench.build import compiler, openssl_missing\n"
+        "print(openssl_missing(compiler()) or '')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=SMOKE_TIMEOUT,
+    )
+    return result.stdout.strip()
+
+
+def _smoke_session(out: Path, *options: str) -> dict[str, Any]:
+    """Run ``python -m bench --smoke OPTIONS``; its JSON report, plus what it printed."""
+    command = [sys.executable, "-m", "bench", "--smoke", *options, "--out", str(out)]
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT, check=False
     )
@@ -63,7 +83,31 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
     report["printed"] = result.stdout
     report["markdown"] = md_path.read_text(encoding="utf-8")
+    report["json_name"] = json_path.name
     return report
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The JSON report of one smoke session, plus what it printed."""
+    _need_compiler()
+    against = "nginx" if NGINX_INSTALLED else "none"
+    return _smoke_session(tmp_path_factory.mktemp("bench-results"), "--against", against)
+
+
+@pytest.fixture(scope="module")
+def tls_smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same over TLS, against tunnel and whichever of nginx and HAProxy are installed."""
+    _need_compiler()
+    missing = _openssl_missing()
+    if missing:
+        pytest.skip(missing)
+    installed = [
+        name for name, ok in (("nginx", NGINX_INSTALLED), ("haproxy", HAPROXY_INSTALLED)) if ok
+    ]
+    against = ",".join(installed) or "none"
+    out = tmp_path_factory.mktemp("bench-tls-results")
+    return _smoke_session(out, "--tls", "--against", against)
 
 
 def _assert_positive_figures(report: dict[str, Any], peer: str) -> None:
@@ -111,18 +155,140 @@ def test_prints_one_table_and_writes_it(smoke: dict[str, Any]) -> None:
     assert smoke["machine"]["tunnel_commit"]
 
 
+# --- over TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_tunnel_figures_are_positive(tls_smoke: dict[str, Any]) -> None:
+    _assert_positive_figures(tls_smoke, "tunnel")
+    assert tls_smoke["medians"]["direct"]["upgrade_rate"] > 0  # the plain reference ran too
+
+
+@pytest.mark.parametrize(
+    ("peer", "installed", "missing"),
+    [("nginx", NGINX_INSTALLED, NGINX_MISSING), ("haproxy", HAPROXY_INSTALLED, HAPROXY_MISSING)],
+)
+def test_tls_peer_figures_are_positive(
+    tls_smoke: dict[str, Any], peer: str, installed: bool, missing: str
+) -> None:
+    if not installed:
+        pytest.skip(missing)
+    _assert_positive_figures(tls_smoke, peer)
+    assert f"tunnel/{peer}" in tls_smoke["table"]["header"]
+
+
+def test_tls_runs_had_no_errors_or_mismatches(tls_smoke: dict[str, Any]) -> None:
+    for sample in tls_smoke["samples"]:
+        where = f"{sample['peer']} {sample['workload']} over TLS"
+        assert sample["failure"] is None, where
+        assert sample["mismatches"] == 0, where
+        assert sample["errors"] == 0, f"{where}: {sample['loadgen'].get('first_error')}"
+    assert any(s["metrics"].get("bulk_bytes", 0) > 0 for s in tls_smoke["samples"])
+
+
+def test_tls_handshakes_were_full_and_the_same_for_every_proxy(tls_smoke: dict[str, Any]) -> None:
+    """Every proxy was reached over TLS 1.3 with the same suite, group and ALPN; no handshake
+    was resumed (each upgrade pays a full one)."""
+    per_peer = tls_smoke["tls"]["peers"]
+    proxies = [p for p in tls_smoke["peers"] if p != "direct"]
+    assert sorted(per_peer) == sorted(proxies)
+    negotiated = {peer: tuple(entry["negotiated"]) for peer, entry in per_peer.items()}
+    assert len(set(negotiated.values())) == 1, negotiated
+    (what,) = negotiated["tunnel"]
+    assert what.startswith("TLSv1.3 "), what
+    assert what.endswith("ALPN http/1.1"), what
+    for peer, entry in per_peer.items():
+        assert entry["handshakes"] > 0, peer
+        assert entry["resumed"] == 0, peer
+    direct = [s for s in tls_smoke["samples"] if s["peer"] == "direct"]
+    assert direct
+    assert all("tls" not in s["loadgen"] for s in direct)  # the plain reference
+
+
+def test_tls_report_says_tls(tls_smoke: dict[str, Any]) -> None:
+    assert tls_smoke["options"]["tls"] is True
+    assert tls_smoke["json_name"].endswith("-tls.json")
+    header = tls_smoke["table"]["header"]
+    assert header[0] == "metric (over TLS)"
+    assert "direct (plain)" in header
+    assert tls_smoke["printed"].splitlines()[0].startswith("| metric (over TLS)")
+    assert tls_smoke["markdown"].startswith("# tunnel benchmark over TLS (wss://)")
+    labels = [row[0] for row in tls_smoke["table"]["rows"]]
+    assert any("TLS handshake + upgrade" in label for label in labels)
+
+
+def test_plain_report_is_not_tls(smoke: dict[str, Any]) -> None:
+    assert smoke["options"]["tls"] is False
+    assert smoke["table"]["header"][0] == "metric"
+    assert not smoke["json_name"].endswith("-tls.json")
+    assert all("tls" not in s["loadgen"] for s in smoke["samples"])
+
+
+def test_tls_without_openssl_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    """Where libssl-dev is missing the load generator is built without TLS, ``--tls`` reports
+    "skipped: libssl-dev missing" and exits 0, and that load generator refuses ``--tls``."""
+    _need_compiler()
+    script = (
+        "import sys\n"
+        "import bench.build as build\n"
+        "build.openssl_missing = lambda cc: build.OPENSSL_MISSING\n"
+        "from bench.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    command = [sys.executable, "-c", script, "--smoke", "--tls", "--against", "none"]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped: libssl-dev missing" in result.stderr
+    assert "TLS workloads skipped: libssl-dev missing" in result.stdout
+    (json_path,) = tmp_path.glob("*-tls.json")
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    assert report["samples"] == []
+    assert report["tls"]["skipped"].startswith("libssl-dev missing")
+    (loadgen,) = (REPO / "bench" / ".build").glob("loadgen_notls-*")
+    refused = subprocess.run(
+        [str(loadgen), "echo", "--port", "9", "--tls"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "libssl-dev" in refused.stderr
+
+
 # --- the verification itself catches a corrupted echo ----------------------------------------
 
 
-@pytest.fixture
-def corrupting_backend() -> Iterator[int]:
-    """A backend that answers the upgrade correctly, then echoes with byte 100 flipped."""
+@pytest.fixture(params=["plain", "tls"])
+def corrupting_backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[int, bool]]:
+    """A backend that answers the upgrade correctly, then echoes with byte 100 flipped; plain,
+    or behind TLS (which the load generator then speaks): (its port, whether TLS)."""
+    tls = request.param == "tls"
+    context: ssl.SSLContext | None = None
+    if tls:
+        issued = issue(make_ca(), ["localhost"])
+        (tmp_path / "cert.pem").write_bytes(issued.cert_pem)
+        (tmp_path / "key.pem").write_bytes(issued.key_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
 
     def serve(conn: socket.socket) -> None:
         # The load generator resets the connection once it sees the wrong byte: OSError ends it.
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            if context is not None:
+                conn = context.wrap_socket(conn, server_side=True)
         with conn, contextlib.suppress(OSError):
             head = b""
             while b"\r\n\r\n" not in head:
@@ -158,15 +324,18 @@ def corrupting_backend() -> Iterator[int]:
     thread = threading.Thread(target=accept_loop, daemon=True)
     thread.start()
     try:
-        yield listener.getsockname()[1]
+        yield listener.getsockname()[1], tls
     finally:
         stop.set()
         thread.join(5)
         listener.close()
 
 
-def test_loadgen_counts_a_corrupted_echo(corrupting_backend: int) -> None:
+def test_loadgen_counts_a_corrupted_echo(corrupting_backend: tuple[int, bool]) -> None:
     _need_compiler()
+    port, tls = corrupting_backend
+    if tls and (missing := _openssl_missing()):
+        pytest.skip(missing)
     built = subprocess.run(
         [sys.executable, "-c", "from bench.build import build; print(build().loadgen)"],
         cwd=REPO,
@@ -177,10 +346,14 @@ def test_loadgen_counts_a_corrupted_echo(corrupting_backend: int) -> None:
     )
     loadgen = built.stdout.strip()
     for mode in ("echo", "bulk"):
-        argv = [loadgen, mode, "--port", str(corrupting_backend), "--conns", "2", "--seconds", "1"]
+        argv = [loadgen, mode, "--port", str(port), "--conns", "2", "--seconds", "1"]
         if mode == "bulk":
             argv += ["--bytes", "1000000"]
+        if tls:
+            argv.append("--tls")
         run = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
         result = json.loads(run.stdout)
         assert result["mismatches"] == 2, result
         assert result["first_error"] == "echoed bytes differ from the bytes sent"
+        if tls:
+            assert result["tls"]["handshakes"] == 2, result

@@ -28,6 +28,21 @@
  *   {"event": "ready", ...}
  * and waits for a line on stdin before measuring; after printing its result it waits for stdin
  * to reach EOF before closing its connections, so the caller can sample the proxy in between.
+ *
+ * TLS (--tls; compiled in with -DBENCH_TLS and OpenSSL, else --tls exits with status 2)
+ *   Every connection runs a TLS handshake right after the TCP connect (TLS 1.2 at least, 1.3
+ *   unless --tls-version 1.2, SNI --sni (default "localhost"), ALPN http/1.1), then the same
+ *   workload through SSL_read/SSL_write on the same non-blocking sockets and the same epoll loop
+ *   (SSL_ERROR_WANT_READ/WANT_WRITE become the events to wait for). Every byte is still checked.
+ *   The server's certificate is NOT verified: this is a benchmark client on loopback that talks
+ *   to a certificate the harness just made; verification would add the same client-side cost to
+ *   every proxy and prove nothing. (The server still proves it holds the key: OpenSSL checks its
+ *   CertificateVerify signature whatever the verify mode.)
+ *   Every connection is a new SSL object and no session is ever offered for resumption, so each
+ *   handshake is a full one (ECDHE + the server's signature): the upgrade workload measures the
+ *   cost of a new client. Session tickets the server sends are counted and dropped. The result
+ *   line gets a "tls" object: what the first handshake negotiated (version, cipher, group,
+ *   ALPN), handshakes, resumed ones (must be 0), tickets received, and EOFs without close_notify.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -45,6 +60,11 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#ifdef BENCH_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
+
 #include "wsutil.h"
 
 #define PATTERN_PERIOD 65521u /* prime, so connections' shifts differ */
@@ -54,7 +74,7 @@
 #define RING 1024 /* outstanding messages per echo connection */
 #define MAX_SAMPLES 20000000u
 
-enum { FREE, CONNECTING, SENDING, RECEIVING, OPEN, DRAINING, CLOSED };
+enum { FREE, CONNECTING, TLS_HANDSHAKE, SENDING, RECEIVING, OPEN, DRAINING, CLOSED };
 enum { M_UPGRADE, M_ECHO, M_BULK, M_IDLE };
 
 typedef struct {
@@ -72,6 +92,10 @@ typedef struct {
     uint64_t sent, target, received;
     double *ring; /* scheduled send times of outstanding echo messages */
     uint32_t ring_head, ring_count;
+    uint32_t read_wait, write_wait; /* the event a blocked read / write waits for, or 0 */
+#ifdef BENCH_TLS
+    SSL *ssl;
+#endif
 } conn;
 
 /* options */
@@ -91,6 +115,9 @@ static uint64_t window = 4 * 65536;
 static uint32_t parallel = 256;
 static int sync_mode;
 static int server_closes = 1;
+static int use_tls;
+static int tls_max_version; /* 0: OpenSSL's highest (TLS 1.3) */
+static const char *sni = "localhost";
 
 /* state */
 static int epfd;
@@ -102,10 +129,16 @@ static int measuring, stopping;
 static uint64_t started_count, completed, errors, mismatches, dropped, lost, unexpected;
 static uint64_t echoed_bytes, budget_left;
 static uint32_t open_conns, handshaking;
-static char first_error[160];
+static char first_error[256];
 static double *samples;
 static size_t n_samples, cap_samples;
 static char timer_tag, stdin_tag;
+static char io_error[160]; /* the last TLS error, when errno is EPROTO */
+#ifdef BENCH_TLS
+static SSL_CTX *tls_ctx;
+static uint64_t tls_handshakes, tls_resumed, tls_tickets, tls_unclean_eof;
+static char tls_version[16], tls_cipher[64], tls_group[32], tls_alpn[32];
+#endif
 
 static uint64_t rng(void) { /* xorshift64* */
     rng_state ^= rng_state >> 12;
@@ -141,11 +174,131 @@ static void set_interest(conn *c, uint32_t events) {
     c->interest = events;
 }
 
-static void close_conn(conn *c) {
-    if (c->state == OPEN) open_conns--;
-    if (c->state == CONNECTING || c->state == SENDING || c->state == RECEIVING) handshaking--;
+/* --- I/O: read()/write() on a plain socket, SSL_read()/SSL_write() on a TLS one, both with the
+ * conventions of read()/write(): n > 0, 0 at EOF, or -1 with errno. A blocked call (EAGAIN) leaves
+ * in c->read_wait / c->write_wait the event to wait for: for TLS that is the one OpenSSL asks for
+ * (a TLS read may have to write, and a TLS write may have to read). */
+
+static int last_eof_unclean; /* set by the last EOF: the peer closed without close_notify */
+
+static const char *io_strerror(int err) {
+    return err == EPROTO && io_error[0] ? io_error : strerror(err);
+}
+
+#ifdef BENCH_TLS
+static ssize_t tls_result(conn *c, int n, int saved_errno, uint32_t *wait) {
+    if (n > 0) return n;
+    int err = SSL_get_error(c->ssl, n);
+    last_eof_unclean = 0;
+    switch (err) {
+    case SSL_ERROR_WANT_READ:
+        *wait = EPOLLIN;
+        errno = EAGAIN;
+        return -1;
+    case SSL_ERROR_WANT_WRITE:
+        *wait = EPOLLOUT;
+        errno = EAGAIN;
+        return -1;
+    case SSL_ERROR_ZERO_RETURN: /* close_notify */
+        return 0;
+    case SSL_ERROR_SYSCALL:
+        if (saved_errno != 0) {
+            errno = saved_errno;
+            return -1;
+        }
+        if (ERR_peek_error() == 0) { /* EOF without close_notify */
+            last_eof_unclean = 1;
+            return 0;
+        }
+        break;
+    case SSL_ERROR_SSL:
+        if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            ERR_clear_error();
+            last_eof_unclean = 1;
+            return 0;
+        }
+        break;
+    default:
+        break;
+    }
+    unsigned long code = ERR_get_error();
+    if (code != 0) {
+        ERR_error_string_n(code, io_error, sizeof(io_error));
+    } else {
+        snprintf(io_error, sizeof(io_error), "TLS error %d", err);
+    }
+    ERR_clear_error();
+    errno = EPROTO;
+    return -1;
+}
+#endif
+
+static ssize_t conn_read(conn *c, void *buf, size_t len) {
+    c->read_wait = 0;
+#ifdef BENCH_TLS
+    if (c->ssl != NULL) {
+        ERR_clear_error();
+        errno = 0;
+        int n = SSL_read(c->ssl, buf, len > (1u << 30) ? (1 << 30) : (int)len);
+        return tls_result(c, n, errno, &c->read_wait);
+    }
+#endif
+    last_eof_unclean = 0;
+    ssize_t n = read(c->fd, buf, len);
+    if (n < 0 && errno == EAGAIN) c->read_wait = EPOLLIN;
+    return n;
+}
+
+static ssize_t conn_write(conn *c, const void *buf, size_t len) {
+    c->write_wait = 0;
+#ifdef BENCH_TLS
+    if (c->ssl != NULL) {
+        ERR_clear_error();
+        errno = 0;
+        int n = SSL_write(c->ssl, buf, len > (1u << 30) ? (1 << 30) : (int)len);
+        ssize_t r = tls_result(c, n, errno, &c->write_wait);
+        if (r == 0) { /* the peer's close_notify (or EOF) arrived while writing */
+            errno = EPIPE;
+            return -1;
+        }
+        return r;
+    }
+#endif
+    ssize_t n = write(c->fd, buf, len);
+    if (n < 0 && errno == EAGAIN) c->write_wait = EPOLLOUT;
+    return n;
+}
+
+/* Decrypted or still encrypted bytes that OpenSSL holds (read-ahead): no epoll event will say so,
+ * so whoever reads keeps reading while this is true. Always 0 for a plain socket. */
+static int tls_pending(const conn *c) {
+#ifdef BENCH_TLS
+    return c->ssl != NULL && SSL_has_pending(c->ssl);
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+/* Closes the socket (and frees the TLS state; no close_notify is sent: the connection is done). */
+static void release(conn *c) {
+#ifdef BENCH_TLS
+    if (c->ssl != NULL) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+#endif
     close(c->fd);
     c->fd = -1;
+}
+
+static void close_conn(conn *c) {
+    if (c->state == OPEN) open_conns--;
+    if (c->state == CONNECTING || c->state == TLS_HANDSHAKE || c->state == SENDING ||
+        c->state == RECEIVING) {
+        handshaking--;
+    }
+    release(c);
     c->state = CLOSED;
 }
 
@@ -173,6 +326,7 @@ static void build_request(conn *c) {
 }
 
 static void send_request(conn *c);
+static void connected(conn *c);
 
 static void start_connect(conn *c) {
     int fd = socket(target_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -188,6 +342,7 @@ static void start_connect(conn *c) {
     c->head_len = 0;
     c->sent = c->target = c->received = 0;
     c->ring_head = c->ring_count = 0;
+    c->read_wait = c->write_wait = 0;
     started_count++;
     handshaking++;
     c->interest = EPOLLOUT;
@@ -195,8 +350,7 @@ static void start_connect(conn *c) {
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl ADD");
     build_request(c);
     if (connect(fd, (struct sockaddr *)&target_addr, target_len) == 0) {
-        c->state = SENDING;
-        send_request(c);
+        connected(c);
     } else if (errno == EINPROGRESS) {
         c->state = CONNECTING;
     } else {
@@ -207,21 +361,87 @@ static void start_connect(conn *c) {
 
 static void send_request(conn *c) {
     while (c->request_off < c->request_len) {
-        ssize_t w = write(c->fd, c->request + c->request_off, c->request_len - c->request_off);
+        ssize_t w = conn_write(c, c->request + c->request_off, c->request_len - c->request_off);
         if (w > 0) {
             c->request_off += (size_t)w;
         } else if (w < 0 && errno == EINTR) {
             continue;
         } else if (w < 0 && errno == EAGAIN) {
-            set_interest(c, EPOLLOUT);
+            set_interest(c, c->write_wait);
             return;
         } else {
-            fail(c, "send request: %s", strerror(errno));
+            fail(c, "send request: %s", io_strerror(errno));
             return;
         }
     }
     c->state = RECEIVING;
     set_interest(c, EPOLLIN);
+}
+
+#ifdef BENCH_TLS
+static void tls_established(conn *c) {
+    tls_handshakes++;
+    if (SSL_session_reused(c->ssl)) tls_resumed++;
+    if (tls_version[0] != '\0') return;
+    snprintf(tls_version, sizeof(tls_version), "%s", SSL_get_version(c->ssl));
+    snprintf(tls_cipher, sizeof(tls_cipher), "%s", SSL_get_cipher_name(c->ssl));
+    int group = SSL_get_negotiated_group(c->ssl);
+    const char *group_name = group > 0 ? OBJ_nid2sn(group & ~TLSEXT_nid_unknown) : NULL;
+    snprintf(tls_group, sizeof(tls_group), "%s", group_name ? group_name : "unknown");
+    const unsigned char *alpn = NULL;
+    unsigned int alpn_len = 0;
+    SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
+    snprintf(tls_alpn, sizeof(tls_alpn), "%.*s", (int)(alpn_len < 30 ? alpn_len : 30),
+             alpn ? (const char *)alpn : "");
+}
+
+static void tls_step(conn *c) {
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        tls_established(c);
+        c->state = SENDING;
+        send_request(c);
+        return;
+    }
+    uint32_t wait = 0;
+    ssize_t n = tls_result(c, r, errno, &wait);
+    if (n < 0 && errno == EAGAIN) {
+        set_interest(c, wait);
+        return;
+    }
+    fail(c, "TLS handshake: %s", n == 0 ? "connection closed" : io_strerror(errno));
+}
+
+/* Counts the session tickets the server sends and drops them: a new client has none to offer. */
+static int on_new_session(SSL *ssl, SSL_SESSION *session) {
+    (void)ssl;
+    (void)session;
+    tls_tickets++;
+    return 0; /* not kept: OpenSSL frees it */
+}
+#endif
+
+/* TCP is up: the TLS handshake first (with --tls), then the upgrade request. */
+static void connected(conn *c) {
+#ifdef BENCH_TLS
+    if (use_tls) {
+        c->ssl = SSL_new(tls_ctx);
+        if (c->ssl == NULL || SSL_set_fd(c->ssl, c->fd) != 1 ||
+            SSL_set_tlsext_host_name(c->ssl, sni) != 1) {
+            c->state = TLS_HANDSHAKE;
+            fail(c, "%s", "SSL_new/SSL_set_fd/SNI failed");
+            return;
+        }
+        SSL_set_connect_state(c->ssl);
+        c->state = TLS_HANDSHAKE;
+        tls_step(c);
+        return;
+    }
+#endif
+    c->state = SENDING;
+    send_request(c);
 }
 
 static void on_connected(conn *c) {
@@ -232,8 +452,7 @@ static void on_connected(conn *c) {
         fail(c, "connect: %s", strerror(err));
         return;
     }
-    c->state = SENDING;
-    send_request(c);
+    connected(c);
 }
 
 /* Compares n received bytes with the stream at c->received; returns 0 when they match. */
@@ -255,20 +474,22 @@ static void try_write(conn *c) {
         uint64_t want = c->target - c->sent;
         size_t len = want < chunk ? (size_t)want : chunk;
         size_t at = (size_t)((c->sent + c->shift) % PATTERN_PERIOD);
-        ssize_t w = write(c->fd, pattern + at, len);
+        /* A TLS write that blocked is retried with the same bytes (the same stream offset),
+         * as OpenSSL requires; the length may have grown, which it allows. */
+        ssize_t w = conn_write(c, pattern + at, len);
         if (w > 0) {
             c->sent += (uint64_t)w;
         } else if (w < 0 && errno == EINTR) {
             continue;
         } else if (w < 0 && errno == EAGAIN) {
-            set_interest(c, EPOLLIN | EPOLLOUT);
+            set_interest(c, EPOLLIN | c->write_wait | c->read_wait);
             return;
         } else {
-            fail(c, "write: %s", strerror(errno));
+            fail(c, "write: %s", io_strerror(errno));
             return;
         }
     }
-    set_interest(c, EPOLLIN);
+    set_interest(c, EPOLLIN | c->read_wait);
 }
 
 static void queue_message(conn *c, double scheduled) {
@@ -326,6 +547,9 @@ static void on_stream_bytes(conn *c, const uint8_t *data, size_t n) {
     }
 }
 
+static void on_draining(conn *c);
+static void on_open_event(conn *c, uint32_t events);
+
 static void on_upgraded(conn *c, size_t head_len) {
     handshaking--;
     if (mode == M_UPGRADE) {
@@ -335,10 +559,10 @@ static void on_upgraded(conn *c, size_t head_len) {
         }
         if (server_closes) { /* wait for the backend's FIN, relayed by the proxy */
             c->state = DRAINING;
+            if (tls_pending(c)) on_draining(c); /* close_notify may have come with the 101 */
             return;
         }
-        close(c->fd);
-        c->fd = -1;
+        release(c);
         c->state = FREE;
         return;
     }
@@ -346,23 +570,32 @@ static void on_upgraded(conn *c, size_t head_len) {
     open_conns++;
     size_t leftover = c->head_len - head_len;
     if (leftover > 0) on_stream_bytes(c, (const uint8_t *)c->head + head_len, leftover);
+    if (c->state == OPEN && tls_pending(c)) on_open_event(c, EPOLLIN);
 }
 
 static void on_head(conn *c) {
-    ssize_t n = read(c->fd, c->head + c->head_len, HEAD_MAX - c->head_len);
-    if (n == 0) {
-        fail(c, "%s", "connection closed before the 101 head");
-        return;
-    }
-    if (n < 0) {
-        if (errno != EAGAIN && errno != EINTR) fail(c, "read head: %s", strerror(errno));
-        return;
-    }
-    c->head_len += (size_t)n;
-    char *end = memmem(c->head, c->head_len, "\r\n\r\n", 4);
-    if (end == NULL) {
-        if (c->head_len == HEAD_MAX) fail(c, "%s", "response head too long");
-        return;
+    char *end = NULL;
+    while (end == NULL) {
+        ssize_t n = conn_read(c, c->head + c->head_len, HEAD_MAX - c->head_len);
+        if (n == 0) {
+            fail(c, "%s", "connection closed before the 101 head");
+            return;
+        }
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EINTR) {
+                fail(c, "read head: %s", io_strerror(errno));
+            } else {
+                set_interest(c, c->read_wait ? c->read_wait : EPOLLIN);
+            }
+            return;
+        }
+        c->head_len += (size_t)n;
+        end = memmem(c->head, c->head_len, "\r\n\r\n", 4);
+        if (end == NULL && c->head_len == HEAD_MAX) {
+            fail(c, "%s", "response head too long");
+            return;
+        }
+        if (end == NULL && !tls_pending(c)) return;
     }
     size_t head_len = (size_t)(end + 4 - c->head);
     if (head_len < 13 || memcmp(c->head, "HTTP/1.1 101", 12) != 0) {
@@ -387,24 +620,39 @@ static void on_head(conn *c) {
 }
 
 static void on_draining(conn *c) {
-    ssize_t n = read(c->fd, read_buf, READ_SIZE);
-    if (n > 0) {
-        unexpected += (uint64_t)n;
+    ssize_t n;
+    do {
+        n = conn_read(c, read_buf, READ_SIZE);
+        if (n > 0) unexpected += (uint64_t)n;
+    } while (n > 0 && tls_pending(c));
+    if (n > 0) return;
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        set_interest(c, c->read_wait ? c->read_wait : EPOLLIN);
         return;
     }
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-    if (n < 0) note_error("read after the 101: %s", strerror(errno));
-    close(c->fd);
-    c->fd = -1;
+    if (n < 0) note_error("read after the 101: %s", io_strerror(errno));
+#ifdef BENCH_TLS
+    if (n == 0 && last_eof_unclean) tls_unclean_eof++;
+#endif
+    release(c);
     c->state = FREE;
 }
 
 static void on_open_event(conn *c, uint32_t events) {
-    if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
-        ssize_t n = read(c->fd, read_buf, READ_SIZE);
-        if (n > 0) {
-            on_stream_bytes(c, read_buf, (size_t)n);
-        } else if (n == 0) {
+    int readable = (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) != 0;
+    if (readable || (c->read_wait == EPOLLOUT && (events & EPOLLOUT))) {
+        /* One read() for a plain socket (epoll is level-triggered: it says again if there is
+         * more); for TLS, SSL_read until OpenSSL holds nothing more (read-ahead may have taken
+         * several records in one read(), and no event would announce those). */
+        ssize_t n;
+        do {
+            n = conn_read(c, read_buf, READ_SIZE);
+            if (n > 0) on_stream_bytes(c, read_buf, (size_t)n);
+        } while (n > 0 && c->state == OPEN && tls_pending(c));
+        if (n == 0) {
+#ifdef BENCH_TLS
+            if (last_eof_unclean) tls_unclean_eof++;
+#endif
             if (mode == M_IDLE) {
                 dropped++;
                 close_conn(c);
@@ -412,13 +660,17 @@ static void on_open_event(conn *c, uint32_t events) {
                 fail(c, "%s", "tunnel closed by the other side");
             }
             return;
-        } else if (errno != EAGAIN && errno != EINTR) {
+        }
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
             if (mode == M_IDLE) dropped++;
-            fail(c, "read: %s", strerror(errno));
+            fail(c, "read: %s", io_strerror(errno));
             return;
         }
+        if (c->state == OPEN && c->read_wait == EPOLLOUT) set_interest(c, c->interest | EPOLLOUT);
     }
-    if (c->state == OPEN && (events & EPOLLOUT)) try_write(c);
+    if (c->state == OPEN && ((events & EPOLLOUT) || (readable && c->write_wait == EPOLLIN))) {
+        try_write(c);
+    }
 }
 
 static int stdin_eof;
@@ -463,6 +715,11 @@ static void dispatch(struct epoll_event *ev) {
     case CONNECTING:
         on_connected(c);
         break;
+#ifdef BENCH_TLS
+    case TLS_HANDSHAKE:
+        tls_step(c);
+        break;
+#endif
     case SENDING:
         send_request(c);
         break;
@@ -625,8 +882,38 @@ static void usage(void) {
             "usage: loadgen upgrade|echo|bulk|idle --port P [--host 127.0.0.1] [--conns C]\n"
             "       [--count N] [--seconds T] [--setup-seconds S] [--rate R] [--size B]\n"
             "       [--chunk B] [--bytes B] [--window B] [--parallel P] [--sync]\n"
-            "       [--close-by server|client]\n");
+            "       [--close-by server|client] [--tls [--tls-version 1.2|1.3] [--sni NAME]]\n");
     exit(2);
+}
+
+static void tls_init(void) {
+#ifdef BENCH_TLS
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (tls_ctx == NULL) {
+        fprintf(stderr, "loadgen: SSL_CTX_new failed\n");
+        exit(1);
+    }
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    if (tls_max_version != 0) SSL_CTX_set_max_proto_version(tls_ctx, tls_max_version);
+    /* No certificate verification: a benchmark client, on loopback, against a certificate the
+     * harness made a moment ago (see the header). */
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_alpn_protos(tls_ctx, (const unsigned char *)"\x08http/1.1", 9);
+    /* Partial writes, so that a blocked SSL_write reports what went out; read-ahead, so that one
+     * read() takes several records (tls_pending() then drains what it took). */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_read_ahead(tls_ctx, 1);
+    if (mode == M_BULK) SSL_CTX_set_default_read_buffer_len(tls_ctx, 64 * 1024);
+    if (mode == M_IDLE) SSL_CTX_set_mode(tls_ctx, SSL_MODE_RELEASE_BUFFERS);
+    /* Tickets are counted (on_new_session) and never stored or offered: no resumption. */
+    SSL_CTX_set_session_cache_mode(tls_ctx,
+                                   SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(tls_ctx, on_new_session);
+#else
+    fprintf(stderr, "loadgen: built without TLS: the OpenSSL headers were missing when it was "
+                    "compiled (apt-get install libssl-dev)\n");
+    exit(2);
+#endif
 }
 
 int main(int argc, char **argv) {
@@ -651,6 +938,10 @@ int main(int argc, char **argv) {
             sync_mode = 1;
             continue;
         }
+        if (strcmp(arg, "--tls") == 0) {
+            use_tls = 1;
+            continue;
+        }
         if (value == NULL) usage();
         i++;
         if (strcmp(arg, "--close-by") == 0) {
@@ -658,7 +949,13 @@ int main(int argc, char **argv) {
             server_closes = strcmp(value, "server") == 0;
             continue;
         }
+        if (strcmp(arg, "--tls-version") == 0) {
+            if (strcmp(value, "1.2") != 0 && strcmp(value, "1.3") != 0) usage();
+            tls_max_version = strcmp(value, "1.2") == 0 ? 0x0303 : 0x0304;
+            continue;
+        }
         if (strcmp(arg, "--host") == 0) host = value;
+        else if (strcmp(arg, "--sni") == 0) sni = value;
         else if (strcmp(arg, "--port") == 0) port = atoi(value);
         else if (strcmp(arg, "--conns") == 0) n_conns = (uint32_t)strtoul(value, NULL, 10);
         else if (strcmp(arg, "--count") == 0) max_count = strtoull(value, NULL, 10);
@@ -677,6 +974,7 @@ int main(int argc, char **argv) {
         usage();
     }
     parse_target(host, port);
+    if (use_tls) tls_init();
     signal(SIGPIPE, SIG_IGN);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -777,7 +1075,7 @@ int main(int argc, char **argv) {
     if (mode == M_ECHO && rate > 0 && finished) elapsed = (double)scheduled * interval;
 
     qsort(samples, n_samples, sizeof(double), compare_doubles);
-    char error_text[400];
+    char error_text[800];
     json_escape(first_error, error_text, sizeof(error_text));
     const char *names[] = {"upgrade", "echo", "bulk", "idle"};
     printf("{\"mode\": \"%s\", \"conns\": %u, \"seconds\": %.6f, \"finished\": %s, "
@@ -809,6 +1107,16 @@ int main(int argc, char **argv) {
         printf(", \"open\": %u, \"dropped\": %llu, \"unexpected_bytes\": %llu", open_conns,
                (unsigned long long)dropped, (unsigned long long)unexpected);
     }
+#ifdef BENCH_TLS
+    if (use_tls) {
+        printf(", \"tls\": {\"version\": \"%s\", \"cipher\": \"%s\", \"group\": \"%s\", "
+               "\"alpn\": \"%s\", \"sni\": \"%s\", \"handshakes\": %llu, \"resumed\": %llu, "
+               "\"tickets\": %llu, \"unclean_eof\": %llu}",
+               tls_version, tls_cipher, tls_group, tls_alpn, sni,
+               (unsigned long long)tls_handshakes, (unsigned long long)tls_resumed,
+               (unsigned long long)tls_tickets, (unsigned long long)tls_unclean_eof);
+    }
+#endif
     printf("}\n");
     fflush(stdout);
     if (sync_mode && mode != M_IDLE) wait_for_eof();
