@@ -24,6 +24,11 @@ from typing import Literal, cast
 RAW_READ = 64 * 1024
 """Encrypted bytes read from the socket at a time: four full TLS records."""
 
+_SCRATCH = bytearray(RAW_READ)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
+"""One buffer for every socket read: its bytes go straight on into OpenSSL's memory buffer,
+and a buffer per connection would cost 64 KiB each (the relay runs in one thread)."""
+
 WANT_READ: Literal["read"] = "read"
 WANT_WRITE: Literal["write"] = "write"
 
@@ -94,7 +99,11 @@ class TLSConn:
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
         """Decrypt into ``buffer`` until it is full, the socket has nothing more (a short count,
-        or ``BlockingIOError`` when there was nothing at all) or the peer closed (0)."""
+        or ``BlockingIOError`` when there was nothing at all) or the peer closed (0).
+
+        OpenSSL is asked for bytes only when it holds some, and a socket read shorter than
+        asked for counts as drained, as the engine counts a plain socket's: a message costs one
+        ``read`` and one ``recv``, not the exceptions of asking an empty buffer."""
         view = memoryview(buffer)
         want = nbytes or len(view)
         filled = 0
@@ -102,30 +111,40 @@ class TLSConn:
             filled = min(want, len(self._plain))
             view[:filled] = self._plain[:filled]
             del self._plain[:filled]
+        tls, incoming = self.tls, self._incoming
+        drained = False
         while filled < want:
-            try:
-                # With a buffer, read() returns a count (typeshed knows only the bytes form).
-                n = cast(int, self.tls.read(want - filled, cast(bytearray, view[filled:])))
-            except ssl.SSLWantReadError:
-                n = -1
-            except ssl.SSLZeroReturnError:
-                n = 0
-            if n > 0:
-                filled += n
-                continue
-            if n == 0 or self._eof:
-                self._eof = True
+            if incoming.pending or tls.pending():
+                try:
+                    # With a buffer, read() returns a count (typeshed knows only the bytes form).
+                    n = cast(int, tls.read(want - filled, cast(bytearray, view[filled:])))
+                except ssl.SSLWantReadError:
+                    n = -1  # an incomplete record: more bytes are needed
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                if n > 0:
+                    filled += n
+                    continue
+                if n == 0:
+                    self._eof = True
+                    break
+            if self._eof or (drained and filled):
                 break
             try:
-                if not self._fill():
-                    self._eof = True  # closed without close_notify: an EOF all the same
-                    break
+                if drained:
+                    raise BlockingIOError(errno.EAGAIN, "the socket was drained")
+                got = self._fill()
             except BlockingIOError:
                 if filled:
                     break
                 self._answer_quietly()
                 raise
-        self._answer_quietly()
+            if not got:
+                self._eof = True  # closed without close_notify: an EOF all the same
+                break
+            drained = got < RAW_READ
+        if self._outgoing.pending:
+            self._answer_quietly()
         return filled
 
     def recv(self, bufsize: int, /) -> bytes:
@@ -141,8 +160,13 @@ class TLSConn:
         if not data:
             return 0
         self.tls.write(data)
-        self._queue_output()
-        self.flush()
+        records = self._outgoing.read()
+        try:
+            sent = self.sock.send(records)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(records):
+            self._backlog += memoryview(records)[sent:]
         return len(data)
 
     @property
@@ -208,10 +232,10 @@ class TLSConn:
 
     def _fill(self) -> int:
         """Read encrypted bytes into OpenSSL; 0 at EOF, ``BlockingIOError`` when none wait."""
-        raw = self.sock.recv(RAW_READ)
-        if raw:
-            self._incoming.write(raw)
-        return len(raw)
+        n = self.sock.recv_into(_SCRATCH)
+        if n:
+            self._incoming.write(_SCRATCH_VIEW[:n])
+        return n
 
     def _queue_output(self) -> None:
         if self._outgoing.pending:
