@@ -120,6 +120,25 @@ async def open_tls(
     return TlsConn(client, client_raw, backend, stats, closed, reasons)
 
 
+async def both_ways(conn: TlsConn, up: bytes, down: bytes) -> dict[str, str]:
+    """Send ``up`` from the client and ``down`` from the backend at once; the sha256 of what
+    each far side received."""
+    got: dict[str, str] = {}
+
+    async def upstream() -> None:
+        got["up"] = await receive_digest(conn.backend, len(up))
+
+    async def downstream() -> None:
+        got["down"] = await receive_digest(conn.client, len(down))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upstream)
+        nursery.start_soon(downstream)
+        nursery.start_soon(conn.client.send_all, up)
+        nursery.start_soon(conn.backend.send_all, down)
+    return got
+
+
 @asynccontextmanager
 async def tls_engine(relay_mode: str) -> AsyncIterator[Relay]:
     async with running_engine(relay=relay_mode) as relay:
@@ -138,20 +157,7 @@ async def test_bulk_both_ways_arrives_intact_and_never_splices(relay_mode: str, 
     up, down = os.urandom(8 * MiB), os.urandom(8 * MiB)
     async with tls_engine(relay_mode) as relay:
         conn = await open_tls(relay, pki)
-        got: dict[str, str] = {}
-
-        async def upstream() -> None:
-            got["up"] = await receive_digest(conn.backend, len(up))
-
-        async def downstream() -> None:
-            got["down"] = await receive_digest(conn.client, len(down))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upstream)
-            nursery.start_soon(downstream)
-            nursery.start_soon(conn.client.send_all, up)
-            nursery.start_soon(conn.backend.send_all, down)
-        assert got == {"up": sha256(up), "down": sha256(down)}
+        assert await both_ways(conn, up, down) == {"up": sha256(up), "down": sha256(down)}
         assert conn.stats.bytes_up == len(up)
         assert conn.stats.bytes_down == len(down)
         statistics = relay.engine.statistics()
@@ -256,20 +262,7 @@ async def test_tls_on_both_ends_relays_bulk_and_half_close(relay_mode: str, pki:
     up, down = os.urandom(4 * MiB), os.urandom(4 * MiB)
     async with tls_engine(relay_mode) as relay:
         conn = await open_tls(relay, pki, backend_tls=True)
-        got: dict[str, str] = {}
-
-        async def upstream() -> None:
-            got["up"] = await receive_digest(conn.backend, len(up))
-
-        async def downstream() -> None:
-            got["down"] = await receive_digest(conn.client, len(down))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upstream)
-            nursery.start_soon(downstream)
-            nursery.start_soon(conn.client.send_all, up)
-            nursery.start_soon(conn.backend.send_all, down)
-        assert got == {"up": sha256(up), "down": sha256(down)}
+        assert await both_ways(conn, up, down) == {"up": sha256(up), "down": sha256(down)}
         await conn.client.aclose()
         assert await read_until_eof(conn.backend) == b""
         assert not conn.closed.is_set(), "the backend may still send: it has not closed"

@@ -51,6 +51,26 @@ def _pki(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext, ssl.SSLContext]:
     return cert, key, server, client
 
 
+async def _serve_tls(
+    nursery: trio.Nursery, cert: Path, key: Path, backend_url: str, more: str = ""
+) -> int:
+    """A tunnel with one TLS listener and one route to ``backend_url``; its port."""
+    config = Config.from_toml(
+        f"""
+        [[listeners]]
+        listen = "{LOOPBACK}:0"
+        tls = {{ cert = "{cert}", key = "{key}" }}
+        [[routes]]
+        name = "raw"
+        backends = [{{ url = "{backend_url}" }}]
+        {more}
+        """
+    )
+    listeners: list[trio.SocketListener] = await nursery.start(serve, config)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
 @pytest.mark.parametrize("size", SIZES)
 async def test_client_data_sent_with_the_request_reaches_the_backend(
     nursery: trio.Nursery, tmp_path: Path, size: int
@@ -67,18 +87,7 @@ async def test_client_data_sent_with_the_request_reaches_the_backend(
         done.set()
 
     backend_port = await serve_loopback(nursery, backend)
-    config = Config.from_toml(
-        f"""
-        [[listeners]]
-        listen = "{LOOPBACK}:0"
-        tls = {{ cert = "{cert}", key = "{key}" }}
-        [[routes]]
-        name = "raw"
-        backends = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]
-        """
-    )
-    listeners: list[trio.SocketListener] = await nursery.start(serve, config)
-    port = listeners[0].socket.getsockname()[1]
+    port = await _serve_tls(nursery, cert, key, f"ws://{LOOPBACK}:{backend_port}")
     with trio.fail_after(GUARD_SECONDS):
         tcp = await trio.open_tcp_stream(LOOPBACK, port)
         client = trio.SSLStream(tcp, client_context, server_hostname="localhost")
@@ -105,20 +114,9 @@ async def test_backend_data_sent_with_the_101_reaches_the_client(
         await trio.sleep_forever()
 
     backend_port = await serve_loopback(nursery, backend)
-    config = Config.from_toml(
-        f"""
-        [[listeners]]
-        listen = "{LOOPBACK}:0"
-        tls = {{ cert = "{cert}", key = "{key}" }}
-        [[routes]]
-        name = "raw"
-        backends = [{{ url = "wss://localhost:{backend_port}" }}]
-        [routes.backend_tls]
-        ca = "{ca}"
-        """
+    port = await _serve_tls(
+        nursery, cert, key, f"wss://localhost:{backend_port}", f'[routes.backend_tls]\nca = "{ca}"'
     )
-    listeners: list[trio.SocketListener] = await nursery.start(serve, config)
-    port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(GUARD_SECONDS):
         tcp = await trio.open_tcp_stream(LOOPBACK, port)
         client = trio.SSLStream(tcp, client_context, server_hostname="localhost")
