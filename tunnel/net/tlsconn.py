@@ -10,7 +10,8 @@ itself, which ``ssl.SSLSocket`` cannot be made to do safely in two places a tunn
   it saw our close_notify. Here the socket is read only when OpenSSL needs bytes, so records
   already read are decrypted and kept before close_notify goes out, and nothing is lost;
 - edge-triggered readiness: ``recv_into`` keeps decrypting records until the buffer is full or
-  the socket said ``EAGAIN``, so a short read means drained, as it does for a plain socket.
+  the socket is drained (``EAGAIN``, or a socket read shorter than asked for), so a short read
+  means drained, as it does for a plain socket.
 """
 
 from __future__ import annotations
