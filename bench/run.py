@@ -96,7 +96,12 @@ def _start_peer(
     except procs.ProcessError as error:
         session.skipped[name] = "failed to start: " + " / ".join(str(error).splitlines())
         return None
-    workloads.warm_up(loadgen, running.port, running.tls)
+    try:
+        workloads.warm_up(loadgen, running.port, running.tls)
+    except BaseException:
+        # Not yet in the caller's list of started peers: stop it here, or it outlives the run.
+        running.stop()
+        raise
     return running
 
 
