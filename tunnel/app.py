@@ -14,7 +14,7 @@ from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.engine import Engine, splice_available
 from tunnel.net.handler import Entry, Handler
 from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
-from tunnel.net.tls import ServerTLS, client_context
+from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -46,12 +46,8 @@ class Control:
 def check_tls(config: Config) -> None:
     """Load every certificate, key and CA file the configuration names, as ``serve`` would;
     ``tunnel check`` calls it. Raises ``ConfigError`` naming the key and the file."""
-    for i, listener in enumerate(config.listeners):
-        if listener.tls is not None:
-            ServerTLS(listener.tls, f"listeners[{i}].tls")
-    for i, route in enumerate(config.routes):
-        if any(backend.tls for backend in route.backends):
-            client_context(route.backend_tls, f"routes[{i}].backend_tls")
+    listener_tls(config)
+    backend_contexts(config)
 
 
 async def serve(
@@ -77,12 +73,10 @@ async def serve(
     server = config.server
     if server.relay == "splice" and not splice_available():
         raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
-    certificates = [
-        ServerTLS(listener.tls, f"listeners[{i}].tls") if listener.tls is not None else None
-        for i, listener in enumerate(config.listeners)
-    ]
+    certificates = listener_tls(config)
+    watched = [tls for tls in certificates if tls is not None]
     if control is not None:
-        control.certificates = [tls for tls in certificates if tls is not None]
+        control.certificates = watched
     groups = await open_listener_groups(config.listeners, reuse_port=reuse_port)
     listeners = [listener for group in groups for listener in group]
     try:
@@ -111,7 +105,6 @@ async def serve(
                     connections.start_soon(
                         accept_loop, listener, partial(handler, entry=entry), connections
                     )
-            watched = [tls for tls in certificates if tls is not None]
             if watched and server.cert_check_interval > 0:
                 connections.start_soon(_watch_certificates, watched, server.cert_check_interval)
             task_status.started(listeners)

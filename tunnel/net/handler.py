@@ -50,7 +50,13 @@ from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn, receive_some, send_all
-from tunnel.net.tls import ServerTLS, client_context, handshake, peer_subject, tls_failure
+from tunnel.net.tls import (
+    ServerTLS,
+    backend_contexts,
+    handshake,
+    peer_subject,
+    tls_failure,
+)
 from tunnel.net.tlsconn import TLSConn
 from tunnel.policy.balancer import RoundRobin
 from tunnel.policy.routing import match_route
@@ -88,7 +94,7 @@ class Handler:
         self.config = config
         self.engine = engine
         self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
-        self._backend_tls = _backend_contexts(config)
+        self._backend_tls = backend_contexts(config)
         for i, route in enumerate(config.routes):
             if route.name in self._backend_tls and not route.backend_tls.verify:
                 log.warning(
@@ -109,7 +115,7 @@ class Handler:
         if not self._backend_tls:
             return False
         try:
-            self._backend_tls = _backend_contexts(self.config)
+            self._backend_tls = backend_contexts(self.config)
         except ConfigError as error:
             log.error(
                 "backend TLS files not reloaded; the previous ones stay in use",
@@ -144,15 +150,16 @@ class Handler:
         head = RequestHead(server.max_header_bytes)
         deadline = trio.current_time() + server.handshake_timeout
         conn: Conn = sock
-        subject = ""
+        added: tuple[tuple[bytes, bytes], ...] = ()
         if entry.tls is not None:
-            conn = TLSConn(sock, entry.tls.context, server_side=True)
-            failure = await _tls_handshake(conn, deadline, client, server.handshake_timeout)
+            conn = tls = TLSConn(sock, entry.tls.context, server_side=True)
+            failure = await _tls_handshake(tls, deadline, client, server.handshake_timeout)
             if failure is not None:
                 if _is_plain_http(failure):
                     await self._refuse(sock, client, HandshakeError(PLAIN_HTTP_ON_TLS))
                 return False
-            subject = peer_subject(conn)
+            if header := entry.tls.settings.client_subject_header:
+                added = ((header.encode("latin-1"), peer_subject(tls).encode("latin-1")),)
         try:
             request = await _read_request(conn, head, server.handshake_timeout, deadline)
             if entry.redirect_port is not None:
@@ -173,10 +180,6 @@ class Handler:
             return False
         self._active += 1
         handed_off = False
-        added: tuple[tuple[bytes, bytes], ...] = ()
-        if entry.tls is not None and entry.tls.settings.client_subject_header:
-            name = entry.tls.settings.client_subject_header.encode("latin-1")
-            added = ((name, subject.encode("latin-1")),)
         try:
             handed_off = await self._forward(
                 conn, peer_ip, client, route, upgrade, token, key, head.leftover, entry, added
@@ -438,15 +441,6 @@ async def _linger(sock: Conn) -> None:
                 discarded += len(data)
     except OSError:
         return
-
-
-def _backend_contexts(config: Config) -> dict[str, ssl.SSLContext]:
-    """A client context per route with ``wss://`` backends; ``ConfigError`` names the key."""
-    return {
-        route.name: client_context(route.backend_tls, f"routes[{i}].backend_tls")
-        for i, route in enumerate(config.routes)
-        if any(backend.tls for backend in route.backends)
-    }
 
 
 def _host_header(backend: BackendConfig) -> str:

@@ -18,10 +18,9 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from tunnel.config import BackendTLS, ListenerTLS
+from tunnel.config import BackendTLS, Config, ListenerTLS
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.sockio import Conn
 from tunnel.net.tlsconn import WANT_READ, TLSConn
 
 log = logging.getLogger(LOGGER_NAME)
@@ -68,13 +67,11 @@ def tls_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def peer_subject(conn: Conn) -> str:
+def peer_subject(conn: TLSConn) -> str:
     """The verified client certificate's subject (RFC 4514), "" when there is none.
 
     Characters outside printable ASCII are escaped as RFC 4514 allows (``\\XX`` per UTF-8 byte),
     so the value can travel in a header and carries no line break."""
-    if not isinstance(conn, TLSConn):
-        return ""
     der = conn.tls.getpeercert(binary_form=True)
     if not der:
         return ""
@@ -89,10 +86,28 @@ class _Loaded:
     """The contexts built from one reading of a listener's files."""
 
     default: ssl.SSLContext
-    by_name: dict[str, ssl.SSLContext]
-    """Exact names and ``*.suffix`` wildcards (stored as ``.suffix``) from each certificate."""
+    """The first pair's; SNI switches a handshake to another pair's context."""
     digest: bytes
     """Of every file read, to see when one changes."""
+
+
+def listener_tls(config: Config) -> list[ServerTLS | None]:
+    """Each listener's TLS (None for a plain one), its files loaded now. Raises
+    ``ConfigError`` naming the key and the file."""
+    return [
+        ServerTLS(listener.tls, f"listeners[{i}].tls") if listener.tls is not None else None
+        for i, listener in enumerate(config.listeners)
+    ]
+
+
+def backend_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """A client context per route with ``wss://`` backends, by route name, its files loaded
+    now. Raises ``ConfigError`` naming the key and the file."""
+    return {
+        route.name: client_context(route.backend_tls, f"routes[{i}].backend_tls")
+        for i, route in enumerate(config.routes)
+        if any(backend.tls for backend in route.backends)
+    }
 
 
 class ServerTLS:
@@ -104,7 +119,8 @@ class ServerTLS:
         certificates."""
         self.settings = settings
         self.key = key
-        self._loaded = self._load(self._read_files())
+        contents = self._read_files()
+        self._loaded = self._load(contents, _digest_of(contents))
         self._rejected: bytes | str | None = None
         """What the last failed reload saw (a digest, or an unreadable file's error), so that
         the watcher logs a broken pair once, not at every check."""
@@ -125,7 +141,7 @@ class ServerTLS:
         if not force and digest in (self._loaded.digest, self._rejected):
             return False
         try:
-            self._loaded = self._load(contents)
+            self._loaded = self._load(contents, digest)
         except ConfigError as error:
             return self._reject(error, digest, force)
         self._rejected = None
@@ -152,7 +168,7 @@ class ServerTLS:
             files.append(self.settings.client_ca)
         return {name: _read(name, self.key) for name in files}
 
-    def _load(self, contents: dict[str, bytes]) -> _Loaded:
+    def _load(self, contents: dict[str, bytes], digest: bytes) -> _Loaded:
         contexts = [
             _server_context(self.settings, contents, pair.cert, pair.key, self.key)
             for pair in self.settings.certs
@@ -165,13 +181,14 @@ class ServerTLS:
         if len(contexts) > 1:
             for context in contexts:
                 context.sni_callback = _choose(by_name, default)
-        return _Loaded(default, by_name, _digest_of(contents))
+        return _Loaded(default, digest)
 
 
 def _choose(
     by_name: dict[str, ssl.SSLContext], default: ssl.SSLContext
 ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
-    """The SNI callback: an exact name first, then a wildcard one label up, else the default."""
+    """The SNI callback: an exact name first, then a wildcard one label up, else the default.
+    ``by_name`` holds exact names and ``*.suffix`` wildcards (as ``.suffix``)."""
 
     def choose(tls: ssl.SSLObject, server_name: str | None, _current: ssl.SSLContext) -> None:
         if not server_name:
@@ -208,11 +225,10 @@ def _server_context(
 
 def client_context(settings: BackendTLS, key: str) -> ssl.SSLContext:
     """The context for a route's ``wss://`` backends. Raises ``ConfigError`` naming the key."""
-    if settings.ca:
-        _read(settings.ca, f"{key}.ca")
+    cadata = _read(settings.ca, f"{key}.ca").decode("latin-1") if settings.ca else None
     try:
-        context = ssl.create_default_context(cafile=settings.ca or None)
-    except (ssl.SSLError, OSError) as exc:
+        context = ssl.create_default_context(cadata=cadata)
+    except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"{key}.ca", f"{settings.ca}: no usable CA certificate ({exc})") from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(ALPN)
