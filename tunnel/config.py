@@ -617,6 +617,12 @@ class _Files:
             path = self.base / path
         return str(path)
 
+    def pair(self, table: Mapping[str, Any], prefix: str) -> CertPair:
+        """The ``cert`` and ``key`` of ``table``, both required."""
+        return CertPair(
+            self.path(table, "cert", prefix, True), self.path(table, "key", prefix, True)
+        )
+
 
 def _parse_listener(item: Any, key: str, files: _Files) -> ListenerConfig:
     table = _table(item, key)
@@ -637,16 +643,12 @@ def _parse_listener_tls(item: Any, key: str, files: _Files) -> ListenerTLS:
     _reject_unknown(table, known, key)
     pairs: list[CertPair] = []
     if "cert" in table or "key" in table:
-        pairs.append(
-            CertPair(files.path(table, "cert", key, True), files.path(table, "key", key, True))
-        )
+        pairs.append(files.pair(table, key))
     for j, raw in enumerate(_array(table.get("certs", []), f"{key}.certs")):
         pkey = f"{key}.certs[{j}]"
         ptable = _table(raw, pkey)
         _reject_unknown(ptable, ("cert", "key"), pkey)
-        pairs.append(
-            CertPair(files.path(ptable, "cert", pkey, True), files.path(ptable, "key", pkey, True))
-        )
+        pairs.append(files.pair(ptable, pkey))
     if not pairs:
         raise ConfigError(
             key, 'no certificate; write tls = { cert = "site.pem", key = "site.key" }'

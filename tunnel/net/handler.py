@@ -49,7 +49,7 @@ from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.relay import RelayStats
-from tunnel.net.sockio import Conn, receive_some, send_all
+from tunnel.net.sockio import Conn, drain, receive_some, send_all
 from tunnel.net.tls import (
     ServerTLS,
     backend_contexts,
@@ -430,9 +430,7 @@ async def _linger(sock: Conn) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
         with trio.move_on_after(LINGER_SECONDS):
-            if isinstance(sock, TLSConn):
-                while not sock.flush():
-                    await trio.lowlevel.wait_writable(sock)
+            await drain(sock)
             discarded = 0
             while discarded < LINGER_BYTES:
                 data = await receive_some(sock, READ_SIZE)

@@ -38,6 +38,12 @@ async def send_all(sock: Conn, data: bytes) -> None:
             view = view[sock.send(view) :]
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
+    await drain(sock)
+
+
+async def drain(sock: Conn) -> None:
+    """Wait until a TLS connection's encrypted backlog (and a FIN queued behind it) has
+    reached the socket; a plain socket has none."""
     if isinstance(sock, TLSConn):
         while not sock.flush():
             await trio.lowlevel.wait_writable(sock)
