@@ -50,15 +50,18 @@ StartTunnel = Callable[..., Awaitable["Tunnel"]]
 CLIENT_TIMEOUT = 10.0
 
 
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking call in a worker thread; a ``fail_after`` guard does not wait for it."""
-    return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
 
 
 def ws_connect(url: str, **options: Any) -> websockets.sync.client.ClientConnection:
+    """A real ``websockets`` client with bounded timeouts, never through a proxy the
+    environment may name (the traffic is loopback)."""
     options.setdefault("open_timeout", CLIENT_TIMEOUT)
     options.setdefault("close_timeout", CLIENT_TIMEOUT)
     options.setdefault("ping_interval", None)
+    options.setdefault("proxy", None)
     connection: websockets.sync.client.ClientConnection = websockets.sync.client.connect(
         url, **options
     )
@@ -72,10 +75,10 @@ def echo_once(url: str, message: str | bytes, **options: Any) -> str | bytes:
         return ws.recv(timeout=CLIENT_TIMEOUT)
 
 
-def refused(url: str) -> Response:
+def refused(url: str, **options: Any) -> Response:
     """Connect, expect the upgrade to be refused, return the HTTP response the client got."""
     with pytest.raises(InvalidStatus) as info:
-        ws_connect(url).close()
+        ws_connect(url, **options).close()
     return info.value.response
 
 

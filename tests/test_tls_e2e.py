@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import websockets.sync.client
 from cryptography import x509
 from rawhttp import LOOPBACK, status_of, upgrade_request
-from websockets.exceptions import InvalidStatus
+from test_e2e import CLIENT_TIMEOUT, in_thread, refused, ws_connect
 from websockets.http11 import Request, Response
 from websockets.sync.server import ServerConnection
 
@@ -39,10 +39,8 @@ from tunnel.logs import LOGGER_NAME, TextFormatter
 if TYPE_CHECKING:
     from conftest import WsBackend
 
-T = TypeVar("T")
 StartBackend = Callable[..., "WsBackend"]
 
-CLIENT_TIMEOUT = 10.0
 TEST_TIMEOUT = 20.0
 SERVER_HOSTS = ["localhost", "127.0.0.1"]
 MiB = 2**20
@@ -192,22 +190,6 @@ def tunnel_log(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> 
 # Clients -------------------------------------------------------------------------------------
 
 
-async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call in a worker thread; a ``fail_after`` guard does not wait for it."""
-    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
-
-
-def ws_connect(url: str, **options: Any) -> websockets.sync.client.ClientConnection:
-    options.setdefault("open_timeout", CLIENT_TIMEOUT)
-    options.setdefault("close_timeout", CLIENT_TIMEOUT)
-    options.setdefault("ping_interval", None)
-    options.setdefault("proxy", None)
-    connection: websockets.sync.client.ClientConnection = websockets.sync.client.connect(
-        url, **options
-    )
-    return connection
-
-
 def exchange(url: str, messages: Sequence[str | bytes], **options: Any) -> list[str | bytes]:
     """Open a WebSocket, send each message and collect its echo, close."""
     options.setdefault("max_size", None)
@@ -222,13 +204,6 @@ def exchange(url: str, messages: Sequence[str | bytes], **options: Any) -> list[
 def echo(ws: websockets.sync.client.ClientConnection, message: str) -> str | bytes:
     ws.send(message)
     return ws.recv(timeout=CLIENT_TIMEOUT)
-
-
-def refused(url: str, **options: Any) -> Response:
-    """Connect, expect the upgrade to be refused, return the HTTP response the client got."""
-    with pytest.raises(InvalidStatus) as info:
-        ws_connect(url, **options).close()
-    return info.value.response
 
 
 async def tls_open(
@@ -492,7 +467,7 @@ async def test_tls_client_that_sends_no_request_is_cut_at_handshake_timeout(
     assert echo_backend.connections == 0
 
 
-async def test_plain_http_on_a_tls_listener_is_dropped_and_the_tunnel_keeps_serving(
+async def test_plain_http_on_a_tls_listener_gets_400_and_the_tunnel_keeps_serving(
     nursery: trio.Nursery,
     pki: Pki,
     site: Pair,
