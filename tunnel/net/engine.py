@@ -70,11 +70,6 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 _RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 
 
-def tunnel_splices(flow: _Flow) -> bool:
-    tunnel = flow.tunnel
-    return tunnel is not None and tunnel.splice
-
-
 def splice_available() -> bool:
     """True where the kernel and Python offer ``splice(2)`` (Linux, Python 3.10+)."""
     return hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -166,6 +161,7 @@ class _Flow:
     """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
 
     __slots__ = (
+        "can_splice",
         "dst",
         "dst_fd",
         "eof",
@@ -198,6 +194,9 @@ class _Flow:
         self.upstream = upstream
         self.tls_dst = dst if isinstance(dst, TLSConn) else None
         """Set when ``dst`` is TLS: its backlog must be written before the flow is done."""
+        self.can_splice = type(src) is socket.socket and type(dst) is socket.socket
+        """Both ends are plain sockets, so ``splice(2)`` may move the bytes; TLS ends are
+        decrypted and encrypted in user space."""
         self.parked = b""
         """Bytes read but not yet written (copy path, or leftovers from the handshake)."""
         self.splicing = False
@@ -219,7 +218,7 @@ class _Flow:
 class Tunnel:
     """An established tunnel owned by the engine: two sockets, two flows and the counters."""
 
-    __slots__ = ("backend", "client", "closed", "down", "on_close", "splice", "stats", "up")
+    __slots__ = ("backend", "client", "closed", "down", "on_close", "stats", "up")
 
     def __init__(
         self,
@@ -235,8 +234,6 @@ class Tunnel:
         self.up = _Flow(self, client, backend, upstream=True)
         self.down = _Flow(self, backend, client, upstream=False)
         self.closed = False
-        self.splice = False
-        """Both ends are plain sockets, so ``splice(2)`` may move their bytes."""
 
 
 def _closed_already(tunnel: Tunnel) -> None:
@@ -304,9 +301,7 @@ class Engine:
             return tunnel
         tunnel.down.parked = to_client
         tunnel.up.parked = to_backend
-        plain = type(client) is socket.socket and type(backend) is socket.socket
-        tunnel.up.splicing = tunnel.down.splicing = self.splice_always and plain
-        tunnel.splice = plain
+        tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
         stats.last_activity = trio.current_time()
         self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
         self._by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
@@ -455,7 +450,7 @@ class Engine:
                 if not flow.hangup:
                     flow.ready = False
                     return
-            elif self.splice_bulk and tunnel_splices(flow):
+            elif self.splice_bulk and flow.can_splice:
                 flow.splicing = True
         self._again.append(flow)
 
