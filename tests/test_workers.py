@@ -262,15 +262,19 @@ def start_tunnel_process(tmp_path: Path) -> Iterator[Callable[..., TunnelProcess
     Python script) with its output in a log file; everything it started is stopped afterwards."""
     started: list[TunnelProcess] = []
 
-    def start(*args: str, script: str | None = None, stdin: bytes = b"") -> TunnelProcess:
+    def start(
+        *args: str, script: str | None = None, stdin: bytes = b"", cwd: Path | None = None
+    ) -> TunnelProcess:
         log_path = tmp_path / f"tunnel-{len(started)}.log"
-        command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "tunnel"]
+        # -P, as the ``tunnel`` console script: the current directory is not put on sys.path.
+        command = [sys.executable, "-P", *(["-c", script] if script else ["-m", "tunnel"])]
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [*command, *args],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
+                cwd=cwd,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         assert process.stdin is not None
@@ -329,6 +333,20 @@ def test_two_workers_share_the_port_and_both_serve(
     assert served_by == {"1", "2"}, "the kernel spread the connections over both workers"
     assert echo_backend.connections == CONNECTIONS
     assert len(set(tunnel.workers().values())) == 2
+    assert tunnel.stop() == 0
+
+
+def test_workers_import_the_installed_package_whatever_the_current_directory(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend, tmp_path: Path
+) -> None:
+    """A ``tunnel/`` folder in the current directory (certificates kept in ``tunnel/certs/``)
+    must not shadow the package in the workers, as ``python -m`` would let it."""
+    project = tmp_path / "project"
+    (project / "tunnel" / "certs").mkdir(parents=True)
+    tunnel = start_tunnel_process(*run_workers_args(echo_backend), cwd=project)
+    tunnel.wait_listening({1, 2})
+    echo_once(tunnel.port())
+    assert "unexpectedly" not in tunnel.log()
     assert tunnel.stop() == 0
 
 

@@ -6,9 +6,10 @@ concrete port, and the ports stay reserved while workers come and go. It must no
 a listening socket in the reuseport group would get its share of connections and never accept
 them.
 
-Each worker is ``python -m tunnel worker`` serving the effective configuration (read from its
+Each worker is ``python -P -m tunnel worker`` serving the effective configuration (read from its
 stdin: the concrete ports, ``workers = 1``) on its own listening sockets with SO_REUSEPORT, so the
-kernel spreads new connections among the workers. Workers never talk to each other or to the
+kernel spreads new connections among the workers; ``-P`` keeps the current directory off its
+``sys.path``, so a ``tunnel/`` folder there never shadows the installed package. Workers never talk to each other or to the
 supervisor; the supervisor only starts, signals, reaps and restarts them:
 
 - SIGTERM or SIGINT: SIGTERM to every worker, wait up to ``STOP_SECONDS``, SIGKILL what is left,
@@ -163,6 +164,9 @@ class _Supervisor:
     def _start(self, slot: _Slot, now: float) -> None:
         command = [
             sys.executable,
+            # Safe path: ``-m`` would put the current directory first on sys.path, and a
+            # ``tunnel/`` folder there (``tunnel/certs/``, say) would shadow the package.
+            "-P",
             "-m",
             "tunnel",
             WORKER_COMMAND,

@@ -1,7 +1,7 @@
 """What a worker process of ``workers = N`` needs besides ``serve``.
 
-The supervisor (``tunnel.supervisor``) starts each worker as ``python -m tunnel worker``, with the
-effective configuration as TOML on stdin and the read end of a "lifeline" pipe whose write end
+The supervisor (``tunnel.supervisor``) starts each worker as ``python -P -m tunnel worker``, with
+the effective configuration as TOML on stdin and the read end of a "lifeline" pipe whose write end
 only the supervisor holds. Nobody ever writes to that pipe: it reads end-of-file exactly when the
 supervisor is gone (even after SIGKILL, when it could not stop its workers), and the worker then
 stops instead of serving on as an orphan nobody supervises.
