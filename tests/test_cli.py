@@ -162,12 +162,6 @@ def test_check_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
             id="unknown-backend-key",
         ),
         pytest.param(
-            "[server\n",
-            "(file)",
-            "not valid TOML",
-            id="not-toml",
-        ),
-        pytest.param(
             VALID.split("[[routes]]")[0],
             "routes",
             "no route",
@@ -189,10 +183,24 @@ def test_check_refuses_a_bad_file_naming_the_key_and_why(
     assert "Traceback" not in result.output
 
 
-def test_check_on_a_missing_file_says_it_cannot_read_it(tmp_path: Path) -> None:
-    result = invoke("check", "--config", str(tmp_path / "absent.toml"))
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_missing_config_file_is_named_once(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "absent.toml"
+    result = invoke(command, "--config", str(path))
     assert result.exit_code == 1
-    assert "cannot read the file" in result.stderr
+    assert result.stderr.endswith(f"{path}: cannot read the file: No such file or directory\n")
+    assert result.stderr.count(str(path)) == 1
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_config_file_that_is_not_toml_is_named_with_the_problem(
+    tmp_path: Path, command: str
+) -> None:
+    path = write_config(tmp_path, "x = [")
+    result = invoke(command, "--config", str(path))
+    assert result.exit_code == 1
+    assert f"{path}: not valid TOML: " in result.stderr
+    assert "(file)" not in result.stderr
 
 
 # --- tunnel run (no server started) -----------------------------------------------------------
@@ -275,7 +283,7 @@ def test_run_with_a_bad_config_file_names_the_key(tmp_path: Path) -> None:
     path = write_config(tmp_path, VALID.replace("max_tunnels = 7", "max_tunnels = true"))
     result = invoke("run", "--config", str(path))
     assert result.exit_code == 1
-    assert "server.max_tunnels: expected an integer" in result.stderr
+    assert f"{path}: server.max_tunnels: expected an integer" in result.stderr
 
 
 def test_run_flags_override_the_file(tmp_path: Path, busy_port: int) -> None:

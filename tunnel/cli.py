@@ -27,10 +27,12 @@ from tunnel.worker import WORKER_COMMAND, tag_logs, wait_for_supervisor_exit
 log = logging.getLogger(LOGGER_NAME)
 
 
-def _load(config_file: Path | None) -> Config:
-    if config_file is None:
-        return Config()
-    return Config.from_file(config_file)
+def _in_file(config_file: Path, error: ConfigError) -> str:
+    """``FILE: key: problem``, naming the file once: an error about the whole file (it cannot be
+    read, it is not TOML) already has the path, or a placeholder, where the key goes."""
+    if error.key in (str(config_file), "(file)"):
+        return f"{config_file}: {error.problem}"
+    return f"{config_file}: {error}"
 
 
 def _fail(message: str) -> None:
@@ -114,8 +116,15 @@ def run(
     SIGHUP reloads TLS certificates and never stops it. With more than one worker this process
     supervises the workers (see docs/operations.md).
     """
+    loaded = Config()
+    if config_file is not None:
+        try:
+            loaded = Config.from_file(config_file)
+        except ConfigError as error:
+            _fail(f"configuration error: {_in_file(config_file, error)}")
+            return
     try:
-        config = _load(config_file).with_overrides(
+        config = loaded.with_overrides(
             listen=listen,
             backends=backend,
             log_format=log_format,
@@ -225,7 +234,7 @@ def check(config_file: Path) -> None:
         config = Config.from_file(config_file)
         check_tls(config)
     except ConfigError as error:
-        _fail(f"{config_file}: {error}")
+        _fail(_in_file(config_file, error))
         return
     click.echo(config.to_toml(), nl=False)
     click.echo(f"# {config_file}: configuration is valid", err=True)
