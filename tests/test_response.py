@@ -14,6 +14,7 @@ import pytest
 from tunnel.core.response import error_response, websocket_accept
 from tunnel.core.session import BackendReply, ReplyProgress
 from tunnel.errors import (
+    BackendError,
     BackendTimeout,
     BackendUnreachable,
     BadBackendResponse,
@@ -26,6 +27,7 @@ from tunnel.errors import (
     RequestTimeout,
     TunnelError,
     UpgradeRequired,
+    UriTooLong,
 )
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -279,6 +281,7 @@ ERRORS = [
         id="426",
     ),
     pytest.param(HeadersTooLarge(32768), [], id="431"),
+    pytest.param(UriTooLong(32768), [], id="414"),
     pytest.param(HandshakeError("Sec-WebSocket-Key is missing"), [], id="400"),
     pytest.param(RequestTimeout("the request head did not arrive"), [], id="408"),
     pytest.param(NoRoute("no route for host 'caf\u00e9.example' \U0001f600"), [], id="404-utf8"),
@@ -321,7 +324,32 @@ def test_error_response_is_valid_http(error: TunnelError, extra: list[tuple[str,
     for name, value in extra:
         assert (name.lower(), value) in headers
     text = body.decode("utf-8")
-    assert text == f"{error.status} {error.reason}: {error.message}\n"
+    assert text == f"{error.status} {error.reason}: {error.public}\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BackendUnreachable("backend a (127.0.0.1:9010) refused or unreachable: Connection refused"),
+        BackendTimeout("backend a (10.0.0.5:80) did not accept the connection within 5s"),
+        BadBackendResponse("backend a (10.0.0.5:80) sent a malformed reply: illegal status line"),
+        NoHealthyBackend("every backend of route chat (10.0.0.5:80, 10.0.0.6:80) is down"),
+    ],
+    ids=["502", "504", "502-bad", "503"],
+)
+def test_backend_errors_keep_the_backend_out_of_the_body(error: BackendError) -> None:
+    """The log names the backend and the socket error; a public client learns neither."""
+    _, body = parse_response(error_response(error))
+    text = body.decode()
+    assert text.startswith(f"{error.status} {error.reason}: the service behind this address")
+    for secret in ("backend", "127.0.0.1", "10.0.0.5", "9010", "refused", "chat", "malformed"):
+        assert secret not in text
+    assert error.message in str(error)
+
+
+def test_non_backend_errors_say_the_whole_problem_to_the_client() -> None:
+    error = HandshakeError("Sec-WebSocket-Key is missing")
+    assert error.public == error.message
 
 
 def test_error_response_body_names_the_problem() -> None:

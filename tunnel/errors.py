@@ -12,6 +12,7 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
     │   ├── MethodNotAllowed (405)
     │   ├── UpgradeRequired (426)
     │   ├── HeadersTooLarge (431)
+    │   ├── UriTooLong (414)              the request line alone is over max_header_bytes
     │   ├── Forbidden (403)
     │   └── TooManyRequests (429)
     ├── Overloaded (503)                  max_tunnels reached; answered with Retry-After
@@ -29,7 +30,12 @@ from collections.abc import Sequence
 
 
 class TunnelError(Exception):
-    """Base of every error tunnel raises on purpose."""
+    """Base of every error tunnel raises on purpose.
+
+    ``message`` is for the operator (logs) and says everything known; ``public`` is the body a
+    client gets, the same unless the error is about the inside (a backend's address or socket
+    error is none of a public client's business).
+    """
 
     status: int = 500
     reason: str = "Internal Server Error"
@@ -38,6 +44,10 @@ class TunnelError(Exception):
         super().__init__(message)
         self.message = message
         self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+
+    @property
+    def public(self) -> str:
+        return self.message
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}: {self.message}"
@@ -98,6 +108,17 @@ class HeadersTooLarge(HandshakeError):
         self.limit = limit
 
 
+class UriTooLong(HandshakeError):
+    """The request line alone does not fit in ``max_header_bytes`` (nginx answers 414 too)."""
+
+    status = 414
+    reason = "URI Too Long"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request target is longer than max_header_bytes ({limit} bytes)")
+        self.limit = limit
+
+
 class Forbidden(HandshakeError):
     status = 403
     reason = "Forbidden"
@@ -121,10 +142,16 @@ class Overloaded(TunnelError):
 
 
 class BackendError(TunnelError):
-    """The backend could not be reached or answered wrongly."""
+    """The backend could not be reached or answered wrongly. The client's body says only
+    ``public_text``; which backend and which socket error stay in the log."""
 
     status = 502
     reason = "Bad Gateway"
+    public_text = "the service behind this address is unavailable; try again later"
+
+    @property
+    def public(self) -> str:
+        return self.public_text
 
 
 class NoHealthyBackend(BackendError):
@@ -140,11 +167,13 @@ class BackendUnreachable(BackendError):
 class BackendTimeout(BackendError):
     status = 504
     reason = "Gateway Timeout"
+    public_text = "the service behind this address did not answer in time; try again later"
 
 
 class BadBackendResponse(BackendError):
     status = 502
     reason = "Bad Gateway"
+    public_text = "the service behind this address gave an invalid answer to the upgrade"
 
 
 class ConfigError(TunnelError):

@@ -8,7 +8,7 @@ import hashlib
 import h11
 
 from tunnel.core import headers
-from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge, TunnelError
+from tunnel.errors import BadBackendResponse, HandshakeError, TunnelError
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -48,7 +48,7 @@ def check_switch_headers(raw: headers.HeaderList, token: str, key: str | None) -
 
 def error_response(error: TunnelError) -> bytes:
     """The complete response bytes for a refusal: status, extra headers, a one-line text body."""
-    body = f"{error.status} {error.reason}: {error.message}\n".encode()
+    body = f"{error.status} {error.reason}: {error.public}\n".encode()
     lines = [
         f"HTTP/1.1 {error.status} {error.reason}",
         "Content-Type: text/plain; charset=utf-8",
@@ -59,8 +59,28 @@ def error_response(error: TunnelError) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
-def protocol_error(exc: h11.RemoteProtocolError, *, limit: int) -> HandshakeError:
-    """Map a malformed client request, as h11 reports it through its status hint."""
-    if exc.error_status_hint == 431:
-        return HeadersTooLarge(limit)
-    return HandshakeError(f"malformed request: {exc}")
+_H11_WORDS = (
+    ("illegal request line", 'the request line is not "METHOD /path HTTP/1.1"'),
+    ("no request line received", "the request starts with an empty line"),
+    ("illegal header line", 'a header line is not "Name: value"'),
+    ("continuation line at start", "the first header line starts with a space or tab"),
+    ("missing mandatory host", "the Host header is missing"),
+    ("found multiple host", "the Host header is sent more than once"),
+    ("illegal method characters", "the method has characters no method has"),
+    ("illegal target characters", "the request target has a space or a control character"),
+    ("illegal header name", "a header name has characters no header name has"),
+    ("conflicting content-length", "Content-Length is sent more than once with other values"),
+    ("bad content-length", "Content-Length is not a number"),
+    ("multiple transfer-encoding", "an upgrade request must not have a body (Transfer-Encoding)"),
+    ("only transfer-encoding", "an upgrade request must not have a body (Transfer-Encoding)"),
+)
+"""h11's reasons, said in words: its own messages quote the bytes as Python reprs."""
+
+
+def protocol_error(exc: h11.RemoteProtocolError) -> HandshakeError:
+    """Say in words what h11 found wrong with a client's request head (400)."""
+    reason = str(exc).lower()
+    for prefix, words in _H11_WORDS:
+        if reason.startswith(prefix):
+            return HandshakeError(f"malformed request: {words}")
+    return HandshakeError("malformed request: the request head is not valid HTTP/1.1")

@@ -167,7 +167,8 @@ async def connect_first(
     """Try each candidate in order, sending it ``first_bytes(backend)``; the first that accepts
     wins. ``tls`` and ``server_name`` apply to its ``wss://`` candidates.
 
-    Raises the last backend's error when all fail: ``BackendTimeout`` (504) only if every
+    Raises, when all fail, an error whose message (for the log; clients get a generic body)
+    names every backend tried and why it failed: ``BackendTimeout`` (504) only if every
     attempt timed out, ``BackendUnreachable`` (502) otherwise.
     """
     errors: list[BackendUnreachable | BackendTimeout] = []
@@ -193,8 +194,14 @@ async def connect_first(
                     else "no backend left; answering the client",
                 ),
             )
-    if all(isinstance(e, BackendTimeout) for e in errors):
-        raise errors[-1]
-    raise BackendUnreachable(
-        f"no backend accepted the connection ({len(errors)} tried): {errors[-1].message}"
+    if len(errors) == 1:
+        raise errors[0]
+    failure = (
+        BackendTimeout
+        if all(isinstance(e, BackendTimeout) for e in errors)
+        else (BackendUnreachable)
+    )
+    raise failure(
+        f"no backend accepted the connection ({len(errors)} tried): "
+        + "; ".join(error.message for error in errors)
     )
