@@ -172,10 +172,11 @@ def test_client_bytes_parse_or_raise_a_documented_error(
         assert not eof, "EOF always ends the head: a request or an error"
         return
     if isinstance(outcome, ClientClosed):
-        assert not data, "ClientClosed is only for EOF before any byte"
+        assert eof, "ClientClosed is only for EOF before the head is complete"
+        assert outcome.received == len(data)
     elif isinstance(outcome, TunnelError):
         assert isinstance(outcome, HandshakeError)
-        assert outcome.status in {400, 405, 426, 431}
+        assert outcome.status in {400, 405, 414, 426, 431}
         assert error_response(outcome).startswith(f"HTTP/1.1 {outcome.status} ".encode())
     else:
         upgrade, token, key, fed = outcome

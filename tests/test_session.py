@@ -5,14 +5,16 @@ Sizes, split reads, leftovers and EOF; what the head *says* is ``test_handshake`
 
 from __future__ import annotations
 
+from functools import partial
+
 import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.core.response import check_switch, websocket_accept
-from tunnel.core.session import BackendReply, ClientClosed, RequestHead
-from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
+from tunnel.core.session import TLS_ON_PLAIN_PORT, BackendReply, ClientClosed, RequestHead
+from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge, UriTooLong
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 LIMIT = 1024
@@ -113,19 +115,22 @@ def test_eof_before_any_byte_is_client_closed() -> None:
         RequestHead(LIMIT).feed(b"")
 
 
-def test_eof_in_the_middle_of_a_head_is_400() -> None:
+@pytest.mark.parametrize(
+    "partial",
+    [b"GET /chat HTTP/1.1\r\nHost: a\r\n", b"GET /ch", b"G", b"POST / HTTP/1.1\r\nHost:"],
+)
+def test_eof_in_the_middle_of_a_head_is_the_client_leaving(partial: bytes) -> None:
+    """Nobody is left to read a 400: the handler logs a debug line instead of a refusal."""
     head = RequestHead(LIMIT)
-    assert head.feed(b"GET /chat HTTP/1.1\r\nHost: a\r\n") is None
-    with pytest.raises(HandshakeError) as caught:
+    assert head.feed(partial) is None
+    with pytest.raises(ClientClosed) as caught:
         head.feed(b"")
-    assert caught.value.status == 400
-    assert "malformed request" in caught.value.message
+    assert caught.value.received == len(partial)
 
 
 @pytest.mark.parametrize(
     "garbage",
     [
-        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls-client-hello"),
         pytest.param(b"hello there\r\n\r\n", id="no-http-version"),
         pytest.param(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", id="bad-header-line"),
         pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", id="nul-in-value"),
@@ -139,6 +144,67 @@ def test_garbage_is_400(garbage: bytes) -> None:
     assert type(caught.value) is HandshakeError
     assert caught.value.status == 400
     assert "malformed request" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("garbage", "words"),
+    [
+        (b"hello there\r\n\r\n", 'the request line is not "METHOD /path HTTP/1.1"'),
+        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 'a header line is not "Name: value"'),
+        (b"GET / HTTP/1.1\r\n Host: a\r\n\r\n", "first header line starts with a space"),
+        (b"GET / HTTP/1.1\r\nX: a\r\n\r\n", "the Host header is missing"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "Host header is sent more than once"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 'a header line is not "Name'),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", "Content-Length is not"),
+    ],
+)
+def test_malformed_heads_are_described_in_words(garbage: bytes, words: str) -> None:
+    """h11's own messages quote the bytes as Python reprs (``bytearray(b'...')``)."""
+    with pytest.raises(HandshakeError) as caught:
+        RequestHead(LIMIT).feed(garbage)
+    assert caught.value.message == f"malformed request: {words}" or words in caught.value.message
+    assert "bytearray" not in caught.value.message
+    assert "b'" not in caught.value.message
+
+
+@pytest.mark.parametrize("hello", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"\x16"])
+def test_a_tls_client_hello_on_a_plain_port_is_named(hello: bytes) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        RequestHead(LIMIT).feed(hello)
+    assert caught.value.status == 400
+    assert caught.value.message == TLS_ON_PLAIN_PORT
+    assert "TLS handshake was sent to a plain (non-TLS) port" in TLS_ON_PLAIN_PORT
+
+
+def request_line_of(length: int) -> bytes:
+    """A request line (without its CRLF) of exactly ``length`` bytes."""
+    prefix, suffix = b"GET /", b" HTTP/1.1"
+    return prefix + b"a" * (length - len(prefix) - len(suffix)) + suffix
+
+
+@pytest.mark.parametrize("line_length", [LIMIT + 1, 2 * LIMIT, 10 * LIMIT])
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-feed", "bytewise"])
+def test_a_request_line_over_the_limit_is_414(line_length: int, bytewise: bool) -> None:
+    data = request_line_of(line_length) + b"\r\nHost: a\r\n\r\n"
+    head = RequestHead(LIMIT)
+    feed = partial(feed_bytewise, head) if bytewise else head.feed
+    with pytest.raises(UriTooLong) as caught:
+        feed(data)
+    assert caught.value.status == 414
+    assert f"request target is longer than max_header_bytes ({LIMIT} bytes)" in str(caught.value)
+
+
+def test_a_request_line_that_never_ends_is_414() -> None:
+    head = RequestHead(LIMIT)
+    with pytest.raises(UriTooLong):
+        feed_each(head, [b"GET /" + b"a" * 64] + [b"a" * 64] * (2 * LIMIT // 64))
+
+
+def test_a_short_request_line_with_big_headers_stays_431() -> None:
+    data = request_line_of(LIMIT // 2) + b"\r\nHost: a\r\nX-Pad: " + b"p" * LIMIT + b"\r\n\r\n"
+    with pytest.raises(HeadersTooLarge) as caught:
+        RequestHead(LIMIT).feed(data)
+    assert caught.value.status == 431
 
 
 # --- BackendReply: the request it sends and the way it reads ---------------------------------

@@ -11,11 +11,24 @@ import h11
 
 from tunnel.core.response import check_switch, check_switch_headers, protocol_error
 from tunnel.core.rewrite import ForwardRequest
-from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge
+from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge, UriTooLong
 
 
 class ClientClosed(Exception):
-    """The client went away before sending a complete request head (nothing to answer)."""
+    """The client went away before sending a complete request head: nobody is left to read an
+    answer, so none is sent (a debug line, not a refusal)."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"client left after sending {received} bytes of a request head")
+        self.received = received
+
+
+TLS_ON_PLAIN_PORT = (
+    "a TLS handshake was sent to a plain (non-TLS) port; use ws:// or http:// here, "
+    "or the TLS listener's port with wss://"
+)
+_TLS_HANDSHAKE_RECORD = 0x16
+"""The first byte of a TLS ClientHello; no HTTP method starts with it."""
 
 
 class RequestHead:
@@ -38,16 +51,23 @@ class RequestHead:
         self._buffer = bytearray()
         self._received = 0
         self._leftover = b""
+        self._line_length: int | None = None
+        """Length of the request line once its end has been seen: 414 or 431 when too big."""
 
     def feed(self, data: bytes) -> h11.Request | None:
         """Feed bytes (``b""`` for EOF); return the request once its head is complete.
 
         Raises:
+            UriTooLong: 414, the request line alone is longer than ``max_header_bytes``.
             HeadersTooLarge: 431, the head is larger than ``max_header_bytes``.
-            HandshakeError: 400, the bytes are not an HTTP/1.1 request head.
-            ClientClosed: EOF before any byte (nothing to answer). EOF in the middle of a head
-                is a 400: the client may have only half-closed and can still read the answer.
+            HandshakeError: 400, the bytes are not an HTTP/1.1 request head; the message says
+                what is wrong in words (a TLS handshake on a plain port is named as such).
+            ClientClosed: EOF before the head is complete (nothing to answer: a client that
+                sent half a head and closed is not waiting for a 400).
         """
+        if self._line_length is None:
+            end = data.find(b"\n")
+            self._line_length = None if end < 0 else self._received + end
         self._received += len(data)
         if self._conn is not None:
             return self._feed_h11(data)
@@ -65,6 +85,8 @@ class RequestHead:
             and not _bare_lf_end(self._buffer)
         ):
             return None
+        if self._buffer[:1] == bytes([_TLS_HANDSHAKE_RECORD]):
+            raise HandshakeError(TLS_ON_PLAIN_PORT)
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
         received, self._buffer = bytes(self._buffer), bytearray()
         if received:
@@ -79,19 +101,32 @@ class RequestHead:
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
-            if not data and self._received == 0:
-                raise ClientClosed from exc
-            raise protocol_error(exc, limit=self._limit) from exc
+            if not data:
+                raise ClientClosed(self._received) from exc
+            if exc.error_status_hint == 431:
+                raise self._too_large() from exc
+            raise protocol_error(exc) from exc
         if event is h11.NEED_DATA:
             return None
-        if isinstance(event, h11.ConnectionClosed):
-            raise ClientClosed
+        if isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises first
+            raise ClientClosed(self._received)
         if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields Request first
             raise HandshakeError("malformed request")
         self._leftover = bytes(self._conn.trailing_data[0])
         if self._received - len(self._leftover) > self._limit:
-            raise HeadersTooLarge(self._limit)
+            raise self._too_large()
         return event
+
+    def _too_large(self) -> HeadersTooLarge | UriTooLong:
+        """414 when the request line alone is over the limit (nginx's answer), else 431."""
+        if self._line_length is None or self._line_length > self._limit:
+            return UriTooLong(self._limit)
+        return HeadersTooLarge(self._limit)
+
+    @property
+    def received(self) -> int:
+        """Bytes of the client's fed so far."""
+        return self._received
 
     @property
     def leftover(self) -> bytes:

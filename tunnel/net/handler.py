@@ -134,8 +134,11 @@ class Handler:
         handed_off = False
         try:
             handed_off = await self._serve(sock, peer[0], client, entry)
-        except ClientClosed:
-            log.debug("client left before sending a request", extra=fields(client=client))
+        except ClientClosed as closed:
+            log.debug(
+                "client left before completing its request; nothing answered",
+                extra=fields(client=client, bytes_received=closed.received),
+            )
         except Exception:
             log.exception(
                 "internal error while serving a connection; the connection is closed",
@@ -394,7 +397,7 @@ async def _read_request(
                 if request is not None:
                     return request
     except OSError as exc:
-        raise ClientClosed from exc
+        raise ClientClosed(head.received) from exc
     except trio.TooSlowError:
         raise RequestTimeout(
             "the request head did not arrive within handshake_timeout "
