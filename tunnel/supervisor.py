@@ -9,8 +9,9 @@ them.
 Each worker is ``python -P -m tunnel worker`` serving the effective configuration (read from its
 stdin: the concrete ports, ``workers = 1``) on its own listening sockets with SO_REUSEPORT, so the
 kernel spreads new connections among the workers; ``-P`` keeps the current directory off its
-``sys.path``, so a ``tunnel/`` folder there never shadows the installed package. Workers never talk to each other or to the
-supervisor; the supervisor only starts, signals, reaps and restarts them:
+``sys.path``, so a ``tunnel/`` folder there never shadows the installed package. Workers never
+talk to each other or to the supervisor; the supervisor only starts, signals, reaps and restarts
+them:
 
 - SIGTERM or SIGINT: SIGTERM to every worker, wait up to ``STOP_SECONDS``, SIGKILL what is left,
   return 0. A second SIGTERM or SIGINT skips the wait.
