@@ -1,7 +1,9 @@
 """Log lines for operators: one event name plus key=value fields, as text or JSON.
 
 Code logs with ``log.info("tunnel closed", extra=fields(client=..., reason=...))``; the formatter
-chosen by ``server.log_format`` renders the fields.
+chosen by ``server.log_format`` renders the fields. A span of time goes in as ``Seconds(x)``, so
+that text shows ``0.004s`` and JSON a number a log pipeline can sum. docs/operations.md lists
+every field.
 """
 
 from __future__ import annotations
@@ -19,6 +21,36 @@ def fields(**values: Any) -> dict[str, Any]:
     return {"fields": values}
 
 
+class Seconds(float):
+    """A duration in a log field: ``0.004s`` in text, the number ``0.004`` in JSON; both to the
+    millisecond, finer than any figure an operator acts on."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"{self:.3f}".rstrip("0").rstrip(".") + "s"
+
+    def __repr__(self) -> str:
+        return f"Seconds({float(self)!r})"
+
+
+class _UtcSeconds:
+    """``2026-12-03T23:40:00``: the UTC date and time of a second, formatted once per second,
+    since a busy tunnel logs thousands of lines a second."""
+
+    __slots__ = ("_second", "_stamp")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, second: int) -> str:
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return self._stamp
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     if not text or " " in text or '"' in text or "=" in text:
@@ -31,19 +63,10 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._second = -1
-        self._stamp = ""
-
-    def _time(self, created: float) -> str:
-        """The UTC stamp, formatted once per second: a busy tunnel logs thousands a second."""
-        second = int(created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-            self._second = second
-        return self._stamp
+        self._utc = _UtcSeconds()
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = self._time(record.created)
+        stamp = self._utc(int(record.created)) + "Z"
         values: dict[str, Any] = getattr(record, "fields", {})
         parts = [stamp, record.levelname.lower(), record.getMessage()]
         parts += [f"{key}={_quote(value)}" for key, value in values.items()]
@@ -54,14 +77,25 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``time``, ``level``, ``event`` and the fields."""
+    """One JSON object per line: ``time`` (``2026-12-03T23:40:00.123Z``, the text lines' clock
+    to the millisecond), ``level``, ``event`` and the fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._utc = _UtcSeconds()
 
     def format(self, record: logging.LogRecord) -> str:
+        milliseconds = int(record.created * 1000)
+        second, millisecond = divmod(milliseconds, 1000)
+        values: dict[str, Any] = getattr(record, "fields", {})
         entry: dict[str, Any] = {
-            "time": round(record.created, 6),
+            "time": f"{self._utc(second)}.{millisecond:03d}Z",
             "level": record.levelname.lower(),
             "event": record.getMessage(),
-            **getattr(record, "fields", {}),
+            **{
+                key: round(value, 3) if isinstance(value, Seconds) else value
+                for key, value in values.items()
+            },
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from tunnel.config import Address, Config
-from tunnel.logs import LOGGER_NAME, fields
+from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.listener import bind_shared
 from tunnel.policy.restart import RestartPolicy
 from tunnel.worker import WORKER_COMMAND
@@ -197,7 +197,7 @@ class _Supervisor:
                 slot.restart_at = now + wait
                 log.error(
                     "worker could not be started",
-                    extra=fields(worker=slot.number, error=str(exc), restart_in=f"{wait:g}s"),
+                    extra=fields(worker=slot.number, error=str(exc), restart_in=Seconds(wait)),
                 )
                 return
             finally:
@@ -217,8 +217,8 @@ class _Supervisor:
                     worker=slot.number,
                     pid=slot.process.pid,
                     status=describe_exit(returncode),
-                    uptime=f"{uptime:.1f}s",
-                    restart_in=f"{wait:g}s",
+                    uptime=Seconds(uptime),
+                    restart_in=Seconds(wait),
                 ),
             )
             slot.process, slot.restart_at = None, now + wait
