@@ -397,3 +397,135 @@ def test_ipv6_host_is_split_for_routing() -> None:
     upgrade, _, _ = handshake(build(change={"Host": "[::1]:8080"}))
     assert upgrade.host == "[::1]:8080"
     assert upgrade.hostname == "::1"
+
+
+# --- Host syntax: only a host name or an IP literal, with an optional valid port ---------------
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a@b",
+        "a:b:c",
+        "[::1",
+        "a b",
+        "a/b?c#d",
+        "host:99999",
+        "host:0",
+        "host:",
+        "",
+        ":80",
+        "[fe80::1%25eth0]",
+        "[::1]x",
+        "[1.2.3.4]",
+        "a%2eb",
+        "a\\b",
+        "a..b",
+        ".a",
+        "host:+80",
+        "host:8O",
+        "a" * 254,
+        "exa mple.com:80",
+        "a,b",
+        "a;b",
+        "[::1]:99999",
+    ],
+)
+def test_malformed_host_is_400(host: str) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        handshake(build(change={"Host": host}))
+    assert caught.value.status == 400
+    assert "Host" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("host", "hostname"),
+    [
+        ("chat.example.com", "chat.example.com"),
+        ("Chat.Example.COM:8443", "chat.example.com"),
+        ("chat.example.com.", "chat.example.com"),
+        ("chat.example.com.:443", "chat.example.com"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[2001:DB8::1]:443", "2001:db8::1"),
+        ("[::1]", "::1"),
+        ("internal_host", "internal_host"),
+        ("localhost:1", "localhost"),
+        ("a" * 63 + "." + "b" * 63, "a" * 63 + "." + "b" * 63),
+    ],
+)
+def test_valid_hosts_are_routed_by_name(host: str, hostname: str) -> None:
+    upgrade, _, _ = handshake(build(change={"Host": host}))
+    assert upgrade.hostname == hostname
+    assert upgrade.host == host, "the Host value is forwarded as the client sent it"
+
+
+def test_absolute_form_with_credentials_is_400() -> None:
+    with pytest.raises(HandshakeError):
+        handshake(build("GET ws://user@chat.example.com/chat HTTP/1.1"))
+
+
+# --- Dot segments are refused, not resolved ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/ws/../admin",
+        "/ws/./x",
+        "/ws/..",
+        "/..",
+        "/ws/%2e%2e/admin",
+        "/ws/%2E%2e/admin",
+        "/ws/.%2e/admin",
+        "/ws/%2e/admin",
+        "/ws/..%2fadmin",
+        "/ws/..%2Fadmin",
+        "/ws/..%5cadmin",
+        "/ws/..\\admin",
+        "/ws/..;/admin",
+        "/ws/..;jsessionid=1/admin",
+        "/public/../ws/x",
+        "/ws/../admin?x=1",
+        "ws://chat.example.com/ws/../admin",
+    ],
+)
+def test_dot_segments_are_400(target: str) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        handshake(build(f"GET {target} HTTP/1.1"))
+    assert caught.value.status == 400
+    assert "segment; send the path with dot segments resolved" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/ws/...",
+        "/ws/.well-known/x",
+        "/ws/a..b",
+        "/ws/x.",
+        "/ws/%2e%2e%2e",
+        "/ws/file.tar.gz",
+        "/ws/a%2fb",
+        "/ws/x?path=../../etc",
+        "/ws/?q=%2e%2e",
+    ],
+)
+def test_dots_that_are_not_dot_segments_pass(target: str) -> None:
+    upgrade, _, _ = handshake(build(f"GET {target} HTTP/1.1"))
+    assert upgrade.target == target
+
+
+# --- Control characters in header values ------------------------------------------------------
+
+
+@pytest.mark.parametrize("control", ["\x01", "\x7f", "\x1b", "\x08", "\x1f"])
+def test_control_characters_in_values_are_400(control: str) -> None:
+    with pytest.raises(HandshakeError) as caught:
+        handshake(build(add=[("X-Trace", f"a{control}b")]))
+    assert caught.value.status == 400
+    assert caught.value.message == "header x-trace has a control character in its value"
+
+
+def test_tab_and_obs_text_in_values_pass() -> None:
+    upgrade, _, _ = handshake(build(add=[("X-Note", "a\tb \xe9")]))
+    assert (b"x-note", b"a\tb \xe9") in upgrade.fields

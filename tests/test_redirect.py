@@ -176,6 +176,24 @@ def test_a_request_that_names_no_host_gets_400(req: h11.Request) -> None:
     assert answer.headers == ()
 
 
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        ("/x", "evil.example/x?"),
+        ("/x", "a@evil.example"),
+        ("/x", "a b"),
+        ("/x", "host:99999"),
+        ("http://user@evil.example/x", "example.com"),
+    ],
+)
+def test_a_host_that_is_not_one_gets_400_not_a_location(target: str, host: str) -> None:
+    """Whatever names the host ends up in ``Location``: only a real host name may."""
+    answer = https_redirect(request(target, [("Host", host)]))
+    assert type(answer) is HandshakeError
+    assert answer.status == 400
+    assert not any(name == "Location" for name, _ in answer.headers)
+
+
 def test_the_default_https_port_is_443() -> None:
     assert HTTPS_PORT == 443
     answer = https_redirect(request("/x", [("Host", "example.com:80")]))

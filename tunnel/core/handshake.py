@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -46,13 +47,15 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
     Raises:
         MethodNotAllowed: 405, the method is not GET.
         HandshakeError: 400, HTTP version other than 1.1, a request body (``Content-Length`` > 0
-            or any ``Transfer-Encoding``), a target that is neither a path nor a valid absolute
-            URL, or an absolute-form target naming another host than ``Host``.
+            or any ``Transfer-Encoding``), a control character in a header value, a ``Host``
+            that is not a host name or IP literal with an optional port (``parse_host``), a
+            target that is neither a path nor a valid absolute URL, an absolute-form target
+            naming another host than ``Host``, or a path with a dot segment (``check_path``).
         UpgradeRequired: 426 with ``Upgrade: websocket``, when the request is not an upgrade
             (no ``Upgrade`` header, or ``Connection`` without the ``upgrade`` token).
 
     Not checked here: the Upgrade token against a route (``choose_upgrade``), WebSocket headers
-    (``check_websocket``), and the Host header's count and syntax, which h11 already enforces.
+    (``check_websocket``), and the Host header's count, which h11 already enforces.
     """
     method = request.method.decode("ascii", "replace")
     if method != "GET":
@@ -61,6 +64,11 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
         version = request.http_version.decode("ascii", "replace")
         raise HandshakeError(f"HTTP/{version} cannot upgrade; the tunnel needs HTTP/1.1")
     raw = list(request.headers)
+    for name, value in raw:
+        if _CONTROL.search(value):
+            raise HandshakeError(
+                f"header {name.decode('latin-1')} has a control character in its value"
+            )
     if headers.values(raw, b"transfer-encoding"):
         raise HandshakeError("an upgrade request must not have a body (Transfer-Encoding sent)")
     for length in headers.values(raw, b"content-length"):
@@ -74,11 +82,42 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
             headers=[("Upgrade", "websocket")],
         )
     host = headers.values(raw, b"host")[0].decode("latin-1")
-    hostname, _ = headers.split_host(host)
+    hostname, _ = headers.parse_host(host)
     target = request.target.decode("latin-1")
     if not target.startswith("/"):
         target = _origin_form(target, host)
+    check_path(target.partition("?")[0])
     return UpgradeRequest(request, host, hostname, target, offered, raw)
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""Control characters other than tab (RFC 9110 §5.5): h11 lets them through in values."""
+
+_SEGMENT_SEPARATOR = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
+
+
+def check_path(path: str) -> None:
+    """Refuse a path with a dot segment, rather than resolve it.
+
+    A path is routed by its prefix and forwarded as sent, so ``/ws/../admin`` would be routed
+    as ``/ws/`` and reach the backend, which resolves it, as ``/admin``. Browsers and WebSocket
+    clients resolve dot segments before sending, so only a prober sends one. Looked for in the
+    forms backends are known to resolve too: percent-encoded (``%2e%2e``), separated by ``\\``
+    or an encoded ``/`` or ``\\`` (``%2f``, ``%5c``), and with ``;parameters`` (``..;``, which
+    Java servers read as ``..``).
+
+    Raises:
+        HandshakeError: 400, naming the segment.
+    """
+    if "." not in path and "%" not in path:
+        return
+    for segment in _SEGMENT_SEPARATOR.split(path):
+        name = segment.partition(";")[0].lower().replace("%2e", ".")
+        if name in (".", ".."):
+            raise HandshakeError(
+                f"the request path has a {name!r} segment; send the path with dot segments "
+                "resolved (RFC 3986, section 5.2.4)"
+            )
 
 
 def _origin_form(target: str, host: str) -> str:
@@ -100,7 +139,7 @@ def _origin_form(target: str, host: str) -> str:
 
 def _authority(netloc: str, default_port: str) -> tuple[str, str]:
     """(lower-case host, port) with the scheme's default port filled in, for comparison."""
-    name, port = headers.split_host(netloc)
+    name, port = headers.parse_host(netloc)
     return name, port or default_port
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable
+
+from tunnel.errors import HandshakeError
 
 HeaderList = Iterable[tuple[bytes, bytes]]
 
@@ -36,14 +40,53 @@ def tokens(headers: HeaderList, name: bytes) -> list[str]:
     return found
 
 
-def split_host(host: str) -> tuple[str, str]:
-    """Split a Host value into (lower-case name, port text); ``[::1]:80`` → (``::1``, ``80``)."""
+_REG_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+MAX_HOST_NAME = 253
+
+
+def parse_host(host: str) -> tuple[str, str]:
+    """Split a Host value into (lower-case name, port text): ``[::1]:80`` → (``::1``, ``80``).
+
+    The name is an IP literal (IPv6 in brackets, no zone) or a DNS-style name of letters,
+    digits, ``-``, ``_`` and dots (one trailing dot allowed and dropped, as for a fully qualified
+    name); the port, when present, is a number from 1 to 65535. This is stricter than RFC 3986's
+    reg-name on purpose: a Host is copied into ``X-Forwarded-Host`` and into URLs that backends
+    build, so ``@``, ``/``, ``?``, ``#``, ``%``, spaces and sub-delimiters have no business there.
+
+    Raises:
+        HandshakeError: 400, naming what is wrong.
+    """
     if host.startswith("["):
         end = host.find("]")
-        if end > 0:
-            rest = host[end + 1 :]
-            return host[1:end].lower(), rest[1:] if rest.startswith(":") else ""
-    name, sep, port = host.rpartition(":")
-    if sep and port.isdigit() and ":" not in name:
-        return name.lower(), port
-    return host.lower(), ""
+        literal = host[1:end] if end > 0 else ""
+        if end < 0 or not _is_ipv6(literal):
+            raise HandshakeError(f"Host {host!r} is not a valid bracketed IPv6 address")
+        name, rest = literal.lower(), host[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise HandshakeError(f"Host {host!r} has text after the IPv6 address")
+        port = rest[1:] if rest else None
+    else:
+        name, sep, port_text = host.partition(":")
+        port = port_text if sep else None
+        if not name:
+            raise HandshakeError(f"Host {host!r} names no host" if host else "Host is empty")
+        if len(name) > MAX_HOST_NAME or not _REG_NAME.fullmatch(name):
+            raise HandshakeError(
+                f"Host {host!r} is not a host name (letters, digits, '-', '_' and dots), "
+                "an IP address or [IPv6]"
+            )
+        name = name.removesuffix(".").lower()
+    if port is not None and (not _PORT.fullmatch(port) or not 0 < int(port) < 65536):
+        raise HandshakeError(f"Host {host!r} has a port that is not a number from 1 to 65535")
+    return name, port or ""
+
+
+def _is_ipv6(literal: str) -> bool:
+    if "%" in literal:  # a zone names an interface of the sender, not a host of ours
+        return False
+    try:
+        ipaddress.IPv6Address(literal)
+    except ValueError:
+        return False
+    return True

@@ -21,24 +21,29 @@ def https_redirect(request: h11.Request, https_port: int = HTTPS_PORT) -> Tunnel
     redirects. ``https_port`` 443 is left out of the URL.
 
     Raises nothing; returns ``HandshakeError`` (400) when the request names no host (HTTP/1.0
-    without ``Host``), as there is nowhere to send it.
+    without ``Host``), as there is nowhere to send it, or a host that is not one
+    (``headers.parse_host``), which must not end up in a ``Location``.
     Not checked: anything else about the request; it is never forwarded.
     """
     raw = list(request.headers)
     target = request.target.decode("latin-1")
     host_values = headers.values(raw, b"host")
-    hostname = headers.split_host(host_values[0].decode("latin-1"))[0] if host_values else ""
+    authority = host_values[0].decode("latin-1") if host_values else ""
     if "://" in target:
         # An absolute-form target names the host itself, and Host is then ignored
         # (RFC 9112, section 3.2.2).
         try:
             parts = urlsplit(target)
-            hostname = parts.hostname or ""
         except ValueError:
             return HandshakeError(f"request target {target!r} is not a valid URL")
+        authority = parts.netloc
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     elif not target.startswith("/"):
         target = "/"  # asterisk or authority form: the site's root is the nearest page
+    try:
+        hostname = headers.parse_host(authority)[0] if authority else ""
+    except HandshakeError as error:
+        return error
     if not hostname:
         return HandshakeError("the request names no Host, so it cannot be redirected to HTTPS")
     authority = f"[{hostname}]" if ":" in hostname else hostname
