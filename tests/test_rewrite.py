@@ -227,3 +227,149 @@ def test_rewritten_request_is_a_valid_h11_upgrade() -> None:
     # What the tunnel writes is what h11 itself would write for the same request.
     conn = h11.Connection(h11.CLIENT)
     assert conn.send(out.to_h11()) == reply.request_bytes
+
+
+# --- Look-alikes: underscores, identity headers, Connection-listed handshake headers ----------
+
+UNDERSCORED = [
+    ("X_Forwarded_For", "6.6.6.6"),
+    ("x_real_ip", "6.6.6.6"),
+    ("X_FORWARDED_PROTO", "https"),
+    ("X_Forwarded_Host", "spoofed.example"),
+    ("X-Forwarded_For", "6.6.6.6"),
+    ("Sec_WebSocket_Key", "AAAAAAAAAAAAAAAAAAAAAA=="),
+    ("Transfer_Encoding", "chunked"),
+    ("X_Client_IP", "6.6.6.6"),
+    ("True_Client_IP", "6.6.6.6"),
+]
+
+IDENTITY = [
+    ("X-Forwarded-Port", "1"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Client-IP", "6.6.6.6"),
+    ("True-Client-IP", "6.6.6.6"),
+    ("CF-Connecting-IP", "6.6.6.6"),
+    ("X-Original-URL", "/admin"),
+    ("x-cluster-client-ip", "6.6.6.6"),
+    ("Forwarded", "for=6.6.6.6"),
+]
+
+
+@pytest.mark.parametrize("hop", [UNTRUSTED, TRUSTED], ids=["untrusted", "trusted"])
+@pytest.mark.parametrize("header", UNDERSCORED, ids=lambda h: h[0])
+def test_underscore_spellings_of_headers_the_proxy_sets_or_checks_are_dropped(
+    header: tuple[str, str], hop: Forwarding
+) -> None:
+    """A WSGI/CGI backend reads ``X_Real_IP`` as ``X-Real-IP`` and merges the two."""
+    out = rewrite([header], hop=hop)
+    assert [name for name, _ in raw(out) if "_" in name] == []
+    assert get_all(out, "X-Real-IP") == [hop.peer_ip]
+    assert get_all(out, "X-Forwarded-For") == [hop.peer_ip]
+
+
+def test_underscores_in_other_header_names_pass() -> None:
+    out = rewrite([("X_Request_Id", "abc"), ("My_Header", "v")])
+    assert get_all(out, "X_Request_Id") == ["abc"]
+    assert get_all(out, "My_Header") == ["v"]
+
+
+@pytest.mark.parametrize("header", IDENTITY, ids=lambda h: h[0])
+def test_headers_naming_the_client_are_dropped_from_untrusted_peers(
+    header: tuple[str, str],
+) -> None:
+    assert get_all(rewrite([header]), header[0]) == []
+
+
+@pytest.mark.parametrize("header", IDENTITY, ids=lambda h: h[0])
+def test_headers_naming_the_client_are_kept_from_trusted_peers(header: tuple[str, str]) -> None:
+    assert get_all(rewrite([header], hop=TRUSTED), header[0]) == [header[1]]
+
+
+def test_client_subject_header_look_alikes_are_dropped() -> None:
+    hop = Forwarding(peer_ip="203.0.113.7", added=((b"X-Client-Subject", b"CN=real"),))
+    out = rewrite([("X_Client_Subject", "CN=forged"), ("x-client-subject", "CN=forged")], hop=hop)
+    assert [(k, v) for k, v in raw(out) if "subject" in k.lower()] == [
+        ("X-Client-Subject", "CN=real")
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Protocol",
+        "Sec-WebSocket-Extensions",
+        "Origin",
+        "Host",
+    ],
+)
+def test_handshake_headers_listed_in_connection_still_reach_the_backend(name: str) -> None:
+    extra = [
+        ("Origin", "https://chat.example.com"),
+        ("Sec-WebSocket-Protocol", "chat"),
+        ("Sec-WebSocket-Extensions", "permessage-deflate"),
+    ]
+    base = [(k, f"Upgrade, {name.upper()}") if k == "Connection" else (k, v) for k, v in BASE]
+    out = rewrite_request(upgrade_of(extra, base=base), "websocket", UNTRUSTED)
+    assert len(get_all(out, name)) == 1
+    assert get_all(out, "Sec-WebSocket-Key") == [KEY]
+
+
+# --- Only valid addresses are taken from a trusted peer's forwarding headers ------------------
+
+
+@pytest.mark.parametrize(
+    ("chain", "forwarded_for", "real_ip"),
+    [
+        ("1.1.1.1", "1.1.1.1, 10.1.2.3", "1.1.1.1"),
+        ("evil<script>", "10.1.2.3", "10.1.2.3"),
+        ("unknown", "10.1.2.3", "10.1.2.3"),
+        ("1.1.1.1, not-an-ip", "1.1.1.1, 10.1.2.3", "10.1.2.3"),
+        ("not-an-ip, 1.1.1.1", "1.1.1.1, 10.1.2.3", "1.1.1.1"),
+        ("1.1.1.1:5678", "1.1.1.1, 10.1.2.3", "1.1.1.1"),
+        ("[2001:db8::1]:443", "2001:db8::1, 10.1.2.3", "2001:db8::1"),
+        ("2001:DB8:0::1", "2001:db8::1, 10.1.2.3", "2001:db8::1"),
+        ("fe80::1%eth0", "10.1.2.3", "10.1.2.3"),
+        ("1.1.1.1, 10.9.9.9, garbage", "1.1.1.1, 10.9.9.9, 10.1.2.3", "10.1.2.3"),
+        ("garbage, 10.9.9.9", "10.9.9.9, 10.1.2.3", "10.9.9.9"),
+        ("01.1.1.1", "10.1.2.3", "10.1.2.3"),
+    ],
+)
+def test_trusted_forwarded_for_keeps_only_addresses(
+    chain: str, forwarded_for: str, real_ip: str
+) -> None:
+    out = rewrite([("X-Forwarded-For", chain)], hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-For") == [forwarded_for]
+    assert get_all(out, "X-Real-IP") == [real_ip]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("https", "https"),
+        ("WSS", "wss"),
+        ("http, https", "https"),
+        ("javascript", "http"),
+        ("https\u00e9", "http"),
+        ("", "http"),
+    ],
+)
+def test_trusted_forwarded_proto_is_a_known_scheme(sent: str, expected: str) -> None:
+    out = rewrite([("X-Forwarded-Proto", sent)], hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-Proto") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("front.example:443", "front.example:443"),
+        ("a b", "Chat.Example.com:8443"),
+        ("evil@x", "Chat.Example.com:8443"),
+        ("x.example, front.example", "front.example"),
+    ],
+)
+def test_trusted_forwarded_host_is_a_valid_host(sent: str, expected: str) -> None:
+    out = rewrite([("X-Forwarded-Host", sent)], hop=TRUSTED)
+    assert get_all(out, "X-Forwarded-Host") == [expected]

@@ -10,10 +10,11 @@ import h11
 
 from tunnel.core import headers
 from tunnel.core.handshake import UpgradeRequest
+from tunnel.errors import HandshakeError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_REPLACED = frozenset(
+_SET_BY_TUNNEL = frozenset(
     {
         b"host",
         b"x-forwarded-for",
@@ -23,10 +24,60 @@ _REPLACED = frozenset(
         b"content-length",
     }
 )
+"""Replaced in every forwarded request (a trusted peer's values are read first)."""
 
+_CLIENT_IDENTITY = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x-forwarded-server",
+        b"x-forwarded-uri",
+        b"x-forwarded-client-cert",
+        b"x-original-forwarded-for",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-proxyuser-ip",
+        b"x-envoy-external-address",
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-original-host",
+        b"x-rewrite-url",
+        b"x-host",
+        b"x-url-scheme",
+        b"front-end-https",
+    }
+)
+"""Headers by which proxies tell a backend who the client is, or what URL it asked for: a
+spoof from anyone but a trusted proxy (RFC 7239's Forwarded included)."""
 
-# RFC 7239's Forwarded says the same as X-Forwarded-*; from an untrusted peer it is a spoof.
-_UNTRUSTED = frozenset({b"forwarded"})
+_HANDSHAKE = frozenset(
+    {
+        b"host",
+        b"origin",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+    }
+)
+"""End-to-end headers the handshake needs: never dropped for being named in ``Connection``
+(a client listing them there would break its own handshake and the log would blame the
+backend)."""
+
+_LOOK_ALIKE_TARGETS = headers.HOP_BY_HOP | _SET_BY_TUNNEL | _CLIENT_IDENTITY | _HANDSHAKE
+"""Names whose ``_`` spellings are dropped: CGI and WSGI servers read ``X_Real_IP`` as
+``X-Real-IP`` and merge the two (nginx ignores underscored names by default for this)."""
+
+_FORWARDED_PROTOS = frozenset({"http", "https", "ws", "wss"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,45 +147,107 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     """Build the request the backend receives.
 
     Header casing and order survive (built from ``raw_items()``); hop-by-hop headers and every
-    header named in ``Connection`` are dropped; ``Connection: Upgrade`` and the chosen
-    ``Upgrade`` token are sent. ``X-Forwarded-For`` is replaced by the peer address, or appended
-    to when the peer is a trusted proxy, whose ``X-Forwarded-Proto``/``-Host`` and ``Forwarded``
-    are then kept; an untrusted peer's ``Forwarded`` is dropped. ``hop.added`` headers go
-    last, replacing any the client sent under their names.
-    ``Sec-WebSocket-*`` headers pass untouched.
+    header named in ``Connection`` are dropped, except the end-to-end ones the handshake needs
+    (``_HANDSHAKE``); ``Connection: Upgrade`` and the chosen ``Upgrade`` token are sent.
+
+    ``X-Forwarded-For`` is replaced by the peer address, or appended to when the peer is a
+    trusted proxy, whose ``X-Forwarded-Proto``/``-Host``, ``Forwarded`` and the other headers
+    that name the client (``_CLIENT_IDENTITY``) are then kept; from an untrusted peer those
+    are dropped. A header spelled with ``_`` for ``-`` whose ``-`` spelling is one of these,
+    hop-by-hop, or one the proxy sets or checks is dropped from everyone. From a trusted peer
+    only valid IP addresses are taken from ``X-Forwarded-For``, only http/https/ws/wss from
+    ``X-Forwarded-Proto`` and only a valid host from ``X-Forwarded-Host``; anything else is
+    left out. ``hop.added`` headers go last, replacing any the client sent under their names
+    (in either spelling). ``Sec-WebSocket-*`` headers pass untouched.
     """
     request = upgrade.request
-    named = {name.encode("latin-1") for name in headers.tokens(upgrade.fields, b"connection")}
     trusted = is_trusted(hop.peer_ip, hop.trusted_proxies)
-    dropped = headers.HOP_BY_HOP | named | _REPLACED
+    named = {name.encode("latin-1") for name in headers.tokens(upgrade.fields, b"connection")}
+    added_names = {name.lower() for name, _ in hop.added}
+    dropped = headers.HOP_BY_HOP | (named - _HANDSHAKE) | _SET_BY_TUNNEL | added_names
     if not trusted:
-        dropped |= _UNTRUSTED
-    if hop.added:
-        dropped |= {name.lower() for name, _ in hop.added}
-    kept = [(k, v) for k, v in request.headers.raw_items() if k.lower() not in dropped]
-    client_chain = _forwarded_for(upgrade.fields) if trusted else []
-    chain = [*client_chain, hop.peer_ip]
+        dropped |= _CLIENT_IDENTITY
+    look_alikes = _LOOK_ALIKE_TARGETS | added_names
+    kept = [
+        (k, v)
+        for k, v in request.headers.raw_items()
+        if (name := k.lower()) not in dropped
+        and not (b"_" in name and name.replace(b"_", b"-") in look_alikes)
+    ]
+    hops: list[str | None] = [
+        *(_forwarded_ips(upgrade.fields) if trusted else ()),
+        hop.peer_ip,
+    ]
     proto = hop.scheme
     forwarded_host = upgrade.host
     if trusted:
-        proto = _last(upgrade.fields, b"x-forwarded-proto") or proto
-        forwarded_host = _last(upgrade.fields, b"x-forwarded-host") or forwarded_host
-    real_ip = next(
-        (ip for ip in reversed(chain) if not is_trusted(ip, hop.trusted_proxies)), chain[0]
-    )
+        sent_proto = (_last_item(upgrade.fields, b"x-forwarded-proto") or "").lower()
+        proto = sent_proto if sent_proto in _FORWARDED_PROTOS else proto
+        forwarded_host = _valid_host(_last_item(upgrade.fields, b"x-forwarded-host")) or (
+            forwarded_host
+        )
     host = hop.backend_host if hop.backend_host is not None else upgrade.host
     added = [
         (b"Connection", "Upgrade"),
         (b"Upgrade", token),
-        (b"X-Forwarded-For", ", ".join(chain)),
+        (b"X-Forwarded-For", ", ".join(ip for ip in hops if ip is not None)),
         (b"X-Forwarded-Proto", proto),
         (b"X-Forwarded-Host", forwarded_host),
-        (b"X-Real-IP", real_ip),
+        (b"X-Real-IP", _real_ip(hops, hop.trusted_proxies)),
     ]
     out = [(b"Host", host.encode("latin-1")), *kept]
     out += [(name, value.encode("latin-1")) for name, value in added]
     out += hop.added
     return ForwardRequest(_target(upgrade.target, hop).encode("latin-1"), out)
+
+
+def _real_ip(hops: list[str | None], trusted_proxies: Sequence[IPNetwork]) -> str:
+    """The client as the trusted hops vouch for it: the nearest hop that is not a trusted
+    proxy. Where a trusted proxy passed on something that is not an address, that proxy is
+    the nearest hop anyone vouches for."""
+    nearest = hops[-1]
+    assert nearest is not None  # the peer's own address
+    for ip in reversed(hops):
+        if ip is None:
+            return nearest
+        if not is_trusted(ip, trusted_proxies):
+            return ip
+        nearest = ip
+    return nearest
+
+
+def _forwarded_ips(raw: headers.HeaderList) -> list[str | None]:
+    """Each ``X-Forwarded-For`` entry as a normalised IP address, or None for one that is not
+    (``unknown``, a name, garbage). ``1.2.3.4:5678`` and ``[v6]:port`` lose the port."""
+    return [
+        _ip_of(item.strip().decode("latin-1"))
+        for value in headers.values(raw, b"x-forwarded-for")
+        for item in value.split(b",")
+        if item.strip()
+    ]
+
+
+def _ip_of(entry: str) -> str | None:
+    if entry.startswith("["):
+        entry = entry[1 : entry.find("]")] if "]" in entry else ""
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    if "%" in entry:  # an IPv6 zone names the sender's interface, not a client
+        return None
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
+
+
+def _valid_host(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        headers.parse_host(value)
+    except HandshakeError:
+        return None
+    return value
 
 
 def _target(target: str, hop: Forwarding) -> str:
@@ -149,15 +262,8 @@ def _target(target: str, hop: Forwarding) -> str:
     return base + rest
 
 
-def _forwarded_for(raw: headers.HeaderList) -> list[str]:
-    return [
-        item.strip().decode("latin-1")
-        for value in headers.values(raw, b"x-forwarded-for")
-        for item in value.split(b",")
-        if item.strip()
-    ]
-
-
-def _last(raw: headers.HeaderList, name: bytes) -> str | None:
+def _last_item(raw: headers.HeaderList, name: bytes) -> str | None:
+    """The last comma-separated item of the last ``name`` header: what the nearest proxy
+    wrote, when proxies append."""
     found = headers.values(raw, name)
-    return found[-1].decode("latin-1") if found else None
+    return found[-1].rpartition(b",")[2].strip().decode("latin-1") if found else None
