@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -600,6 +601,137 @@ def test_addresses(text: str, host: str, port: int) -> None:
     address = Address.parse(text, "k")
     assert (address.host, address.port) == (host, port)
     assert Address.parse(str(address), "k") == address
+
+
+LONG_LABEL = "a" * 64
+LONGEST_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 characters
+
+BAD_BACKEND_URLS = [
+    # (backend URL, message substring): each is refused naming routes[0].backends[0].url
+    ("ws//127.0.0.1:9000", 'did you mean "ws://127.0.0.1:9000"'),
+    ("ws:/127.0.0.1:9000", 'did you mean "ws://127.0.0.1:9000"'),
+    ("WSS:127.0.0.1:9000", 'did you mean "wss://127.0.0.1:9000"'),
+    ("ws://ws//127.0.0.1:9000", 'starts with "//"'),
+    ("ws://b:0", "port '0' in 'b:0' is not a number from 1 to 65535"),
+    ("b:0", "from 1 to 65535"),
+    ("ws://b:65536", "from 1 to 65535"),
+    ("ws://b:" + "9" * 5000, "from 1 to 65535"),
+    ("ws://b:+80", "port '+80'"),
+    ("ws://b:-80", "port '-80'"),
+    ("ws://b:", "port ''"),
+    ("ws://b: 80", "space or control character"),
+    ("ws://exa mple.com:80", "space or control character"),
+    (" ws://b:80", "space or control character"),
+    ("ws://b:80\n", "space or control character"),
+    ("ws://b\t:80", "space or control character"),
+    ("ws://b:\uff18\uff10", "outside ASCII"),
+    ("ws://b\u00fccher.example", '"xn--"'),
+    ("ws://b:80/pa th", "percent-encode it"),
+    ("ws://:9000", "names no host"),
+    ("ws://0.0.0.0:9000", "a backend needs the address to connect to"),
+    ("[::]:9000", "a backend needs the address to connect to"),
+    ("ws://[::1", "not a valid URL"),
+    ("ws://[::1]x:80", "[v6]:port"),
+    ("ws://[127.0.0.1]:80", "not a valid URL"),
+    ("[127.0.0.1]:80", "'127.0.0.1' in '[127.0.0.1]:80' is not an IPv6 address"),
+    ("ws://user@b:80", "credentials"),
+    ("ws://@b:80", "credentials"),
+    ("ws://b:80?", "query, fragment"),
+    ("ws://b:80#", "query, fragment"),
+    ("http://b", "scheme 'http' is not supported"),
+    ("b@c:80", "'@' is not allowed"),
+    ("b/c:80", "'/' is not allowed"),
+    ("ws://b!c:80", "'!' is not allowed"),
+    ("ws://b.:80", "ends with a dot"),
+    ("ws://.b:80", "empty label"),
+    ("ws://a..b:80", "empty label"),
+    ("ws://-b:80", "starts or ends with '-'"),
+    ("ws://b-:80", "starts or ends with '-'"),
+    (f"ws://{LONG_LABEL}.example:80", "longer than 63"),
+    (f"ws://{LONGEST_NAME}a:80", "longer than 253"),
+    ("ws://127.1:80", "looks like an IPv4 address"),
+    ("ws://2130706433:80", "looks like an IPv4 address"),
+    ("ws://0x7f000001:80", "looks like an IPv4 address"),
+    ("ws://0x7f.1:80", "looks like an IPv4 address"),
+    ("ws://0177.0.0.1:80", "looks like an IPv4 address"),
+    ("ws://256.0.0.1:80", "looks like an IPv4 address"),
+    ("ws://b:80:90", "in brackets"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_BACKEND_URLS)
+def test_backend_urls_that_cannot_work_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc(backends=f"[{{ url = {json.dumps(url)} }}]"))
+    assert caught.value.key == "routes[0].backends[0].url"
+    assert message in caught.value.problem
+    with pytest.raises(ConfigError) as flag:
+        Config.from_toml(doc()).with_overrides(backends=[url])
+    assert flag.value.key == f"--backend {url}"
+    assert message in flag.value.problem
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("ws://my_service:9000", "my_service", 9000),
+        ("_internal.example:1", "_internal.example", 1),
+        ("ws://a-b.c_d.Example:65535", "a-b.c_d.example", 65535),
+        ("ws://xn--bcher-kva.example", "xn--bcher-kva.example", 80),
+        (f"ws://{LONGEST_NAME}:80", LONGEST_NAME, 80),
+        ("ws://[0:0::1]:9000", "::1", 9000),
+        ("[::FFFF:127.0.0.1]:9000", "::ffff:7f00:1", 9000),
+        ("ws://b:08080", "b", 8080),
+        ("ws:9000", "ws", 9000),
+        ("ws://0x7f.example:1", "0x7f.example", 1),
+        ("ws://123abc:1", "123abc", 1),
+    ],
+)
+def test_backend_hosts_that_are_accepted(url: str, host: str, port: int) -> None:
+    backend = BackendConfig.parse_url(url, "k")
+    assert (backend.host, backend.port) == (host, port)
+    assert BackendConfig.parse_url(backend.url, "k") == backend
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("exa mple:80", "space or control character"),
+        ("*:8080", 'write ":8080"'),
+        ("b.:80", "ends with a dot"),
+        ("a..b:80", "empty label"),
+        ("a/b:80", "'/' is not allowed"),
+        ("127.1:80", "looks like an IPv4 address"),
+        ("0x7f000001:80", "looks like an IPv4 address"),
+        ("b\u00fccher:80", '"xn--"'),
+        ("h:65536", "not a number from 0 to 65535"),
+        ("h:" + "9" * 5000, "not a number from 0 to 65535"),
+        ("h:\u0668\u0660", "outside ASCII"),
+        ("[::ffff:127.0.0.1]:80", 'write "127.0.0.1:80"'),
+    ],
+)
+def test_listen_addresses_with_a_bad_host_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc(listen=json.dumps(text)))
+    assert caught.value.key == "listeners[0].listen"
+    assert message in caught.value.problem
+    with pytest.raises(ConfigError) as flag:
+        Config.from_toml(doc()).with_overrides(listen=[text])
+    assert flag.value.key == f"--listen {text}"
+    assert message in flag.value.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("[0:0::1]:80", "::1", 80),
+        ("localhost:08080", "localhost", 8080),
+        ("My_Host:0", "my_host", 0),
+        (":0", "", 0),
+    ],
+)
+def test_listen_addresses_are_normalised(text: str, host: str, port: int) -> None:
+    assert Address.parse(text, "k") == Address(host, port)
 
 
 def test_overrides_replace_listeners_and_routes() -> None:

@@ -47,6 +47,13 @@ DEFAULT_PORTS = {"ws": 80, "wss": 443}
 MAX_WORKERS = 256
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 UPGRADE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?$")
+_NAME_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.ASCII)
+"""One label of a host name, lower-cased: LDH (RFC 1123), plus "_", which internal names such as
+Docker Compose services use and resolvers accept."""
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII)
+"""A last label that makes the resolver read the name as an IPv4 number (inet_aton: ``127.1``,
+``0x7f000001``, ``2130706433``), which would hide an address from every comparison."""
+_SCHEME_TYPO = re.compile(r"(wss?)(?::/*|/+)(.+)", re.ASCII | re.IGNORECASE)
 
 
 def parse_duration(text: str, key: str) -> float:
@@ -105,7 +112,14 @@ class Address:
         """Parse ``host:port``, ``[v6]:port`` or ``:port``."""
         if not isinstance(text, str):
             raise ConfigError(key, f'expected "host:port", got {text!r}')
-        host, port = _split_host_port(text, key, default_port=None)
+        _check_characters(text, key, url=False)
+        if text.startswith("*:"):
+            raise ConfigError(key, f'{text!r}: for every interface write "{text[1:]}"')
+        host, port = _split_host_port(text, key, default_port=None, min_port=0)
+        if ":" in host and (mapped := ipaddress.IPv6Address(host).ipv4_mapped) is not None:
+            raise ConfigError(
+                key, f'{text!r} is an IPv4 address in IPv6 form; write "{mapped}:{port}"'
+            )
         return cls(host, port)
 
     def __str__(self) -> str:
@@ -124,33 +138,50 @@ class BackendConfig:
 
     @classmethod
     def parse_url(cls, url: str, key: str, name: str = "") -> BackendConfig:
-        """Parse ``host:port``, ``ws://host:port[/path]`` or ``wss://host:port[/path]``."""
+        """Parse ``host:port``, ``ws://host:port[/path]`` or ``wss://host:port[/path]``.
+
+        Refused, because no request could ever reach such a backend: a host that is neither an
+        IP address nor a host name (see ``_check_host``), port 0, spaces, control or non-ASCII
+        characters anywhere (urlsplit would silently drop tabs and newlines), a query, fragment
+        or credentials (even empty), and a path starting with "//". Names are not resolved.
+        """
         if not isinstance(url, str) or not url:
             raise ConfigError(
                 key, f'expected a backend URL like "ws://127.0.0.1:9000", got {url!r}'
             )
+        _check_characters(url, key, url=True)
         if "://" not in url:
-            host, port = _split_host_port(url, key, default_port=None)
-            if not host:
-                raise ConfigError(key, f"{url!r} names no host")
+            try:
+                host, port = _split_host_port(url, key, default_port=None, min_port=1)
+            except ConfigError as exc:
+                typo = _SCHEME_TYPO.fullmatch(url)
+                if typo is None:
+                    raise
+                meant = f"{typo.group(1).lower()}://{typo.group(2)}"
+                raise ConfigError(
+                    key, f'{url!r} is neither host:port nor a URL; did you mean "{meant}"?'
+                ) from exc
+            _check_backend_host(host, url, key)
             return cls(name or join_host_port(host, port), host, port)
+        if "?" in url or "#" in url:
+            raise ConfigError(key, f"{url!r}: query, fragment and credentials are not allowed")
         try:
             parts = urlsplit(url)
         except ValueError as exc:  # such as an unclosed "[" around an IPv6 host
-            raise ConfigError(key, f"{url!r} is not a valid URL") from exc
+            raise ConfigError(key, f"{url!r} is not a valid URL: {exc}") from exc
         if parts.scheme not in DEFAULT_PORTS:
             raise ConfigError(key, f"scheme {parts.scheme!r} is not supported; use ws:// or wss://")
-        if parts.query or parts.fragment or parts.username or parts.password:
+        if "@" in parts.netloc:
             raise ConfigError(key, f"{url!r}: query, fragment and credentials are not allowed")
-        host, port = _split_host_port(parts.netloc, key, default_port=DEFAULT_PORTS[parts.scheme])
-        if not host:
-            raise ConfigError(key, f"{url!r} names no host")
-        path = parts.path if parts.path not in ("", "/") else ""
-        if any(not "!" <= c <= "~" for c in path):
+        host, port = _split_host_port(
+            parts.netloc, key, default_port=DEFAULT_PORTS[parts.scheme], min_port=1
+        )
+        _check_backend_host(host, url, key)
+        if parts.path.startswith("//"):
             raise ConfigError(
-                key,
-                f"{url!r}: the path has a space or a character outside ASCII; percent-encode it",
+                key, f'{url!r}: the path starts with "//"; is the scheme written twice?'
             )
+        path = parts.path if parts.path not in ("", "/") else ""
         return cls(name or join_host_port(host, port), host, port, path, parts.scheme)
 
     @property
@@ -446,7 +477,80 @@ def _toml_list(items: Iterable[str]) -> str:
     return "[" + ", ".join(_toml_str(item) for item in items) + "]"
 
 
-def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str, int]:
+def _check_backend_host(host: str, url: str, key: str) -> None:
+    """What a listener may have and a backend may not: no host, or the every-interface one."""
+    if not host:
+        raise ConfigError(key, f"{url!r} names no host")
+    if is_ip_address(host) and ipaddress.ip_address(host).is_unspecified:
+        raise ConfigError(
+            key,
+            f"{url!r}: {host} means every interface to a listener; a backend needs the address "
+            "to connect to, like 127.0.0.1",
+        )
+
+
+def _check_characters(text: str, key: str, url: bool) -> None:
+    """Refuse what no address or URL may hold: spaces, control and non-ASCII characters."""
+    for char in text:
+        if not char.isascii():
+            path = "; percent-encode it in a path" if url else ""
+            raise ConfigError(
+                key,
+                f"{text!r} has {char!r}, outside ASCII; write an internationalised host name "
+                f'in its ASCII (IDNA, "xn--") form{path}',
+            )
+        if not "!" <= char <= "~":
+            fix = "remove it, or percent-encode it in a path" if url else "remove it"
+            raise ConfigError(key, f"{text!r} has a space or control character {char!r}; {fix}")
+
+
+def _check_host(host: str, text: str, key: str) -> str:
+    """``host`` as kept: an IPv4 address, or a host name in lower case (see ``_name_problem``)."""
+    if is_ip_address(host):
+        return host
+    name = host.lower()
+    problem = _name_problem(name)
+    if problem:
+        raise ConfigError(key, f"{host!r} in {text!r} is not a host: {problem}")
+    return name
+
+
+def _name_problem(name: str) -> str:
+    """Why ``name`` (lower case, ASCII) is not a host name, or "" when it is one.
+
+    A name is labels of letters, digits, "-" (not first or last) and "_", 1 to 63 characters
+    each, separated by single dots, 253 characters at most, with no trailing dot (it would be
+    carried into the Host header and the TLS server name). Non-ASCII names are refused by the
+    caller, not IDNA-encoded: Python's codec (IDNA 2003) maps some names unlike IDNA 2008.
+    """
+    if name.endswith("."):
+        return "it ends with a dot; write it without the dot"
+    if len(name) > 253:
+        return f"it is {len(name)} characters long, longer than 253"
+    labels = name.split(".")
+    for label in labels:
+        bad = next((c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))), "")
+        if not label:
+            return 'it has an empty label (".." or a leading dot)'
+        if bad:
+            return f"{bad!r} is not allowed; a name is letters, digits, - and _ between dots"
+        if len(label) > 63:
+            return f"the label {label[:10]}... is {len(label)} characters, longer than 63"
+        if not _NAME_LABEL.fullmatch(label):
+            return f"the label {label!r} starts or ends with '-'"
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        return (
+            "it looks like an IPv4 address but is not one; write four numbers from 0 to 255 "
+            "without leading zeros, like 127.0.0.1"
+        )
+    return ""
+
+
+def _split_host_port(
+    text: str, key: str, default_port: int | None, min_port: int
+) -> tuple[str, int]:
+    """``(host, port)``: an IPv6 address in its compressed spelling, an IPv4 address, a host name
+    in lower case (see ``_check_host``) or "" when ``text`` is ``:port``."""
     port_text: str | None
     if text.startswith("["):
         close = text.find("]")
@@ -454,6 +558,7 @@ def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str
             raise ConfigError(key, f"{text!r} opens [ but never closes it")
         host, rest = text[1:close], text[close + 1 :]
         _check_ip(host, text, key, version=6)
+        host = str(ipaddress.IPv6Address(host))
         if rest and not rest.startswith(":"):
             raise ConfigError(key, f"{text!r} is not [v6]:port")
         port_text = rest[1:] if rest else None
@@ -463,13 +568,20 @@ def _split_host_port(text: str, key: str, default_port: int | None) -> tuple[str
         host, port_text = text, None
     else:
         raise ConfigError(key, f"{text!r}: write IPv6 addresses in brackets, like [::1]:8080")
+    if port_text is None and default_port is None:
+        raise ConfigError(key, f"{text!r} needs a port, like host:8080 or [::1]:8080")
+    if host and not text.startswith("["):
+        host = _check_host(host, text, key)
     if port_text is None:
-        if default_port is None:
-            raise ConfigError(key, f"{text!r} needs a port, like host:8080 or [::1]:8080")
-        return host.lower(), default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(key, f"port {port_text!r} in {text!r} is not a number from 0 to 65535")
-    return host.lower(), int(port_text)
+        return host, default_port or 0
+    # isdigit alone takes "²" and other non-ASCII digits; int() refuses over 4300 digits
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not (
+        min_port <= int(port_text) <= 65535
+    ):
+        raise ConfigError(
+            key, f"port {port_text!r} in {text!r} is not a number from {min_port} to 65535"
+        )
+    return host, int(port_text)
 
 
 def is_ip_address(text: str) -> bool:
