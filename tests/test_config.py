@@ -734,6 +734,98 @@ def test_listen_addresses_are_normalised(text: str, host: str, port: int) -> Non
     assert Address.parse(text, "k") == Address(host, port)
 
 
+def listeners_doc(*listens: str) -> str:
+    """A valid file with one [[listeners]] table per address."""
+    tables = "".join(f"[[listeners]]\nlisten = {json.dumps(a)}\n\n" for a in listens)
+    return doc(listen=OMIT).replace("[[listeners]]\n\n", tables)
+
+
+@pytest.mark.parametrize(
+    ("listens", "key", "message"),
+    [
+        (["127.0.0.1:8080"] * 2, "listeners[1].listen", "is also listeners[0].listen"),
+        (["127.0.0.1:8080", "127.0.0.1:08080"], "listeners[1].listen", "is also listeners[0]"),
+        ([":8080", ":8080"], "listeners[1].listen", "is also listeners[0].listen"),
+        (["[::1]:8080", "[0:0::1]:8080"], "listeners[1].listen", "is also listeners[0]"),
+        (["Localhost:8080", "localhost:8080"], "listeners[1].listen", "is also listeners[0]"),
+        (
+            ["127.0.0.1:1", "127.0.0.1:8080", "127.0.0.1:8080"],
+            "listeners[2].listen",
+            "is also listeners[1].listen",
+        ),
+        (
+            [":8080", "0.0.0.0:8080"],
+            "listeners[1].listen",
+            "overlaps listeners[0].listen ':8080': every interface on port 8080 includes 0.0.0.0",
+        ),
+        (["0.0.0.0:8080", ":8080"], "listeners[1].listen", "every interface on port 8080"),
+        ([":8080", "[::1]:8080"], "listeners[1].listen", "every interface on port 8080"),
+        ([":8080", "[::]:8080"], "listeners[1].listen", "every interface on port 8080"),
+        ([":8080", "localhost:8080"], "listeners[1].listen", "includes localhost"),
+        (
+            ["0.0.0.0:8080", "127.0.0.1:8080"],
+            "listeners[1].listen",
+            "every IPv4 interface (0.0.0.0) on port 8080 includes 127.0.0.1",
+        ),
+        (["127.0.0.2:8080", "0.0.0.0:8080"], "listeners[1].listen", "includes 127.0.0.2"),
+        (
+            ["[::]:8080", "[::1]:8080"],
+            "listeners[1].listen",
+            "every IPv6 interface (::) on port 8080 includes ::1",
+        ),
+        (["[::1]:8080", "[::]:8080"], "listeners[1].listen", "the kernel refuses to bind both"),
+    ],
+)
+def test_listen_addresses_one_process_cannot_bind_together_are_refused(
+    listens: list[str], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(listeners_doc(*listens))
+    assert caught.value.key == key
+    assert message in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    "listens",
+    [
+        ["127.0.0.1:0", "127.0.0.1:0"],
+        [":0", ":0", "0.0.0.0:0"],
+        ["127.0.0.1:8080", "127.0.0.1:8081"],
+        ["127.0.0.1:8080", "127.0.0.2:8080"],
+        ["0.0.0.0:8080", "[::]:8080"],
+        ["0.0.0.0:8080", "[::1]:8080"],
+        ["[::]:8080", "127.0.0.1:8080"],
+    ],
+)
+def test_listen_addresses_that_bind_together_are_accepted(listens: list[str]) -> None:
+    config = Config.from_toml(listeners_doc(*listens))
+    assert [str(x.listen) for x in config.listeners] == [
+        str(Address.parse(a, "k")) for a in listens
+    ]
+    assert config.with_overrides(listen=listens).listeners == config.listeners
+
+
+@pytest.mark.parametrize(
+    ("listens", "key", "message"),
+    [
+        ([":8080", ":8080"], "--listen :8080", "':8080' is given twice"),
+        (
+            [":8080", "0.0.0.0:8080"],
+            "--listen 0.0.0.0:8080",
+            "overlaps --listen :8080 ':8080': every interface",
+        ),
+        (["h:1", "H:01"], "--listen H:01", "'h:1' is also --listen h:1"),
+    ],
+)
+def test_listen_flags_one_process_cannot_bind_together_are_refused(
+    listens: list[str], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc()).with_overrides(listen=listens)
+    assert caught.value.key == key
+    assert message in caught.value.problem
+
+
 def test_overrides_replace_listeners_and_routes() -> None:
     config = Config.from_toml(
         doc(more='[[routes]]\nname = "two"\nbackends = [{ url = "b:1" }]')

@@ -332,9 +332,11 @@ class Config:
         ``listen``, else the file's) serve TLS with that one pair."""
         config = self
         if listen:
+            flags = [f"--listen {a}" for a in listen]
+            addresses = [Address.parse(a, flag) for a, flag in zip(listen, flags, strict=True)]
+            _check_listen_together(addresses, flags)
             config = dataclasses.replace(
-                config,
-                listeners=tuple(ListenerConfig(Address.parse(a, f"--listen {a}")) for a in listen),
+                config, listeners=tuple(ListenerConfig(a) for a in addresses)
             )
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("--tls-cert/--tls-key", "give both, or neither")
@@ -377,6 +379,10 @@ class Config:
         """Check what a single key cannot check alone; raise ``ConfigError`` naming the key."""
         if not self.listeners:
             raise ConfigError("listeners", "no listener; add [[listeners]] or pass --listen")
+        _check_listen_together(
+            [x.listen for x in self.listeners],
+            [f"listeners[{i}].listen" for i in range(len(self.listeners))],
+        )
         if not self.routes:
             raise ConfigError("routes", "no route; add [[routes]] or pass --backend")
         seen: set[str] = set()
@@ -452,6 +458,51 @@ class Config:
                 f"verify = {'true' if t.verify else 'false'}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def _check_listen_together(addresses: Sequence[Address], keys: Sequence[str]) -> None:
+    """Refuse two addresses one process cannot bind at once: ``tunnel run`` would fail with
+    "address in use" against itself (with workers > 1, SO_REUSEPORT lets both bind, and they
+    silently split or shadow each other's connections). ``keys[i]`` names ``addresses[i]``.
+
+    Learnt by binding on Linux with SO_REUSEADDR (as trio does) and IPV6_V6ONLY: the same
+    address twice fails, and so does ``0.0.0.0`` beside any IPv4 address or ``::`` beside any
+    IPv6 one on the same port; ``0.0.0.0`` beside ``::`` binds. ``:port`` is both wildcards.
+    Port 0 is a different free port each time. Names are not resolved, so a name conflicts
+    only with itself and with ``:port``.
+    """
+    for i, later in enumerate(addresses):
+        for j, earlier in enumerate(addresses[:i]):
+            if later.port != earlier.port or later.port == 0:
+                continue
+            if later.host == earlier.host:
+                again = "is given twice" if keys[i] == keys[j] else f"is also {keys[j]}"
+                raise ConfigError(keys[i], f"{str(later)!r} {again}; listen on each address once")
+            for wide, narrow in ((earlier, later), (later, earlier)):
+                if _includes(wide.host, narrow.host):
+                    raise ConfigError(
+                        keys[i],
+                        f"{str(later)!r} overlaps {keys[j]} {str(earlier)!r}: "
+                        f"{_WILDCARDS[wide.host]} on port {wide.port} includes "
+                        f"{narrow.host or 'every interface'}, and the kernel refuses to bind "
+                        "both; keep one",
+                    )
+
+
+_WILDCARDS = {
+    "": "every interface",
+    "0.0.0.0": "every IPv4 interface (0.0.0.0)",
+    "::": "every IPv6 interface (::)",
+}
+
+
+def _includes(wide: str, narrow: str) -> bool:
+    """Whether listening on ``wide`` takes the port on ``narrow`` too (hosts differ)."""
+    if wide == "":
+        return True
+    if wide not in _WILDCARDS or not is_ip_address(narrow):
+        return False
+    return ipaddress.ip_address(wide).version == ipaddress.ip_address(narrow).version
 
 
 def _tls_toml(tls: ListenerTLS) -> list[str]:
