@@ -130,14 +130,74 @@ def test_durations(text: str, seconds: float) -> None:
         ("1MiB", 1048576),
         ("1GiB", 1024**3),
         ("512B", 512),
-        ("2KB", 2000),
         ("1.5KiB", 1536),
+        ("0.25MiB", 262144),
+        ("1.0B", 1),
+        (" 32 KIB ", 32768),
+        ("0", 0),
+        ("0B", 0),
+        ("1024GiB", 1024**4),
         ("4096", 4096),
         (4096, 4096),
     ],
 )
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text, "k") == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("32KB", 'is ambiguous; write "32KiB" (32768 bytes) or a number of bytes'),
+        ("32kb", 'write "32KiB" (32768 bytes)'),
+        ("32k", 'write "32KiB" (32768 bytes)'),
+        ("32K", 'write "32KiB" (32768 bytes)'),
+        ("1MB", 'write "1MiB" (1048576 bytes)'),
+        ("1m", 'write "1MiB" (1048576 bytes)'),
+        ("1GB", 'write "1GiB" (1073741824 bytes)'),
+        ("1g", 'write "1GiB" (1073741824 bytes)'),
+        ("0.1KB", "is ambiguous; write a number of bytes"),
+        ("9" * 5000 + "KB", "is ambiguous; write a number of bytes"),
+        ("0.5B", "is not a whole number of bytes"),
+        ("1.1KiB", "is not a whole number of bytes"),
+        ("0.3", "is not a whole number of bytes"),
+        ("-1KiB", "cannot be negative"),
+        (-1, "cannot be negative"),
+        ("1025GiB", "is too large; sizes go up to 1024GiB"),
+        ("9" * 400 + "KiB", "is too large"),
+        ("9" * 5000, "is too large"),
+        ("0." + "0" * 5000 + "1KiB", "is not a whole number of bytes"),
+        (1024**4 + 1, "is too large"),
+        ("2TiB", "is not a size"),
+        ("1e3B", "is not a size"),
+        ("\uff13\uff12KiB", "is not a size"),
+        ("32\u00a0KiB", "is not a size"),
+        (True, "expected a size"),
+        (1.5, "expected a size"),
+    ],
+)
+def test_bad_sizes(text: str | int, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_size(text, "server.max_header_bytes")
+    assert caught.value.key == "server.max_header_bytes"
+    assert message in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"32KB"', "is ambiguous"),
+        ('"0.5KiB"', "must be between 1KiB and 1MiB"),
+        ('"1.0001KiB"', "is not a whole number of bytes"),
+        ("-32768", "cannot be negative"),
+        (f'"{"9" * 400}KiB"', "is too large"),
+    ],
+)
+def test_bad_sizes_in_a_file_name_their_key(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc(server=f"max_header_bytes = {value}"))
+    assert caught.value.key == "server.max_header_bytes"
+    assert message in caught.value.problem
 
 
 BAD = [

@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -32,10 +33,14 @@ BYTES = 1
 KiB = 1024 * BYTES
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+MAX_SIZE = 1024 * GiB
+"""The largest size ``parse_size`` reads: no key comes near it, so beyond it is a typo."""
 
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS}
-_SIZE_UNITS = {"": BYTES, "b": BYTES, "kib": KiB, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 1000**2}
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_UNITS = {"": BYTES, "b": BYTES, "kib": KiB, "mib": MiB, "gib": GiB}
+_AMBIGUOUS_SIZE_UNITS = {"k": "KiB", "kb": "KiB", "m": "MiB", "mb": "MiB", "g": "GiB", "gb": "GiB"}
+"""Units that mean 1000 to some programs and 1024 to others (nginx reads "32k" as 32 KiB)."""
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$", re.ASCII)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -70,15 +75,49 @@ def parse_duration(text: str, key: str) -> float:
 
 
 def parse_size(text: str | int, key: str) -> int:
-    """``"32KiB"`` → 32768 bytes. Units: B, KiB, MiB, GiB (and KB, MB); a bare int is bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    if not isinstance(text, str):
+    """``"32KiB"`` → 32768 bytes. Units: B, KiB, MiB, GiB, any letter case; a bare number is bytes.
+
+    KB, MB, GB, k, m and g are refused as ambiguous rather than guessed. Fractions are exact
+    (``"1.5KiB"`` is 1536) and must come to whole bytes. From 0 to ``MAX_SIZE``; each key then
+    checks its own range.
+    """
+    if isinstance(text, bool) or not isinstance(text, int | str):
         raise ConfigError(key, f'expected a size such as "32KiB", got {text!r}')
-    match = _QUANTITY.match(text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(key, f'{text!r} is not a size; write it like "512B", "32KiB", "1MiB"')
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if isinstance(text, int):
+        size = Fraction(text)
+    else:
+        match = _QUANTITY.match(text)
+        if match is None and text.lstrip().startswith("-"):
+            raise ConfigError(key, f"{text!r}: a size cannot be negative")
+        unit = match.group(2).lower() if match else ""
+        if match and unit in _AMBIGUOUS_SIZE_UNITS:
+            raise ConfigError(key, _ambiguous_size(text, match.group(1), unit))
+        if match is None or unit not in _SIZE_UNITS:
+            raise ConfigError(key, f'{text!r} is not a size; write it like "512B", "32KiB", "1MiB"')
+        size = Fraction(Decimal(match.group(1))) * _SIZE_UNITS[unit]  # exact, unlike float
+    if size < 0:
+        raise ConfigError(key, f"{text!r}: a size cannot be negative")
+    if size > MAX_SIZE:
+        raise ConfigError(key, f"{text!r} is too large; sizes go up to {format_size(MAX_SIZE)}")
+    if size.denominator != 1:
+        raise ConfigError(
+            key,
+            f"{text!r} is not a whole number of bytes; write a number of bytes, or a fraction "
+            'of a unit that comes out whole ("1.5KiB" is 1536 bytes)',
+        )
+    return int(size)
+
+
+def _ambiguous_size(text: str, number: str, unit: str) -> str:
+    """Say which binary unit to write, and what it comes to when that is a size."""
+    binary = _AMBIGUOUS_SIZE_UNITS[unit]
+    size = Fraction(Decimal(number)) * _SIZE_UNITS[binary.lower()]
+    whole = size <= MAX_SIZE and size.denominator == 1
+    meant = f'"{number}{binary}" ({size} bytes) or ' if whole else ""
+    return (
+        f"{text!r} is ambiguous; write {meant}a number of bytes "
+        f"({unit.upper()} is 1000-based to some programs and 1024-based to others)"
+    )
 
 
 def format_duration(seconds: float) -> str:
