@@ -328,7 +328,8 @@ async def test_backend_down_answers_502(start_tunnel: StartTunnel, dead_port: in
         again = await in_thread(refused, tunnel.url)
 
     assert response.status_code == 502
-    assert b"refused" in response.body
+    assert b"unavailable; try again later" in response.body
+    assert str(dead_port).encode() not in response.body, "the backend stays private"
     assert again.status_code == 502
 
 
@@ -344,7 +345,7 @@ async def test_failover_skips_a_dead_backend(
 
 
 async def test_silent_backend_answers_504_after_response_timeout(
-    nursery: trio.Nursery, start_tunnel: StartTunnel
+    nursery: trio.Nursery, start_tunnel: StartTunnel, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def silent_backend(stream: trio.SocketStream) -> None:
         async with stream:
@@ -358,7 +359,10 @@ async def test_silent_backend_answers_504_after_response_timeout(
         elapsed = trio.current_time() - started
 
     assert response.status_code == 504
-    assert b"response_timeout" in response.body
+    assert b"did not answer in time" in response.body
+    assert b"response_timeout" not in response.body, "the client is not told the proxy's settings"
+    [refusal] = [r for r in caplog.records if r.getMessage() == "request refused"]
+    assert "within response_timeout (1s)" in refusal.fields["reason"]  # type: ignore[attr-defined]
     assert 0.9 <= elapsed < 3.0
 
 

@@ -216,8 +216,14 @@ async def test_slow_head_trickling_bytes_still_times_out(
 # --- response_timeout ------------------------------------------------------------------------
 
 
+def refusal_reason(caplog: pytest.LogCaptureFixture) -> str:
+    """The ``reason`` of the one ``request refused`` log line: where backend details go."""
+    [record] = [r for r in caplog.records if r.getMessage() == "request refused"]
+    return str(record.fields["reason"])  # type: ignore[attr-defined]
+
+
 async def test_backend_that_never_answers_gets_504_after_response_timeout(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with trio.open_nursery() as backends:
         backend = await start_backend(backends, never_answer)
@@ -231,8 +237,11 @@ async def test_backend_that_never_answers_gets_504_after_response_timeout(
                 waited = trio.current_time() - started
         backends.cancel_scope.cancel()
     assert status == 504
-    assert b"backend mute (127.0.0.1:" in body
-    assert b"did not answer the upgrade within response_timeout (7s)" in body
+    assert body.endswith(
+        b": the service behind this address did not answer in time; try again later\n"
+    )
+    assert "backend mute (127.0.0.1:" in refusal_reason(caplog)
+    assert "did not answer the upgrade within response_timeout (7s)" in refusal_reason(caplog)
     assert waited == pytest.approx(7, abs=0.5)
     assert len(backend.requests) == 1, "the backend did receive the rewritten request"
 
@@ -240,7 +249,9 @@ async def test_backend_that_never_answers_gets_504_after_response_timeout(
 # --- unreachable backend ---------------------------------------------------------------------
 
 
-async def test_refused_backend_gets_502_naming_the_backend() -> None:
+async def test_refused_backend_gets_502_and_the_log_names_the_backend(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A port bound but not listening refuses connections, and nobody else can take it meanwhile.
     with socket.socket() as closed_port:
         closed_port.bind(("127.0.0.1", 0))
@@ -253,13 +264,18 @@ async def test_refused_backend_gets_502_naming_the_backend() -> None:
                     status, head, body = await read_response(client)
     assert status == 502
     assert header(head, "Connection") == "close"
-    assert b"refuser" in body
-    assert f"127.0.0.1:{port}".encode() in body
-    assert b"Connection refused" in body
+    assert (
+        body
+        == b"502 Bad Gateway: the service behind this address is unavailable; try again later\n"
+    )
+    reason = refusal_reason(caplog)
+    assert "refuser" in reason
+    assert f"127.0.0.1:{port}" in reason
+    assert "Connection refused" in reason
 
 
 async def test_backend_that_hangs_up_before_replying_gets_502(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with trio.open_nursery() as backends:
         backend = await start_backend(backends, hang_up)
@@ -272,7 +288,8 @@ async def test_backend_that_hangs_up_before_replying_gets_502(
                 waited = trio.current_time() - started
         backends.cancel_scope.cancel()
     assert status == 502
-    assert b"closed the connection before replying" in body
+    assert b"gave an invalid answer to the upgrade" in body
+    assert "closed the connection before replying" in refusal_reason(caplog)
     assert waited < 1, "an early close is answered at once, not after response_timeout"
     assert len(backend.requests) == 1
 

@@ -239,7 +239,8 @@ async def test_one_log_line_when_a_tunnel_opens_and_one_when_it_closes(
     assert fields["reason"] in ("client EOF", "backend EOF")
     assert fields["bytes_up"] > 0
     assert fields["bytes_down"] > 0
-    assert fields["duration"].endswith("s")
+    assert isinstance(fields["duration"], float)
+    assert 0 < fields["duration"] < 20
     for formatter in (JsonFormatter(), TextFormatter()):
         line = formatter.format(closed[0])
         assert "tunnel closed" in line

@@ -45,7 +45,7 @@ from tunnel.errors import (
     RequestTimeout,
     TunnelError,
 )
-from tunnel.logs import LOGGER_NAME, fields
+from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.relay import RelayStats
@@ -284,7 +284,7 @@ class Handler:
                     backend=backend.name,
                     bytes_up=stats.bytes_up,
                     bytes_down=stats.bytes_down,
-                    duration=f"{trio.current_time() - started:.3f}s",
+                    duration=Seconds(trio.current_time() - started),
                     reason=stats.close_reason,
                 ),
             )
