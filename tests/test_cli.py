@@ -324,6 +324,50 @@ def test_demo_once_in_a_subprocess_passes_its_self_check() -> None:
     assert "WebSocket URL: ws://127.0.0.1:" in completed.stdout
 
 
+def wait_for_text(path: Path, process: subprocess.Popen[bytes], text: str) -> str:
+    """Poll ``path`` (bounded by count and time) until it holds ``text``; return its contents."""
+    deadline = time.monotonic() + SUBPROCESS_SECONDS
+    for _ in range(int(SUBPROCESS_SECONDS / 0.05) + 1):
+        contents = path.read_text(errors="replace")
+        if text in contents or process.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert text in contents, f"no {text!r} in:\n{contents}"
+    return contents
+
+
+def terminal_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default, as in a terminal (a shell starts
+    background jobs with SIGINT ignored, and the child would inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_serving_demo_stops_on_a_stop_signal_and_exits_0(tmp_path: Path, signum: int) -> None:
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tunnel", "demo"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=terminal_sigint,
+        )
+    try:
+        wait_for_text(out_path, process, "serving; press Ctrl-C to stop")
+        process.send_signal(signum)
+        returncode = process.wait(SUBPROCESS_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()  # the demo this test started, by its Popen
+            process.wait(SUBPROCESS_SECONDS)
+    stderr = err_path.read_text(errors="replace")
+    assert returncode == 0, stderr
+    assert f"info stopping signal={signal.Signals(signum).name}\n" in stderr
+    assert "Traceback" not in stderr
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (bind to 0, read it, let it go)."""
     with socket.socket() as probe:

@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from conftest import WsBackend
 from cryptography import x509
 
+from tunnel.app import SIGNALS
 from tunnel.certs import issue, make_ca
 from tunnel.cli import main
 from tunnel.config import Address, ListenerConfig
@@ -40,7 +41,7 @@ from tunnel.policy.restart import (
     MAX_BACKOFF,
     RestartPolicy,
 )
-from tunnel.supervisor import STOP_SECONDS, describe_exit
+from tunnel.supervisor import STOP_SECONDS, WORKER_SIGNALS, describe_exit
 from tunnel.worker import WorkerTag, wait_for_supervisor_exit
 
 LOOPBACK = "127.0.0.1"
@@ -95,6 +96,12 @@ def test_worker_lines_are_tagged_with_the_worker_number() -> None:
     record.__dict__.update(fields(client="1.2.3.4:5"))
     assert WorkerTag(3).filter(record)
     assert TextFormatter().format(record).endswith("tunnel opened client=1.2.3.4:5 worker=3")
+
+
+def test_a_worker_is_spawned_with_exactly_the_signals_it_handles_blocked() -> None:
+    """A signal the worker's ``serve_until_signal`` does not unblock would stay blocked for
+    good; one not blocked while spawning could kill the worker before it handles it."""
+    assert frozenset(SIGNALS) == WORKER_SIGNALS
 
 
 # --- reuse-port sockets ----------------------------------------------------------------------

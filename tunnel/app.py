@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from functools import partial
 
 import trio
@@ -17,6 +18,9 @@ from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
 from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
 
 log = logging.getLogger(LOGGER_NAME)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What ``serve_until_signal`` handles: the first two stop it, SIGHUP reloads certificates."""
 
 
 class Control:
@@ -112,6 +116,42 @@ async def serve(
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
+
+
+async def serve_until_signal(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``serve`` until SIGINT (Ctrl-C) or SIGTERM, then return: the clean stop of ``tunnel run``.
+
+    With ``serve`` alone, Ctrl-C is a KeyboardInterrupt that the caller's nursery wraps in an
+    exception group; here the signal is received as an event, and the caller's ``trio.run``
+    simply returns. SIGHUP reloads the TLS files (``Control.reload_certificates``) and never
+    stops it. Signal handlers need the main thread: elsewhere, use ``serve`` and cancel it.
+    """
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(*SIGNALS) as signals:
+            # A tunnel worker starts with these blocked (tunnel.supervisor), so that none arriving
+            # before this receiver existed killed it; the receiver now holds any pending one.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            control = Control()
+            listeners = await nursery.start(
+                partial(serve, config, reuse_port=reuse_port, control=control)
+            )
+            task_status.started(listeners)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if control.has_tls:
+                        log.info("SIGHUP received; reloading TLS certificates")
+                        control.reload_certificates()
+                    else:
+                        log.info("SIGHUP received; no TLS files to reload, still serving")
+                    continue
+                log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
+                nursery.cancel_scope.cancel()
+                break
 
 
 def _entries(

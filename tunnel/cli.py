@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import trio
 
 from tunnel._version import __version__
-from tunnel.app import Control, check_tls, serve
+from tunnel.app import check_tls, serve_until_signal
 from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
 from tunnel.net.listener import ListenError
-from tunnel.supervisor import WORKER_SIGNALS, run_workers
+from tunnel.supervisor import run_workers
 from tunnel.worker import WORKER_COMMAND, tag_logs, wait_for_supervisor_exit
 
 log = logging.getLogger(LOGGER_NAME)
@@ -40,12 +40,22 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-def _listen_failure(group: BaseExceptionGroup[ListenError]) -> str:
-    """trio's nurseries wrap a bind error in an ExceptionGroup; show the first one plainly,
-    without the ``[Errno N]`` prefix (the message already names the address and the cause)."""
-    error: ListenError | BaseExceptionGroup[ListenError] = group
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _first(group: BaseExceptionGroup[_E]) -> _E:
+    """The first error in ``group``: each trio nursery between ``trio.run`` and the error wraps
+    it in one more group."""
+    error: _E | BaseExceptionGroup[_E] = group
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
+    return error
+
+
+def _listen_failure(group: BaseExceptionGroup[ListenError]) -> str:
+    """A bind error plainly, without the ``[Errno N]`` prefix (the message already names the
+    address and the cause)."""
+    error = _first(group)
     return error.strerror or str(error)
 
 
@@ -185,7 +195,7 @@ def _exit_on_startup_errors() -> Iterator[None]:
     except* ListenError as group:
         _fail(_listen_failure(group))
     except* ConfigError as group:
-        _fail(f"configuration error: {group.exceptions[0]}")
+        _fail(f"configuration error: {_first(group)}")
     except* KeyboardInterrupt:
         pass
 
@@ -193,24 +203,10 @@ def _exit_on_startup_errors() -> Iterator[None]:
 async def _run_until_signal(config: Config, *, reuse_port: bool, lifeline: int | None) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(*WORKER_SIGNALS) as signals:
-            # A worker starts with these signals blocked, so that none arriving before this
-            # receiver existed killed it; the receiver now holds any that are pending.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
-            control = Control()
-            await nursery.start(partial(serve, config, reuse_port=reuse_port, control=control))
-            if lifeline is not None:
-                nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    if control.has_tls:
-                        log.info("SIGHUP received; reloading TLS certificates")
-                        control.reload_certificates()
-                    else:
-                        log.info("SIGHUP received; no TLS files to reload, still serving")
-                    continue
-                nursery.cancel_scope.cancel()
-                break
+        if lifeline is not None:
+            nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
+        await serve_until_signal(config, reuse_port=reuse_port)
+        nursery.cancel_scope.cancel()
 
 
 async def _stop_when_supervisor_exits(lifeline: int, scope: trio.CancelScope) -> None:

@@ -12,7 +12,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from tunnel.app import serve
+from tunnel.app import serve_until_signal
 from tunnel.config import Address, BackendConfig, Config, ListenerConfig, RouteConfig
 from tunnel.echo import READ_SIZE, flush, serve_echo
 from tunnel.net.listener import bound_address
@@ -75,19 +75,34 @@ async def _exchange(url: str) -> SelfCheck:
 
 
 async def run_demo(listen: Address, *, once: bool, report: Callable[[str], None]) -> bool:
-    """Start the echo backend and the tunnel, run the self-check; serve on unless ``once``."""
+    """Start the echo backend and the tunnel, run the self-check; serve on unless ``once``,
+    until SIGINT or SIGTERM, which stop the demo as they stop ``tunnel run``."""
+    passed = True  # a stop signal before the self-check ends is a normal stop, not a failure
     async with trio.open_nursery() as nursery:
         echo_listeners = await nursery.start(serve_echo)
         backend_port = echo_listeners[0].socket.getsockname()[1]
-        listeners = await nursery.start(serve, demo_config(backend_port, listen))
+        config = demo_config(backend_port, listen)
+        listeners = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
         address = bound_address(listeners[0])
         url = f"ws://{address}/"
         report(f"echo backend on 127.0.0.1:{backend_port}; tunnel listening on {address}")
         report(f"WebSocket URL: {url}")
         result = await self_check(url)
+        passed = result.ok
         report(f"self-check: {'passed' if result.ok else 'FAILED'} ({result.detail})")
         if once or not result.ok:
             nursery.cancel_scope.cancel()
         else:
             report("serving; press Ctrl-C to stop")
-    return result.ok
+    return passed
+
+
+async def _serve_then_stop(
+    config: Config,
+    demo: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The tunnel until a stop signal; then the rest of the demo (backend, self-check) stops."""
+    await serve_until_signal(config, task_status=task_status)
+    demo.cancel()

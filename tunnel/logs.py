@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+from tunnel.config import LOG_FORMATS
+
 LOGGER_NAME = "tunnel"
 
 
@@ -102,8 +104,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(log_format: str, level: int = logging.INFO) -> None:
-    """Send tunnel's logs to stderr in ``log_format`` ("text" or "json")."""
+def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Send tunnel's logs to stderr in ``log_format`` ("text" or "json"), as ``tunnel run``
+    does; an embedding program calls it once (``tunnel.setup_logging()``) to get those lines."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format must be 'text' or 'json', not {log_format!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logger = logging.getLogger(LOGGER_NAME)
