@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -763,3 +764,58 @@ def test_the_tls_example_is_valid_once_its_certificates_exist(tmp_path: Path) ->
     result = invoke("check", "--config", str(tmp_path / "tunnel-tls.toml"))
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "certs" / "chat" / "cert.pem") in result.stdout
+
+
+# --- what the README's commands leave in a checkout -----------------------------------------
+
+ROOT = EXAMPLES.parent
+
+
+def git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_SECONDS,
+        check=False,
+    )
+
+
+@pytest.fixture
+def checkout() -> None:
+    if shutil.which("git") is None or git("rev-parse", "--git-dir").returncode != 0:
+        pytest.skip("not a git checkout")
+
+
+@pytest.mark.usefixtures("checkout")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "certs/ca-key.pem",  # tunnel cert --out certs/, as the README says
+        "certs/chat/key.pem",
+        "bench/results/20991231T235959Z.json",  # python -m bench
+        "bench/results/20991231T235959Z-tls.md",
+    ],
+)
+def test_files_the_readme_commands_write_are_ignored(path: str) -> None:
+    assert git("check-ignore", "--no-index", "--quiet", path).returncode == 0
+
+
+@pytest.mark.usefixtures("checkout")
+def test_the_certs_rule_is_for_the_top_level_directory_only() -> None:
+    """``/certs/`` is the top-level directory only: a ``certs/`` elsewhere (a fixture, say)
+    stays visible to git."""
+    assert git("check-ignore", "--no-index", "--quiet", "tests/certs/x.pem").returncode == 1
+
+
+@pytest.mark.usefixtures("checkout")
+def test_every_benchmark_result_the_docs_cite_is_committed() -> None:
+    cited: set[str] = set()
+    for doc in [ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = doc.read_text(encoding="utf-8")
+        cited |= set(re.findall(r"\b(\d{8}T\d{6}Z(?:-[a-z]+)?)\.(?:md|json)\b", text))
+        cited |= set(re.findall(r"bench/results/(\d{8}T\d{6}Z(?:-[a-z]+)?)\.", text))
+    assert "20261123T154619Z" in cited, "the scan finds the citations"
+    tracked = set(git("ls-files", "bench/results").stdout.split())
+    reports = {f"bench/results/{name}{suffix}" for name in cited for suffix in (".md", ".json")}
+    assert sorted(reports - tracked) == []
