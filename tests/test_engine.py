@@ -27,20 +27,13 @@ import trio.testing
 from rawhttp import read_exactly, read_to_eof
 
 from tunnel.net.engine import Engine, Tunnel, splice_available
-from tunnel.net.relay import (
-    BACKEND_EOF,
-    BACKEND_RESET,
-    CLIENT_EOF,
-    CLIENT_RESET,
-    IDLE_TIMEOUT,
-    RelayStats,
-)
+from tunnel.net.relay import RelayStats
+from tunnel.reasons import CloseReason
 
 LOOPBACK = "127.0.0.1"
 GUARD_SECONDS = 20.0
 """Upper bound for any one test (virtual time for the MockClock tests)."""
 NO_SPLICE = "os.splice not available (Linux, Python 3.10+ needed)"
-SHUTDOWN = "shutdown"
 MiB = 1024 * 1024
 POLL_SECONDS = 0.001
 POLL_LIMIT = 100_000
@@ -398,7 +391,9 @@ async def test_leftovers_go_first_even_when_both_sides_already_sent(
 
 @pytest.mark.parametrize("splice", MODES)
 @pytest.mark.parametrize(
-    ("closer", "reason"), [("client", CLIENT_EOF), ("backend", BACKEND_EOF)], ids=str
+    ("closer", "reason"),
+    [("client", CloseReason.CLIENT_EOF), ("backend", CloseReason.BACKEND_EOF)],
+    ids=str,
 )
 async def test_half_close_is_passed_on_and_the_other_way_stays_open(
     splice: str, closer: str, reason: str
@@ -437,7 +432,7 @@ async def test_both_sides_closing_at_once_ends_the_tunnel(splice: str) -> None:
         assert await read_to_eof(conn.client) == b"bye"
         assert await read_to_eof(conn.backend) == b"bye"
         await conn.closed.wait()
-        assert conn.stats.close_reason in (CLIENT_EOF, BACKEND_EOF)
+        assert conn.stats.close_reason in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
 
 
 # --- resets ------------------------------------------------------------------------------------
@@ -445,7 +440,9 @@ async def test_both_sides_closing_at_once_ends_the_tunnel(splice: str) -> None:
 
 @pytest.mark.parametrize("splice", MODES)
 @pytest.mark.parametrize(
-    ("side", "reason"), [("client", CLIENT_RESET), ("backend", BACKEND_RESET)], ids=str
+    ("side", "reason"),
+    [("client", CloseReason.CLIENT_RESET), ("backend", CloseReason.BACKEND_RESET)],
+    ids=str,
 )
 async def test_a_reset_closes_the_other_side(splice: str, side: str, reason: str) -> None:
     async with running_engine(relay=splice) as relay:
@@ -467,7 +464,9 @@ async def test_a_reset_closes_the_other_side(splice: str, side: str, reason: str
 
 @pytest.mark.parametrize("splice", MODES)
 @pytest.mark.parametrize(
-    ("side", "reason"), [("client", CLIENT_RESET), ("backend", BACKEND_RESET)], ids=str
+    ("side", "reason"),
+    [("client", CloseReason.CLIENT_RESET), ("backend", CloseReason.BACKEND_RESET)],
+    ids=str,
 )
 async def test_a_reset_after_a_half_close_still_closes_the_tunnel(
     splice: str, side: str, reason: str
@@ -508,7 +507,7 @@ async def test_idle_timeout_closes_a_silent_tunnel(
         assert await read_exactly(conn.backend, 4) == b"ping"
         last_activity = trio.current_time()
         await conn.closed.wait()
-        assert conn.stats.close_reason == IDLE_TIMEOUT
+        assert conn.stats.close_reason == CloseReason.IDLE_TIMEOUT
         assert conn.closed_at is not None
         assert conn.closed_at - last_activity >= 10.0
         assert await read_to_eof(conn.client) == b""
@@ -532,7 +531,7 @@ async def test_activity_either_way_defers_the_idle_timeout(
             assert not conn.closed.is_set(), f"closed at {trio.current_time() - start}s"
         last_activity = trio.current_time()
         await conn.closed.wait()
-        assert conn.stats.close_reason == IDLE_TIMEOUT
+        assert conn.stats.close_reason == CloseReason.IDLE_TIMEOUT
         assert conn.closed_at is not None
         assert conn.closed_at - last_activity >= 10.0
 
@@ -691,7 +690,7 @@ async def test_cancelling_the_engine_closes_every_tunnel_with_reason_shutdown(
 
         for conn in conns:
             assert conn.closed.is_set()
-            assert conn.stats.close_reason == SHUTDOWN
+            assert conn.stats.close_reason == CloseReason.SHUTDOWN
         for conn in conns[:9]:
             assert await read_to_eof(conn.client) == b""
             assert await read_to_eof(conn.backend) == b""
@@ -728,7 +727,7 @@ async def test_many_tunnels_echo_at_once(splice: str) -> None:
             for index, conn in enumerate(conns):
                 nursery.start_soon(echo, conn.backend)
                 nursery.start_soon(talk, index, conn)
-        assert all(conn.stats.close_reason == CLIENT_EOF for conn in conns)
+        assert all(conn.stats.close_reason == CloseReason.CLIENT_EOF for conn in conns)
         assert all(conn.stats.bytes_up == conn.stats.bytes_down > 0 for conn in conns)
         assert relay.engine.statistics().tunnels == 0
 

@@ -32,9 +32,10 @@ from test_engine import (
 )
 
 from tunnel.certs import Issued, issue, make_ca
-from tunnel.net.relay import BACKEND_EOF, CLIENT_EOF, CLIENT_RESET, RelayStats
+from tunnel.net.relay import RelayStats
 from tunnel.net.tls import handshake
 from tunnel.net.tlsconn import TLSConn
+from tunnel.reasons import CloseReason
 
 MiB = 1024 * 1024
 HOST = "tunnel.test"
@@ -198,7 +199,7 @@ async def test_backend_half_close_becomes_close_notify_and_the_client_may_still_
         await conn.client.aclose()
         assert await conn.backend.receive_some(1024) == b""
         await conn.closed.wait()
-        assert conn.reasons == [BACKEND_EOF]
+        assert conn.reasons == [CloseReason.BACKEND_EOF]
 
 
 async def test_client_close_notify_half_closes_the_backend(pki: Pki) -> None:
@@ -216,7 +217,7 @@ async def test_client_close_notify_half_closes_the_backend(pki: Pki) -> None:
         assert not conn.closed.is_set(), "the backend may still send: it has not closed"
         await conn.backend.aclose()
         await conn.closed.wait()
-        assert conn.reasons == [CLIENT_EOF]
+        assert conn.reasons == [CloseReason.CLIENT_EOF]
 
 
 async def test_records_read_before_close_notify_is_sent_are_not_lost(pki: Pki) -> None:
@@ -253,7 +254,7 @@ async def test_a_reset_from_the_tls_client_closes_the_tunnel(pki: Pki) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()
         await conn.closed.wait()
-        assert conn.reasons == [CLIENT_RESET]
+        assert conn.reasons == [CloseReason.CLIENT_RESET]
         assert await read_until_eof(conn.backend) == b""
 
 
@@ -268,4 +269,4 @@ async def test_tls_on_both_ends_relays_bulk_and_half_close(relay_mode: str, pki:
         assert not conn.closed.is_set(), "the backend may still send: it has not closed"
         await conn.backend.aclose()
         await conn.closed.wait()
-        assert conn.reasons == [CLIENT_EOF]
+        assert conn.reasons == [CloseReason.CLIENT_EOF]

@@ -236,7 +236,7 @@ async def test_one_log_line_when_a_tunnel_opens_and_one_when_it_closes(
     assert fields["route"] == "r"
     assert fields["backend"] == "echo"
     assert fields["client"].startswith("127.0.0.1:")
-    assert fields["reason"] in ("client EOF", "backend EOF")
+    assert fields["reason"] in ("client_eof", "backend_eof")
     assert fields["bytes_up"] > 0
     assert fields["bytes_down"] > 0
     assert isinstance(fields["duration"], float)

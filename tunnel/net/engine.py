@@ -34,16 +34,10 @@ from itertools import count
 
 import trio
 
-from tunnel.net.relay import (
-    BACKEND_EOF,
-    BACKEND_RESET,
-    CLIENT_EOF,
-    CLIENT_RESET,
-    IDLE_TIMEOUT,
-    RelayStats,
-)
+from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn
 from tunnel.net.tlsconn import TLSConn
+from tunnel.reasons import CloseReason
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +54,6 @@ ROUNDS_PER_TURN = 8
 """Batches served back to back before the engine lets other trio tasks run."""
 READS_PER_TURN = 16
 """Reads one direction may make per batch before it yields to the other tunnels."""
-SHUTDOWN = "shutdown"
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -210,9 +203,9 @@ class _Flow:
         """The source's FIN or an error was reported: read until EOF, whatever the sizes."""
         self.eof = False
         self.shut = False
-        self.eof_reason = CLIENT_EOF if upstream else BACKEND_EOF
-        self.reset_src = CLIENT_RESET if upstream else BACKEND_RESET
-        self.reset_dst = BACKEND_RESET if upstream else CLIENT_RESET
+        self.eof_reason = CloseReason.CLIENT_EOF if upstream else CloseReason.BACKEND_EOF
+        self.reset_src = CloseReason.CLIENT_RESET if upstream else CloseReason.BACKEND_RESET
+        self.reset_dst = CloseReason.BACKEND_RESET if upstream else CloseReason.CLIENT_RESET
 
 
 class Tunnel:
@@ -243,7 +236,7 @@ def _closed_already(tunnel: Tunnel) -> None:
 class _TunnelEnded(Exception):
     """Raised inside the pumps when a tunnel must close now; carries the reason."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: CloseReason) -> None:
         self.reason = reason
 
 
@@ -297,7 +290,7 @@ class Engine:
         """
         tunnel = Tunnel(client, backend, stats, on_close)
         if self._epoll.closed:
-            self._close(tunnel, SHUTDOWN)
+            self._close(tunnel, CloseReason.SHUTDOWN)
             return tunnel
         tunnel.down.parked = to_client
         tunnel.up.parked = to_backend
@@ -310,7 +303,7 @@ class Engine:
             self._epoll.register(tunnel.up.src_fd, _INTEREST)
             self._epoll.register(tunnel.down.src_fd, _INTEREST)
         except OSError:
-            self._close(tunnel, CLIENT_RESET)
+            self._close(tunnel, CloseReason.CLIENT_RESET)
             return tunnel
         for flow in (tunnel.up, tunnel.down):
             if isinstance(flow.src, TLSConn) and flow.src.has_buffered_input:
@@ -333,7 +326,7 @@ class Engine:
                 await self._serve_events()
         finally:
             for tunnel in list(self._tunnels):
-                self._close(tunnel, SHUTDOWN)
+                self._close(tunnel, CloseReason.SHUTDOWN)
             self.pipes.trim()
             self._epoll.close()
 
@@ -554,16 +547,22 @@ class Engine:
             return
         if any(f.tls_dst is not None and f.tls_dst.backlog for f in (tunnel.up, tunnel.down)):
             return
-        raise _TunnelEnded(flow.stats.close_reason)
+        raise _TunnelEnded(flow.stats.close_reason or CloseReason.ERROR)
 
-    def _close(self, tunnel: Tunnel, reason: str) -> None:
+    def close(self, tunnel: Tunnel, reason: CloseReason) -> None:
+        """Close an open tunnel now (the admin listener, drains); its callback runs as for
+        any other close. A tunnel already closed is left alone."""
+        self._close(tunnel, reason)
+
+    def _close(self, tunnel: Tunnel, reason: CloseReason) -> None:
         if tunnel.closed:
             return
         tunnel.closed = True
         stats = tunnel.stats
-        clean = reason in (CLIENT_EOF, BACKEND_EOF)
+        clean = reason in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
         if not stats.close_reason or (
-            not clean and stats.close_reason not in (CLIENT_RESET, BACKEND_RESET)
+            not clean
+            and stats.close_reason not in (CloseReason.CLIENT_RESET, CloseReason.BACKEND_RESET)
         ):
             stats.close_reason = reason
         for flow in (tunnel.up, tunnel.down):
@@ -614,6 +613,6 @@ class Engine:
                     continue
                 deadline = tunnel.stats.last_activity + self.idle_timeout
                 if deadline <= now:
-                    self._close(tunnel, IDLE_TIMEOUT)
+                    self._close(tunnel, CloseReason.IDLE_TIMEOUT)
                 else:
                     heapq.heappush(deadlines, (deadline, next(self._sequence), tunnel))

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CLIENT_EOF = "client EOF"
-BACKEND_EOF = "backend EOF"
-CLIENT_RESET = "client reset"
-BACKEND_RESET = "backend reset"
-IDLE_TIMEOUT = "idle timeout"
+from tunnel.reasons import CloseReason
 
 
 @dataclass(slots=True)
@@ -24,4 +20,4 @@ class RelayStats:
     bytes_down: int = 0
     """Backend → client."""
     last_activity: float = 0.0
-    close_reason: str = ""
+    close_reason: CloseReason | None = None
