@@ -1,4 +1,4 @@
-"""The composition root: build the handler from a config, open the listeners, serve."""
+"""The composition root: open the listeners, build the running generation, serve."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from tunnel.config import Config
 from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.engine import Engine, splice_available
-from tunnel.net.handler import Entry, Handler
+from tunnel.net.engine import splice_available
+from tunnel.net.handler import Entry
 from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
 from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
+from tunnel.server import Generation
+from tunnel.stats import ListenerStatistics
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -29,21 +31,22 @@ class Control:
 
     def __init__(self) -> None:
         self.certificates: list[ServerTLS] = []
-        self.handler: Handler | None = None
+        self.generation: Generation | None = None
+        """The running generation, once ``serve`` has started: statistics, tunnels, admin."""
 
     @property
     def has_tls(self) -> bool:
         """Whether there is anything for ``reload_certificates`` to load."""
         return bool(self.certificates) or (
-            self.handler is not None and self.handler.reloads_backend_tls
+            self.generation is not None and self.generation.reloads_backend_tls
         )
 
     def reload_certificates(self) -> int:
         """Load every TLS listener's files, and the routes' ``backend_tls`` files, again; the
         number of listeners now on new ones. Open tunnels are untouched; a pair that fails to
         load keeps the old one (logged)."""
-        if self.handler is not None:
-            self.handler.reload_backend_tls()
+        if self.generation is not None:
+            self.generation.reload_backend_tls()
         return sum(tls.reload(force=True) for tls in self.certificates)
 
 
@@ -85,17 +88,12 @@ async def serve(
     listeners = [listener for group in groups for listener in group]
     try:
         entries = _entries(config, groups, certificates)
-        # Made once the ports are bound: its epoll descriptor lives until engine.run ends.
-        engine = Engine(
-            relay=server.relay,
-            splice_pipes=server.splice_pipes,
-            idle_timeout=server.idle_timeout,
-        )
-        handler = Handler(config, engine=engine)
+        generation = Generation(config, _listener_statistics(config, groups))
+        handler = generation.handler
         if control is not None:
-            control.handler = handler
+            control.generation = generation
         async with trio.open_nursery() as connections:
-            await connections.start(engine.run)
+            await connections.start(generation.engine.run)
             for listener in listeners:
                 log.info(
                     "listening",
@@ -152,6 +150,18 @@ async def serve_until_signal(
                 log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _listener_statistics(
+    config: Config, groups: list[list[trio.SocketListener]]
+) -> tuple[ListenerStatistics, ...]:
+    return tuple(
+        ListenerStatistics(
+            bound_address(listener), settings.tls is not None, settings.redirect_https
+        )
+        for settings, group in zip(config.listeners, groups, strict=True)
+        for listener in group
+    )
 
 
 def _entries(

@@ -163,9 +163,12 @@ async def connect_first(
     first_bytes: Callable[[BackendConfig], bytes],
     tls: ssl.SSLContext | None = None,
     server_name: str = "",
+    *,
+    failed: Callable[[BackendConfig], None] | None = None,
 ) -> tuple[BackendConfig, Conn]:
     """Try each candidate in order, sending it ``first_bytes(backend)``; the first that accepts
-    wins. ``tls`` and ``server_name`` apply to its ``wss://`` candidates.
+    wins. ``tls`` and ``server_name`` apply to its ``wss://`` candidates; ``failed`` is told of
+    each backend that did not accept.
 
     Raises, when all fail, an error whose message (for the log; clients get a generic body)
     names every backend tried and why it failed: ``BackendTimeout`` (504) only if every
@@ -183,6 +186,8 @@ async def connect_first(
             )
         except (BackendUnreachable, BackendTimeout) as exc:
             errors.append(exc)
+            if failed is not None:
+                failed(backend)
             log.warning(
                 "backend connect failed",
                 extra=fields(

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import count
 
 import h11
 import trio
@@ -21,7 +24,6 @@ from tunnel.config import (
     BackendConfig,
     Config,
     KiB,
-    RouteConfig,
     format_duration,
     join_host_port,
 )
@@ -38,7 +40,6 @@ from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, Reque
 from tunnel.errors import (
     BackendTimeout,
     BackendUnreachable,
-    ConfigError,
     HandshakeError,
     NoRoute,
     Overloaded,
@@ -46,19 +47,13 @@ from tunnel.errors import (
     TunnelError,
 )
 from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.metrics import LatencyHistogram
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
-from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn, drain, receive_some, send_all
-from tunnel.net.tls import (
-    ServerTLS,
-    backend_contexts,
-    handshake,
-    peer_subject,
-    tls_failure,
-)
+from tunnel.net.tls import ServerTLS, handshake, peer_subject, tls_failure
 from tunnel.net.tlsconn import TLSConn
-from tunnel.policy.balancer import RoundRobin
+from tunnel.net.upstream import TunnelRecord, Upstream
 from tunnel.policy.routing import match_route
 
 log = logging.getLogger(LOGGER_NAME)
@@ -86,44 +81,47 @@ class Entry:
 PLAIN = Entry()
 
 
-class Handler:
-    """Serves connections for one configuration. Call it with each accepted socket."""
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """The connection being served, as the backend side needs it."""
 
-    def __init__(self, config: Config, engine: Engine) -> None:
-        """Raises ``ConfigError`` when a route's ``backend_tls`` files cannot be loaded."""
+    ip: str
+    address: str
+    """``ip:port``, as logs name the client."""
+    entry: Entry
+    added: tuple[tuple[bytes, bytes], ...]
+    """Headers the proxy vouches for (a verified client certificate's subject)."""
+    accepted_at: float
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a server counts outside any one route."""
+
+    unrouted: Counter[int] = field(default_factory=Counter)
+    """Answers given before a route was known (400, 404, 408, redirects...), by status."""
+    handshake: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Accept to 101, of every tunnel opened."""
+    active: int = 0
+    """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
+    ids: count[int] = field(default_factory=lambda: count(1))
+    """Tunnel ids, unique within the process."""
+
+
+class Handler:
+    """Serves connections for one configuration. Call it with each accepted socket.
+
+    Per-route state lives in the upstreams it is given; the handler only asks a route's
+    upstream for backends and reports what became of the connection.
+    """
+
+    def __init__(
+        self, config: Config, engine: Engine, upstreams: Mapping[str, Upstream], tally: Tally
+    ) -> None:
         self.config = config
         self.engine = engine
-        self._balancers = {route.name: RoundRobin(route.backends) for route in config.routes}
-        self._backend_tls = backend_contexts(config)
-        for i, route in enumerate(config.routes):
-            if route.name in self._backend_tls and not route.backend_tls.verify:
-                log.warning(
-                    "backend certificates are NOT verified (verify = false): anyone on the "
-                    "path can pose as these backends",
-                    extra=fields(route=route.name, key=f"routes[{i}].backend_tls.verify"),
-                )
-        self._active = 0
-        """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
-
-    @property
-    def reloads_backend_tls(self) -> bool:
-        return bool(self._backend_tls)
-
-    def reload_backend_tls(self) -> bool:
-        """Load the ``backend_tls`` files again (CA bundles, client certificates); new backend
-        connections use them. On failure the previous ones stay, and the log says why."""
-        if not self._backend_tls:
-            return False
-        try:
-            self._backend_tls = backend_contexts(self.config)
-        except ConfigError as error:
-            log.error(
-                "backend TLS files not reloaded; the previous ones stay in use",
-                extra=fields(error=error.message),
-            )
-            return False
-        log.info("backend TLS files reloaded", extra=fields(routes=",".join(self._backend_tls)))
-        return True
+        self.upstreams = upstreams
+        self.tally = tally
 
     async def __call__(
         self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
@@ -133,7 +131,7 @@ class Handler:
         client = join_host_port(peer[0], peer[1])
         handed_off = False
         try:
-            handed_off = await self._serve(sock, peer[0], client, entry)
+            handed_off = await self._serve(sock, peer[0], client, entry, trio.current_time())
         except ClientClosed as closed:
             log.debug(
                 "client left before completing its request; nothing answered",
@@ -148,10 +146,13 @@ class Handler:
             if not handed_off:
                 sock.close()
 
-    async def _serve(self, sock: socket.socket, peer_ip: str, client: str, entry: Entry) -> bool:
+    async def _serve(
+        self, sock: socket.socket, peer_ip: str, client: str, entry: Entry, accepted_at: float
+    ) -> bool:
         server = self.config.server
+        tally = self.tally
         head = RequestHead(server.max_header_bytes)
-        deadline = trio.current_time() + server.handshake_timeout
+        deadline = accepted_at + server.handshake_timeout
         conn: Conn = sock
         added: tuple[tuple[bytes, bytes], ...] = ()
         if entry.tls is not None:
@@ -159,66 +160,72 @@ class Handler:
             failure = await _tls_handshake(tls, deadline, client, server.handshake_timeout)
             if failure is not None:
                 if _is_plain_http(failure):
-                    await self._refuse(sock, client, HandshakeError(PLAIN_HTTP_ON_TLS))
+                    await self._refuse(sock, client, HandshakeError(PLAIN_HTTP_ON_TLS), None)
                 return False
             if header := entry.tls.settings.client_subject_header:
                 added = ((header.encode("latin-1"), peer_subject(tls).encode("latin-1")),)
+        upstream: Upstream | None = None
         try:
             request = await _read_request(conn, head, server.handshake_timeout, deadline)
             if entry.redirect_port is not None:
                 await self._refuse(
-                    conn, client, https_redirect(request, entry.redirect_port), redirect=True
+                    conn, client, https_redirect(request, entry.redirect_port), None, redirect=True
                 )
                 return False
             upgrade = validate_request(request)
             route = match_route(self.config.routes, upgrade.hostname, upgrade.path)
             if route is None:
                 raise NoRoute(f"no route for host {upgrade.hostname!r} and path {upgrade.path!r}")
+            upstream = self.upstreams[route.name]
             token = choose_upgrade(upgrade, route.upgrades)
             key = check_websocket(request) if token == "websocket" else None
-            if self._active >= server.max_tunnels:
+            if tally.active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
         except TunnelError as error:
-            await self._refuse(conn, client, error)
+            await self._refuse(conn, client, error, upstream)
             return False
-        self._active += 1
+        tally.active += 1
         handed_off = False
         try:
             handed_off = await self._forward(
-                conn, peer_ip, client, route, upgrade, token, key, head.leftover, entry, added
+                conn,
+                _Client(peer_ip, client, entry, added, accepted_at),
+                upstream,
+                upgrade,
+                token,
+                key,
+                head.leftover,
             )
         finally:
             if not handed_off:
-                self._active -= 1
+                tally.active -= 1
         return handed_off
 
     async def _forward(
         self,
         sock: Conn,
-        peer_ip: str,
-        client: str,
-        route: RouteConfig,
+        client: _Client,
+        upstream: Upstream,
         upgrade: UpgradeRequest,
         token: str,
         key: str | None,
         leftover: bytes,
-        entry: Entry,
-        added: tuple[tuple[bytes, bytes], ...],
     ) -> bool:
         """Returns True when the tunnel was handed to the engine, which now owns both sockets
         and the ``max_tunnels`` slot."""
         server = self.config.server
+        route = upstream.route
         replies: list[BackendReply] = []
 
         def request_for(backend: BackendConfig) -> bytes:
             hop = Forwarding(
-                peer_ip=peer_ip,
-                scheme=entry.scheme,
+                peer_ip=client.ip,
+                scheme=client.entry.scheme,
                 trusted_proxies=server.trusted_proxies,
                 backend_host=None if route.preserve_host else _host_header(backend),
                 path_prefix=route.path_prefix,
                 backend_path=backend.path,
-                added=added,
+                added=client.added,
             )
             replies.append(
                 BackendReply(rewrite_request(upgrade, token, hop), token, key, MAX_REPLY_HEAD)
@@ -227,15 +234,16 @@ class Handler:
 
         try:
             backend, backend_sock = await backends.connect_first(
-                self._balancers[route.name].candidates(),
+                upstream.candidates(),
                 server.connect_timeout,
-                client,
+                client.address,
                 request_for,
-                self._backend_tls.get(route.name),
+                upstream.tls,
                 route.backend_tls.server_name,
+                failed=upstream.connect_failed,
             )
         except TunnelError as error:
-            await self._refuse(sock, client, error, route=route.name)
+            await self._refuse(sock, client.address, error, upstream)
             return False
         handed_off = False
         try:
@@ -243,14 +251,14 @@ class Handler:
             try:
                 progress = await _read_reply(backend_sock, reply, server.response_timeout, backend)
             except TunnelError as error:
-                await self._refuse(sock, client, error, route=route.name, backend=backend.name)
+                await self._refuse(sock, client.address, error, upstream, backend=backend.name)
                 return False
             if not progress.switched:
                 await self._relay_refusal(
-                    sock, backend_sock, reply, progress, client, route, backend
+                    sock, backend_sock, reply, progress, client.address, upstream, backend
                 )
                 return False
-            self._hand_off(sock, backend_sock, progress, leftover, client, route, backend)
+            self._hand_off(sock, backend_sock, progress, leftover, client, upstream, backend)
             handed_off = True
             return True
         finally:
@@ -263,36 +271,53 @@ class Handler:
         backend_sock: Conn,
         progress: ReplyProgress,
         leftover: bytes,
-        client: str,
-        route: RouteConfig,
+        client: _Client,
+        upstream: Upstream,
         backend: BackendConfig,
     ) -> None:
         """Give both sockets to the engine: from here on no task serves this tunnel."""
-        started = trio.current_time()
+        now = trio.current_time()
+        time_to_101 = now - client.accepted_at
+        record = TunnelRecord(
+            str(next(self.tally.ids)), client.address, upstream.name, backend.name, now
+        )
+        upstream.answered(101)
+        upstream.opened(record)
+        self.tally.handshake.observe(time_to_101)
         log.info(
-            "tunnel opened", extra=fields(client=client, route=route.name, backend=backend.name)
+            "tunnel opened",
+            extra=fields(
+                client=client.address,
+                route=upstream.name,
+                backend=backend.name,
+                status=101,
+                time_to_101=Seconds(time_to_101),
+                tunnel=record.id,
+            ),
         )
 
         def closed(tunnel: Tunnel) -> None:
-            self._active -= 1
+            self.tally.active -= 1
+            upstream.closed(record)
             stats = tunnel.stats
             log.info(
                 "tunnel closed",
                 extra=fields(
-                    client=client,
-                    route=route.name,
+                    client=client.address,
+                    route=upstream.name,
                     backend=backend.name,
+                    tunnel=record.id,
                     bytes_up=stats.bytes_up,
                     bytes_down=stats.bytes_down,
-                    duration=Seconds(trio.current_time() - started),
+                    duration=Seconds(trio.current_time() - record.opened_at),
                     reason=stats.close_reason,
                 ),
             )
 
-        self.engine.adopt(
+        record.handle = self.engine.adopt(
             sock,
             backend_sock,
-            RelayStats(),
+            record.stats,
             closed,
             to_client=progress.forward + progress.leftover,
             to_backend=leftover,
@@ -305,14 +330,16 @@ class Handler:
         reply: BackendReply,
         progress: ReplyProgress,
         client: str,
-        route: RouteConfig,
+        upstream: Upstream,
         backend: BackendConfig,
     ) -> None:
         """Pass a non-101 reply to the client verbatim, then close: no tunnel opens."""
+        if progress.status is not None:
+            upstream.answered(progress.status)
         log.info(
             "backend refused the upgrade; relaying its answer and closing",
             extra=fields(
-                client=client, route=route.name, backend=backend.name, status=progress.status
+                client=client, route=upstream.name, backend=backend.name, status=progress.status
             ),
         )
         try:
@@ -330,10 +357,23 @@ class Handler:
         await _linger(sock)
 
     async def _refuse(
-        self, sock: Conn, client: str, error: TunnelError, *, redirect: bool = False, **context: str
+        self,
+        sock: Conn,
+        client: str,
+        error: TunnelError,
+        upstream: Upstream | None,
+        *,
+        redirect: bool = False,
+        **context: str,
     ) -> None:
-        """Answer ``error`` and close. ``redirect``: the answer of a ``redirect_https`` listener
-        (308, or 426 naming the wss:// URL), which is routine, not a warning."""
+        """Answer ``error`` and close; counted on ``upstream``, or as unrouted before a route
+        was known. ``redirect``: the answer of a ``redirect_https`` listener (308, or 426
+        naming the wss:// URL), which is routine, not a warning."""
+        if upstream is None:
+            self.tally.unrouted[error.status] += 1
+        else:
+            upstream.answered(error.status)
+            context["route"] = upstream.name
         if redirect and error.status in (308, 426):
             log.info(
                 "request redirected",

@@ -1,0 +1,170 @@
+"""The running generation: one configuration and everything that outlives a connection.
+
+A ``Generation`` owns the configuration, the per-route upstreams (balancers, backend TLS, the
+tunnels of each backend), the relay engine and the handler that serves new connections. It is
+the one object the admin listener reads (``statistics()``, ``stats()``, ``metrics()``) and acts
+on (``close_tunnel``), and the unit a reload will build beside the running one and a drain
+will wind down: those touch the generation, never the handler's protocol code.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from tunnel._version import __version__
+from tunnel.config import Config
+from tunnel.errors import ConfigError
+from tunnel.logs import LOGGER_NAME, fields
+from tunnel.metrics import Exposition
+from tunnel.net.engine import Engine
+from tunnel.net.handler import Handler, Tally
+from tunnel.net.tls import backend_contexts
+from tunnel.net.upstream import Upstream
+from tunnel.reasons import CloseReason
+from tunnel.stats import ListenerStatistics, ServerStatistics
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+class Generation:
+    """One configuration being served. Build it once the listeners are bound (the engine's
+    epoll descriptor lives until ``engine.run`` ends)."""
+
+    def __init__(self, config: Config, listeners: tuple[ListenerStatistics, ...] = ()) -> None:
+        """Raises ``ConfigError`` when a route's ``backend_tls`` files cannot be loaded."""
+        server = config.server
+        self.config = config
+        self.listeners = listeners
+        self.engine = Engine(
+            relay=server.relay, splice_pipes=server.splice_pipes, idle_timeout=server.idle_timeout
+        )
+        contexts = backend_contexts(config)
+        self.upstreams = {
+            route.name: Upstream(route, contexts.get(route.name)) for route in config.routes
+        }
+        self.tally = Tally()
+        self.handler = Handler(config, self.engine, self.upstreams, self.tally)
+        self.started_at = trio.current_time()
+        self.draining = False
+        """Set by a drain: ``/healthz`` then answers 503."""
+        self._exposition = Exposition(self.statistics)
+        for i, route in enumerate(config.routes):
+            if route.name in contexts and not route.backend_tls.verify:
+                log.warning(
+                    "backend certificates are NOT verified (verify = false): anyone on the "
+                    "path can pose as these backends",
+                    extra=fields(route=route.name, key=f"routes[{i}].backend_tls.verify"),
+                )
+
+    @property
+    def reloads_backend_tls(self) -> bool:
+        return any(upstream.tls is not None for upstream in self.upstreams.values())
+
+    def reload_backend_tls(self) -> bool:
+        """Load the ``backend_tls`` files again (CA bundles, client certificates); new backend
+        connections use them. All or nothing: on failure the previous ones stay, logged."""
+        if not self.reloads_backend_tls:
+            return False
+        try:
+            contexts: Mapping[str, ssl.SSLContext] = backend_contexts(self.config)
+        except ConfigError as error:
+            log.error(
+                "backend TLS files not reloaded; the previous ones stay in use",
+                extra=fields(error=error.message),
+            )
+            return False
+        for name, context in contexts.items():
+            self.upstreams[name].tls = context
+        log.info("backend TLS files reloaded", extra=fields(routes=",".join(contexts)))
+        return True
+
+    def statistics(self) -> ServerStatistics:
+        now = trio.current_time()
+        return ServerStatistics(
+            version=__version__,
+            uptime=now - self.started_at,
+            healthy=not self.draining,
+            listeners=self.listeners,
+            routes=tuple(upstream.statistics(now) for upstream in self.upstreams.values()),
+            unrouted_answers=tuple(sorted(self.tally.unrouted.items())),
+            handshake_seconds=self.tally.handshake.statistics(),
+        )
+
+    # The admin listener's view (tunnel.net.admin.AdminSource).
+
+    def healthy(self) -> bool:
+        return not self.draining
+
+    def stats(self) -> dict[str, Any]:
+        """The ``/stats.json`` document (its shape is in DESIGN.md)."""
+        return stats_document(self.statistics())
+
+    def metrics(self) -> tuple[bytes, str]:
+        return self._exposition.render(), self._exposition.content_type
+
+    def close_tunnel(self, tunnel_id: str) -> bool:
+        """Close one open tunnel with reason ``admin``; False when no tunnel has that id."""
+        for upstream in self.upstreams.values():
+            record = upstream.find(tunnel_id)
+            if record is not None and record.handle is not None:
+                log.info(
+                    "closing a tunnel on request",
+                    extra=fields(tunnel=tunnel_id, client=record.client, route=record.route),
+                )
+                self.engine.close(record.handle, CloseReason.ADMIN)
+                return True
+        return False
+
+
+def stats_document(snapshot: ServerStatistics) -> dict[str, Any]:
+    """A snapshot as the JSON document of ``/stats.json``."""
+    return {
+        "version": snapshot.version,
+        "uptime": round(snapshot.uptime, 3),
+        "healthy": snapshot.healthy,
+        "listeners": [
+            {"address": li.address, "tls": li.tls, "redirect_https": li.redirect_https}
+            for li in snapshot.listeners
+        ],
+        "routes": [
+            {
+                "name": route.name,
+                "hosts": list(route.hosts),
+                "path_prefix": route.path_prefix,
+                "open_tunnels": route.open_tunnels,
+                "backends": [
+                    {
+                        "name": b.name,
+                        "url": b.url,
+                        "state": b.state,
+                        "open_tunnels": b.open_tunnels,
+                        "tunnels_total": b.tunnels_total,
+                        "bytes_up": b.bytes_up,
+                        "bytes_down": b.bytes_down,
+                        "connect_failures": b.connect_failures,
+                    }
+                    for b in route.backends
+                ],
+            }
+            for route in snapshot.routes
+        ],
+        "tunnels": [
+            {
+                "id": t.id,
+                "client": t.client,
+                "route": t.route,
+                "backend": t.backend,
+                "age": round(t.age, 3),
+                "idle": round(t.idle, 3),
+                "bytes_up": t.bytes_up,
+                "bytes_down": t.bytes_down,
+            }
+            for route in snapshot.routes
+            for t in route.tunnels
+        ],
+    }
