@@ -19,7 +19,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from tunnel.stats import HistogramStatistics, ServerStatistics
@@ -133,7 +132,8 @@ class _Snapshots(Collector):
 class Exposition:
     """The ``/metrics`` body of one process: its ``tunnel_*`` families and process metrics."""
 
-    content_type = CONTENT_TYPE_LATEST
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+    """The classic text format ``generate_latest`` writes, which every Prometheus reads."""
 
     def __init__(self, snapshot: Callable[[], ServerStatistics]) -> None:
         self._registry = CollectorRegistry(auto_describe=False)
