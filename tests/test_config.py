@@ -429,7 +429,7 @@ BAD = [
         "route-balance",
         doc(route='balance = "least-conn"'),
         "routes[0].balance",
-        "'least-conn' unknown; one of round-robin",
+        "'least-conn': must be one of round-robin",
     ),
     (
         "route-preserve-host-string",

@@ -1,0 +1,104 @@
+"""``[server]``: timeouts, limits and how the process runs, each key declared once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunnel.config.kinds import Choice, CIDRList, Duration, Integer, IPNetwork, Size, setting
+from tunnel.config.units import HOURS, SECONDS, KiB, MiB
+
+LOG_FORMATS = ("text", "json")
+RELAY_MODES = ("auto", "splice", "copy")
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    handshake_timeout: float = setting(
+        10 * SECONDS,
+        Duration(),
+        "The whole request head must arrive within this; otherwise 408 and close. On a TLS "
+        "listener the TLS handshake counts too, from accept: a client that has not finished it "
+        "in time is closed without an answer. Defeats slowloris (nginx waits 60 s). Must be "
+        "more than 0.",
+    )
+    connect_timeout: float = setting(
+        5 * SECONDS,
+        Duration(),
+        "TCP connect to one backend, and for a `wss://` backend its TLS handshake and the "
+        "upgrade request too. On timeout or refusal the next backend of the route is tried; "
+        "when all fail the client gets 502 (504 if every attempt timed out).",
+    )
+    response_timeout: float = setting(
+        10 * SECONDS,
+        Duration(),
+        "The backend must answer the upgrade request within this; otherwise 504. Also bounds "
+        "each read while a refusal's body is relayed.",
+    )
+    idle_timeout: float = setting(
+        1 * HOURS,
+        Duration(allow_zero=True),
+        'A tunnel with no bytes either way for this long is closed. `"0s"` = never. Separate '
+        "from the handshake timeouts, so idle WebSockets survive (nginx's 60 s kills them).",
+    )
+    max_header_bytes: int = setting(
+        32 * KiB,
+        Size(1 * KiB, 1 * MiB),
+        "Largest request head (request line plus headers); larger gets 431. From 1KiB to 1MiB.",
+    )
+    max_tunnels: int = setting(
+        10_000,
+        Integer(1),
+        "Connections past the handshake (connecting, or tunnelling) at once; beyond it new "
+        "upgrades get 503 with `Retry-After: 5`.",
+    )
+    trusted_proxies: tuple[IPNetwork, ...] = setting(
+        (),
+        CIDRList(),
+        'CIDRs (`"10.0.0.0/8"`, `"::1/128"`) of proxies in front of the tunnel. From them, '
+        "`X-Forwarded-For` is appended to (valid addresses only), valid "
+        "`X-Forwarded-Proto`/`-Host` values are kept, and so are `Forwarded` and the other "
+        "headers that name the client; from anyone else they are replaced or dropped (see "
+        "[limits.md](limits.md)).",
+    )
+    log_format: str = setting(
+        "text",
+        Choice(LOG_FORMATS),
+        '`"text"` (`time level event key=value...`) or `"json"` (one object per line).',
+    )
+    workers: int = setting(
+        1,
+        Integer(1, MAX_WORKERS),
+        "Processes serving the listeners, from 1 to 256. With more than 1, `tunnel run` "
+        "becomes a supervisor that starts that many worker processes, each listening on the "
+        "same ports with `SO_REUSEPORT` so the kernel spreads new connections among them, and "
+        "restarts any that dies (see [operations](operations.md#workers)). Each worker applies "
+        "every other limit on its own: `max_tunnels` is per worker. Set it to the number of "
+        "CPU cores the tunnel may use.",
+    )
+    relay: str = setting(
+        "auto",
+        Choice(RELAY_MODES),
+        'How established tunnels move bytes. `"copy"`: `recv`/`send` through one shared 64 KiB '
+        'buffer. `"splice"`: `splice(2)` through a pooled pipe for every read (Linux), copying '
+        'only when no pipe is free. `"auto"`: copy, and switch a direction to splice while its '
+        "reads fill the whole buffer (bulk transfers), back to copy when they come back small "
+        '(messages). `"auto"` is the cheapest on every workload measured '
+        '([benchmarks](benchmarks.md)); `"splice"` where `splice(2)` is missing refuses to '
+        "start.",
+    )
+    splice_pipes: int = setting(
+        512,
+        Integer(0, zero="never splice"),
+        "Pipes the splice relay may hold at once, each two descriptors, held only while bytes "
+        "are in it. Beyond the limit (or when descriptors run out) a read copies instead, so "
+        "the limit never stalls a tunnel. `0` never splices.",
+    )
+    cert_check_interval: float = setting(
+        5 * SECONDS,
+        Duration(allow_zero=True),
+        "How often the certificate, key and `client_ca` files of TLS listeners are read and, "
+        "when their contents changed, loaded for new handshakes "
+        '([rotation](tls.md#certificate-rotation)). SIGHUP reloads them at any time. `"0s"` '
+        "= only on SIGHUP.",
+    )
