@@ -28,6 +28,7 @@ from tunnel.config.tables import current_keys, keys_of, parse_table, render_tabl
 from tunnel.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tunnel" / "config"
+SERVER_ONLY = '[server]\nidle_timeout = "5m"\n'
 ROUTE = '\n[[routes]]\nname = "r"\nbackends = [{ url = "127.0.0.1:9000" }]\n'
 LISTENER = '\n[[listeners]]\nlisten = "127.0.0.1:8080"\n'
 
@@ -112,7 +113,59 @@ def test_validate_checks_a_config_built_in_python_as_a_file(
     assert message in caught.value.problem
 
 
-# --- flags -----------------------------------------------------------------------------------
+# --- a file that leaves listeners or routes to the flags ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "notes"),
+    [
+        (
+            SERVER_ONLY,
+            ("no listener: tunnel run needs --listen", "no route: tunnel run needs --backend"),
+        ),
+        (SERVER_ONLY + ROUTE, ("no listener: tunnel run needs --listen",)),
+        (SERVER_ONLY + LISTENER, ("no route: tunnel run needs --backend",)),
+        (SERVER_ONLY + LISTENER + ROUTE, ()),
+        ("", ("no listener: tunnel run needs --listen", "no route: tunnel run needs --backend")),
+    ],
+)
+def test_a_partial_file_is_valid_and_says_what_it_lacks(text: str, notes: tuple[str, ...]) -> None:
+    config = Config.from_toml(text, partial=True)
+    assert config.missing() == notes
+    assert Config.from_toml(config.to_toml(), partial=True) == config
+    if notes:
+        with pytest.raises(ConfigError) as caught:
+            Config.from_toml(text)
+        assert caught.value.problem.startswith(notes[0].split(":")[0] + ";")
+        with pytest.raises(ConfigError):
+            config.validate()
+    else:
+        assert Config.from_toml(text) == config
+
+
+def test_flags_complete_a_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "server-only.toml"
+    path.write_text(SERVER_ONLY, encoding="utf-8")
+    loaded = Config.from_file(path, partial=True)
+    config = loaded.with_overrides(listen=["127.0.0.1:0"], backends=["127.0.0.1:9000"])
+    assert config.missing() == ()
+    assert config.server.idle_timeout == 300.0
+    assert str(config.listeners[0].listen) == "127.0.0.1:0"
+    with pytest.raises(ConfigError) as caught:
+        loaded.with_overrides(listen=["127.0.0.1:0"])
+    assert str(caught.value) == "routes: no route; add [[routes]] or pass --backend"
+    with pytest.raises(ConfigError) as caught:
+        Config.from_file(path)
+    assert caught.value.key == "listeners"
+
+
+def test_a_partial_file_still_gets_every_other_check() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml('[server]\nrelay = "sendfile"\n', partial=True)
+    assert caught.value.key == "server.relay"
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(LISTENER + LISTENER, partial=True)
+    assert caught.value.key == "listeners[1].listen"
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ _NEEDED = (
     ("listeners", "no listener", "[[listeners]]", "--listen"),
     ("routes", "no route", "[[routes]]", "--backend"),
 )
-"""What a configuration cannot run without: (key, what is lacking, the table, the flag)."""
+"""What a file may leave to flags: (key, what is lacking, the table to add, the flag)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,31 +38,36 @@ class Config:
     )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Config:
+    def from_file(cls, path: str | Path, *, partial: bool = False) -> Config:
         """Read ``path``; relative file names in it are read from its directory."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(str(path), f"cannot read the file: {exc.strerror}") from exc
-        return cls.from_toml(text, base=Path(path).absolute().parent)
+        return cls.from_toml(text, base=Path(path).absolute().parent, partial=partial)
 
     @classmethod
-    def from_toml(cls, text: str, *, base: Path | None = None) -> Config:
+    def from_toml(cls, text: str, *, base: Path | None = None, partial: bool = False) -> Config:
         """``base``: the directory relative file names (certificates, keys) are read from;
         ``from_file`` passes the file's own directory, as nginx users expect of an include."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("(file)", f"not valid TOML: {exc}") from exc
-        return cls.from_mapping(data, base=base)
+        return cls.from_mapping(data, base=base, partial=partial)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, base: Path | None = None) -> Config:
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, base: Path | None = None, partial: bool = False
+    ) -> Config:
         """Every key is checked alone, then together with the others (``ConfigError`` names
-        the key)."""
+        the key). ``partial``: a file may leave listeners and routes to ``--listen`` and
+        ``--backend`` (``missing`` says which; ``with_overrides`` then requires them);
+        otherwise it must be able to run as it is."""
         config: Config = parse_table(cls, data, "", Context(base))
         config._check()
-        config._require_complete()
+        if not partial:
+            config._require_complete()
         return config
 
     def with_overrides(
@@ -110,9 +115,18 @@ class Config:
         return config
 
     def validate(self) -> None:
-        """Check this configuration as ``from_mapping`` checks a file, so one built in Python
-        or changed by flags meets every rule a file meets."""
+        """Check this configuration as ``from_mapping`` checks a file that must run as it is,
+        so one built in Python or changed by flags meets every rule a file meets."""
         Config.from_mapping(self.to_mapping())
+
+    def missing(self) -> tuple[str, ...]:
+        """What ``tunnel run`` must get from flags, one note each (``tunnel check`` prints
+        them); empty when the configuration can run as it is."""
+        return tuple(
+            f"{what}: tunnel run needs {flag}"
+            for name, what, _, flag in _NEEDED
+            if not getattr(self, name)
+        )
 
     def to_mapping(self) -> dict[str, Any]:
         """The effective configuration as TOML data: ``from_mapping`` reads it back as is."""
