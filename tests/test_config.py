@@ -12,6 +12,7 @@ import pytest
 
 from tunnel.config import (
     Address,
+    AdminConfig,
     BackendConfig,
     BackendTLS,
     CertPair,
@@ -203,7 +204,7 @@ def test_bad_sizes_in_a_file_name_their_key(value: str, message: str) -> None:
 BAD = [
     # (id, file text, dotted key, message substring)
     ("not-toml", "[server\n", "(file)", "not valid TOML"),
-    ("unknown-top-level", doc(top='[admin]\nlisten = ":9901"'), "admin", "unknown key"),
+    ("unknown-top-level", doc(top='[limits]\nstore = "memory"'), "limits", "unknown key"),
     ("server-not-table", doc(top="server = 5").replace("[server]\n", ""), "server", "table"),
     (
         "duration-no-unit",
@@ -1373,3 +1374,58 @@ def test_tls_overrides_apply_to_the_listen_flags(tmp_path: Path) -> None:
     )
     assert without.listeners[0].tls == ListenerTLS((CertPair(cert, key),))
     assert without.routes[0].backends[0].tls is True
+
+
+# --- [admin] ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("admin", "listen"),
+    [
+        ("", None),
+        ('[admin]\nlisten = ""', None),
+        ('[admin]\nlisten = "127.0.0.1:9901"', Address("127.0.0.1", 9901)),
+        ('[admin]\nlisten = "[::1]:0"', Address("::1", 0)),
+    ],
+)
+def test_admin_listen_is_off_unless_written(admin: str, listen: Address | None) -> None:
+    config = Config.from_toml(doc(top=admin))
+    assert config.admin == AdminConfig(listen)
+    assert Config.from_toml(config.to_toml()) == config
+    assert tomllib.loads(config.to_toml())["admin"] == {
+        "listen": "" if listen is None else str(listen)
+    }
+
+
+@pytest.mark.parametrize(
+    ("admin", "key", "message"),
+    [
+        ('[admin]\nlisten = "9901"', "admin.listen", "needs a port"),
+        ("[admin]\nlisten = 9901", "admin.listen", "expected"),
+        ('[admin]\nport = "9901"', "admin.port", "unknown key"),
+        ('[admin]\nlisten = "127.0.0.1:8080"', "admin.listen", "is also listeners[0].listen"),
+        ('[admin]\nlisten = ":8080"', "admin.listen", "every interface on port 8080"),
+    ],
+)
+def test_bad_admin_listen_is_refused(admin: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(doc(top=admin))
+    assert caught.value.key == key
+    assert message in caught.value.problem
+
+
+def test_admin_flag_replaces_the_file_value() -> None:
+    config = Config.from_toml(doc(top='[admin]\nlisten = "127.0.0.1:9901"'))
+    assert config.with_overrides().admin == config.admin
+    moved = config.with_overrides(admin="localhost:9902")
+    assert moved.admin == AdminConfig(Address("localhost", 9902))
+    assert moved.listeners == config.listeners
+    with pytest.raises(ConfigError) as caught:
+        config.with_overrides(admin="nope")
+    assert (caught.value.key, caught.value.problem) == (
+        "--admin nope",
+        "'nope' needs a port, like host:8080 or [::1]:8080",
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.with_overrides(admin="127.0.0.1:8080")
+    assert caught.value.key == "admin.listen"

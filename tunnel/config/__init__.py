@@ -24,7 +24,7 @@ from tunnel.config.routes import (
     BackendTLS,
     RouteConfig,
 )
-from tunnel.config.server import LOG_FORMATS, MAX_WORKERS, RELAY_MODES, ServerConfig
+from tunnel.config.server import LOG_FORMATS, MAX_WORKERS, RELAY_MODES, AdminConfig, ServerConfig
 from tunnel.config.units import (
     BYTES,
     DAYS,
@@ -59,6 +59,7 @@ __all__ = [
     "TLS_VERSIONS",
     "UPGRADE_TOKEN",
     "Address",
+    "AdminConfig",
     "BackendConfig",
     "BackendTLS",
     "CertPair",

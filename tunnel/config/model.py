@@ -13,7 +13,7 @@ from tunnel.config.hosts import Address, check_listen_together
 from tunnel.config.kinds import Context, declare, setting
 from tunnel.config.listeners import CertPair, ListenerConfig, ListenerTLS
 from tunnel.config.routes import BackendConfig, BackendTLS, RouteConfig
-from tunnel.config.server import ServerConfig
+from tunnel.config.server import AdminConfig, ServerConfig
 from tunnel.config.tables import Table, TableList, dump_table, key_named, parse_table, render_table
 from tunnel.errors import ConfigError
 
@@ -35,6 +35,9 @@ class Config:
     server: ServerConfig = field(
         default=ServerConfig(),
         metadata=declare(Table(ServerConfig), "The process."),
+    )
+    admin: AdminConfig = field(
+        default=AdminConfig(), metadata=declare(Table(AdminConfig), "The admin listener.")
     )
 
     @classmethod
@@ -79,12 +82,14 @@ class Config:
         workers: int | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        admin: str | None = None,
     ) -> Config:
         """Apply command-line flags, each replacing the file's value entirely, then
         ``validate``: flags are the last word, so the result must be able to run.
 
         ``tls_cert`` and ``tls_key`` come together and make every listener (those of
-        ``listen``, else the file's) serve TLS with that one pair."""
+        ``listen``, else the file's) serve TLS with that one pair. ``admin`` is the admin
+        listener's address."""
         config = self
         if listen:
             flags = [f"--listen {a}" for a in listen]
@@ -111,6 +116,9 @@ class Config:
             key_named(ServerConfig, "workers").kind.parse(workers, "--workers", Context())
             server = dataclasses.replace(server, workers=workers)
         config = dataclasses.replace(config, server=server)
+        if admin is not None:
+            address = Address.parse(admin, f"--admin {admin}")
+            config = dataclasses.replace(config, admin=AdminConfig(address))
         config.validate()
         return config
 
@@ -140,10 +148,12 @@ class Config:
 
     def _check(self) -> None:
         """What a single key cannot check alone; raise ``ConfigError`` naming the key."""
-        check_listen_together(
-            [x.listen for x in self.listeners],
-            [f"listeners[{i}].listen" for i in range(len(self.listeners))],
-        )
+        addresses = [x.listen for x in self.listeners]
+        keys = [f"listeners[{i}].listen" for i in range(len(self.listeners))]
+        if self.admin.listen is not None:
+            addresses.append(self.admin.listen)
+            keys.append("admin.listen")
+        check_listen_together(addresses, keys)
         for i, listener in enumerate(self.listeners):
             tls = listener.tls
             if tls is not None and listener.redirect_https:

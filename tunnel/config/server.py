@@ -1,10 +1,22 @@
-"""``[server]``: timeouts, limits and how the process runs, each key declared once."""
+"""``[server]`` (timeouts, limits, how the process runs) and ``[admin]``, each key declared
+once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tunnel.config.kinds import Choice, CIDRList, Duration, Integer, IPNetwork, Size, setting
+from tunnel.config.hosts import Address
+from tunnel.config.kinds import (
+    Choice,
+    CIDRList,
+    Duration,
+    Integer,
+    IPNetwork,
+    ListenAddress,
+    Size,
+    declare,
+    setting,
+)
 from tunnel.config.units import HOURS, SECONDS, KiB, MiB
 
 LOG_FORMATS = ("text", "json")
@@ -101,4 +113,16 @@ class ServerConfig:
         "when their contents changed, loaded for new handshakes "
         '([rotation](tls.md#certificate-rotation)). SIGHUP reloads them at any time. `"0s"` '
         "= only on SIGHUP.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address | None = field(
+        default=None,
+        metadata=declare(
+            ListenAddress(off=True),
+            "`host:port` of the admin listener (health, metrics, statistics, closing tunnels); "
+            '`""` = off. Bind it to localhost: it has no authentication.',
+        ),
     )
