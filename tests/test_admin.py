@@ -86,19 +86,19 @@ class FakeSource:
         if self.failing is not None:
             raise self.failing
 
-    def healthy(self) -> bool:
+    async def healthy(self) -> bool:
         self._check()
         return self.is_healthy
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         self._check()
         return self.document
 
-    def metrics(self) -> tuple[bytes, str]:
+    async def metrics(self) -> tuple[bytes, str]:
         self._check()
         return self.metrics_body, METRICS_TYPE
 
-    def close_tunnel(self, tunnel_id: str) -> bool:
+    async def close_tunnel(self, tunnel_id: str) -> bool:
         self._check()
         self.closed.append(tunnel_id)
         if tunnel_id in self.open_ids:
@@ -107,9 +107,9 @@ class FakeSource:
         return False
 
 
-def test_fake_source_is_an_admin_source() -> None:
+async def test_fake_source_is_an_admin_source() -> None:
     source: AdminSource = FakeSource()  # mypy checks the Protocol; this checks it at run time
-    assert source.healthy()
+    assert await source.healthy()
 
 
 @dataclass

@@ -7,7 +7,7 @@ Real loopback sockets throughout: a raw echo backend, raw clients, the tunnel fr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -47,9 +47,9 @@ async def start(nursery: trio.Nursery, backends: list[str]) -> tuple[Generation,
     return control.generation, listeners[0].socket.getsockname()[1]
 
 
-def samples(generation: Generation) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def samples(generation: Generation) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of ``/metrics`` as Prometheus' own parser reads it."""
-    body, content_type = generation.metrics()
+    body, content_type = await generation.metrics()
     assert content_type.startswith("text/plain; version=0.0.4")
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -63,11 +63,16 @@ def backend_of(snapshot: ServerStatistics, name: str) -> tuple[int, int, int]:
     return backend.open_tunnels, backend.tunnels_total, backend.connect_failures
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    while not condition():
+async def wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
+    while not await condition():
         await trio.sleep(0.005)
 
 
+async def open_count_is(generation: Generation, count: int) -> bool:
+    return len((await generation.stats())["tunnels"]) == count
+
+
+Labels = tuple[tuple[str, str], ...]
 BYTES_UP = ("tunnel_bytes_total", (("backend", "b0"), ("direction", "up"), ("route", "echo")))
 BYTES_DOWN = ("tunnel_bytes_total", (("backend", "b0"), ("direction", "down"), ("route", "echo")))
 OPEN = ("tunnel_open_tunnels", (("backend", "b0"), ("route", "echo")))
@@ -82,12 +87,16 @@ async def test_bytes_move_in_metrics_and_stats_while_the_tunnel_is_open(
         )
         client, _ = await open_raw_tunnel(port)
         await client.send_all(b"x" * 1000)
-        await wait_for(lambda: samples(generation)[BYTES_DOWN] > 1000)
-        first = samples(generation)
+
+        async def bytes_at_least(key: tuple[str, Labels], count: int) -> bool:
+            return (await samples(generation))[key] >= count
+
+        await wait_for(partial(bytes_at_least, BYTES_DOWN, 1001))
+        first = await samples(generation)
         await client.send_all(b"y" * 5000)
-        await wait_for(lambda: samples(generation)[BYTES_UP] >= 6000)
-        second = samples(generation)
-        document = generation.stats()
+        await wait_for(partial(bytes_at_least, BYTES_UP, 6000))
+        second = await samples(generation)
+        document = await generation.stats()
 
     assert first[OPEN] == second[OPEN] == 1
     assert second[BYTES_UP] - first[BYTES_UP] == 5000, "counted while the tunnel is still open"
@@ -112,21 +121,23 @@ async def test_closing_a_tunnel_by_id_ends_it_with_reason_admin(
         )
         kept, _ = await open_raw_tunnel(port)
         closed, rest = await open_raw_tunnel(port)
-        await wait_for(lambda: len(generation.stats()["tunnels"]) == 2)
-        ids = [t["id"] for t in generation.stats()["tunnels"]]
-        assert not generation.close_tunnel("no-such-tunnel")
-        assert generation.close_tunnel(ids[1])
+        await wait_for(lambda: open_count_is(generation, 2))
+        ids = [t["id"] for t in (await generation.stats())["tunnels"]]
+        assert not await generation.close_tunnel("no-such-tunnel")
+        assert await generation.close_tunnel(ids[1])
         assert await read_to_eof(closed, rest) == b"", "the client sees its tunnel end"
         await kept.send_all(b"still here")
         echoed = await kept.receive_some(100)
-        await wait_for(lambda: len(generation.stats()["tunnels"]) == 1)
-        metrics = samples(generation)
+        await wait_for(lambda: open_count_is(generation, 1))
+        metrics = await samples(generation)
+        remaining = [t["id"] for t in (await generation.stats())["tunnels"]]
+        closed_again = await generation.close_tunnel(ids[1])
 
     assert echoed == b"still here"
-    assert [t["id"] for t in generation.stats()["tunnels"]] == [ids[0]]
+    assert remaining == [ids[0]]
     assert metrics[("tunnel_closed_total", (("reason", "admin"), ("route", "echo")))] == 1
     assert metrics[OPEN] == 1
-    assert not generation.close_tunnel(ids[1]), "an id is not reused"
+    assert not closed_again, "an id is not reused"
     [line] = [r for r in caplog.records if r.getMessage() == "tunnel closed"]
     assert line.fields["reason"] == CloseReason.ADMIN  # type: ignore[attr-defined]
     await kept.aclose()
@@ -143,8 +154,8 @@ async def test_counts_per_backend_are_exact_with_failover_and_refusals(
         snapshot = generation.statistics()
         for client in clients:
             await client.aclose()
-        await wait_for(lambda: generation.statistics().routes[0].open_tunnels == 0)
-        metrics = samples(generation)
+        await wait_for(lambda: open_count_is(generation, 0))
+        metrics = await samples(generation)
 
     assert status_of(not_found) == 404
     assert backend_of(snapshot, "b1") == (3, 3, 0)

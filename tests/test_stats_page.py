@@ -330,16 +330,16 @@ class BusySource:
             end = 10_000 if i % 3 != 2 else 180 + 25 * i
             self.flows.append(Flow(client, route, backend, start, end, 900.0 + 2400 * (i % 5)))
 
-    def healthy(self) -> bool:
+    async def healthy(self) -> bool:
         return True
 
-    def metrics(self) -> tuple[bytes, str]:
+    async def metrics(self) -> tuple[bytes, str]:
         return b"", "text/plain"
 
-    def close_tunnel(self, tunnel_id: str) -> bool:
+    async def close_tunnel(self, tunnel_id: str) -> bool:
         return False
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         self.second += 1
         now = self.second
         wave = 1.0 + 0.6 * math.sin(now / 23.0) + 0.3 * math.sin(now / 7.0)
@@ -425,7 +425,7 @@ async def test_screenshot_of_five_busy_minutes(nursery: trio.Nursery, tmp_path: 
             await page.call("Emulation.setVirtualTimePolicy", policy="advance")
             assert await page.evaluate("statsPage.lastError") == ""
             rows = await page.evaluate("document.querySelectorAll('#tunnels tbody tr').length")
-            assert rows == len(source.stats()["tunnels"])
+            assert rows == len((await source.stats())["tunnels"])
             height = await page.evaluate("document.documentElement.scrollHeight")
             png = await page.screenshot(int(height))
     assert png.startswith(PNG_SIGNATURE)
@@ -435,8 +435,8 @@ async def test_screenshot_of_five_busy_minutes(nursery: trio.Nursery, tmp_path: 
         SCREENSHOT.write_bytes(png)
 
 
-def test_busy_source_matches_the_documented_shape() -> None:
-    document = BusySource().stats()
+async def test_busy_source_matches_the_documented_shape() -> None:
+    document = await BusySource().stats()
     shape = sample_stats()
     assert document.keys() == shape.keys()
     assert document["routes"][0].keys() == shape["routes"][0].keys()

@@ -97,17 +97,17 @@ class Generation:
 
     # The admin listener's view (tunnel.net.admin.AdminSource).
 
-    def healthy(self) -> bool:
+    async def healthy(self) -> bool:
         return not self.draining
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """The ``/stats.json`` document (its shape is in DESIGN.md)."""
         return stats_document(self.statistics())
 
-    def metrics(self) -> tuple[bytes, str]:
+    async def metrics(self) -> tuple[bytes, str]:
         return self._exposition.render(), self._exposition.content_type
 
-    def close_tunnel(self, tunnel_id: str) -> bool:
+    async def close_tunnel(self, tunnel_id: str) -> bool:
         """Close one open tunnel with reason ``admin``; False when no tunnel has that id."""
         for upstream in self.upstreams.values():
             record = upstream.find(tunnel_id)

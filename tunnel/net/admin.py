@@ -26,7 +26,7 @@ import errno
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -65,7 +65,8 @@ _JSON = "application/json"
 
 
 class AdminSource(Protocol):
-    """What the admin listener asks of the running server; each call is quick and synchronous.
+    """What the admin listener asks of the running server: one process's generation, or, with
+    workers, a view that asks every worker (hence coroutines).
 
     ``healthy()`` is False while draining (/healthz says 503, so load balancers send new clients
     elsewhere); ``stats()`` is the /stats.json document (DESIGN.md, "Admin listener");
@@ -73,10 +74,10 @@ class AdminSource(Protocol):
     closes an open tunnel (reason ``admin``) and is False when there is no such tunnel.
     """
 
-    def healthy(self) -> bool: ...
-    def stats(self) -> dict[str, Any]: ...
-    def metrics(self) -> tuple[bytes, str]: ...
-    def close_tunnel(self, tunnel_id: str) -> bool: ...
+    async def healthy(self) -> bool: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def metrics(self) -> tuple[bytes, str]: ...
+    async def close_tunnel(self, tunnel_id: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,20 +107,42 @@ def _json(status: int, document: Any) -> Reply:
     return Reply(status, json.dumps(document).encode("utf-8") + b"\n", _JSON)
 
 
-def _close(source: AdminSource, tunnel_id: str) -> Reply:
-    if source.close_tunnel(tunnel_id):
+async def _close(source: AdminSource, tunnel_id: str) -> Reply:
+    if await source.close_tunnel(tunnel_id):
         return _json(200, {"closed": tunnel_id})
     return _json(404, {"error": f"no open tunnel with id {tunnel_id}"})
 
 
-Handler = Callable[[AdminSource], Reply]
+Handler = Callable[[AdminSource], Awaitable[Reply]]
 _PAGE = Reply(200, stats_page.PAGE, "text/html; charset=utf-8", stats_page.HEADERS)
+
+
+async def _healthz(source: AdminSource) -> Reply:
+    return _text(200, "ok\n") if await source.healthy() else _text(503, "draining\n")
+
+
+async def _metrics(source: AdminSource) -> Reply:
+    return Reply(200, *await source.metrics())
+
+
+async def _stats_json(source: AdminSource) -> Reply:
+    return _json(200, await source.stats())
+
+
+async def _stats_page(_: AdminSource) -> Reply:
+    return _PAGE
+
+
+async def _root(_: AdminSource) -> Reply:
+    return _text(302, "see /stats\n", ("Location", "/stats"))
+
+
 _PAGES: dict[str, Handler] = {
-    "/healthz": lambda source: _text(200, "ok\n") if source.healthy() else _text(503, "draining\n"),
-    "/metrics": lambda source: Reply(200, *source.metrics()),
-    "/stats.json": lambda source: _json(200, source.stats()),
-    "/stats": lambda _: _PAGE,
-    "/": lambda _: _text(302, "see /stats\n", ("Location", "/stats")),
+    "/healthz": _healthz,
+    "/metrics": _metrics,
+    "/stats.json": _stats_json,
+    "/stats": _stats_page,
+    "/": _root,
 }
 """Read-only endpoints: GET and HEAD."""
 
@@ -150,7 +173,7 @@ def _cross_site(request: h11.Request) -> bool:
     return not hosts or origin != "http://" + hosts[0].decode("latin-1")
 
 
-def respond(request: h11.Request, source: AdminSource, client: str) -> Reply:
+async def respond(request: h11.Request, source: AdminSource, client: str) -> Reply:
     """Answer one complete request; a failing source is logged and answered with 500."""
     method = request.method.decode("ascii")
     path = request.target.decode("latin-1").partition("?")[0]
@@ -160,7 +183,7 @@ def respond(request: h11.Request, source: AdminSource, client: str) -> Reply:
     if method == "POST" and _cross_site(request):
         return _text(403, "cross-site request refused\n")
     try:
-        return found(source)
+        return await found(source)
     except Exception as exc:
         log.warning(
             "admin request failed",
@@ -305,7 +328,7 @@ async def _exchange(
         return False
     if request is None:
         return False
-    reply = respond(request, source, client)
+    reply = await respond(request, source, client)
     await send_reply(connection, stream, reply, head_only=request.method == b"HEAD", close=last)
     return connection.our_state is h11.DONE and connection.their_state is h11.DONE
 
