@@ -162,12 +162,6 @@ def test_check_output_reads_back_as_the_same_config(tmp_path: Path) -> None:
             "unknown key",
             id="unknown-backend-key",
         ),
-        pytest.param(
-            VALID.split("[[routes]]")[0],
-            "routes",
-            "no route",
-            id="no-route",
-        ),
     ],
 )
 def test_check_refuses_a_bad_file_naming_the_key_and_why(
@@ -182,6 +176,39 @@ def test_check_refuses_a_bad_file_naming_the_key_and_why(
     assert f"{key}: " in result.stderr
     assert why in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "notes"),
+    [
+        (VALID.split("[[routes]]")[0], ["no route: tunnel run needs --backend"]),
+        (
+            VALID.split("[[listeners]]")[0],
+            ["no listener: tunnel run needs --listen", "no route: tunnel run needs --backend"],
+        ),
+    ],
+    ids=["no-routes", "server-only"],
+)
+def test_check_passes_a_file_that_leaves_listeners_or_routes_to_flags(
+    tmp_path: Path, text: str, notes: list[str]
+) -> None:
+    path = write_config(tmp_path, text)
+    result = invoke("check", "--config", str(path))
+
+    assert result.exit_code == 0, result.stderr
+    assert "max_tunnels = 7" in result.stdout
+    for note in notes:
+        assert f"# {path}: {note}\n" in result.stderr
+    assert result.stderr.endswith(f"# {path}: configuration is valid\n")
+
+
+def test_run_refuses_a_file_without_routes_when_no_backend_flag_supplies_them(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path, VALID.split("[[routes]]")[0])
+    result = invoke("run", "--config", str(path))
+    assert result.exit_code == 1
+    assert "routes: no route; add [[routes]] or pass --backend" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["check", "run"])

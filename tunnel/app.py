@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -12,10 +16,12 @@ from tunnel.config import Config
 from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net.admin import AdminSource, open_admin_listener, serve_admin
 from tunnel.net.engine import splice_available
 from tunnel.net.handler import Entry
 from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
 from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
+from tunnel.net.worker_admin import WorkersView, socket_path
 from tunnel.server import Generation
 from tunnel.stats import ListenerStatistics
 
@@ -50,6 +56,18 @@ class Control:
         return sum(tls.reload(force=True) for tls in self.certificates)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerAdmin:
+    """How worker ``number`` of ``workers`` takes part in the admin listener: every worker
+    answers for itself on a private Unix socket in ``directory``; worker 1 also serves the
+    public address (the supervisor's listening socket ``public_fd``) with all workers merged."""
+
+    directory: str
+    number: int
+    workers: int
+    public_fd: int | None = None
+
+
 def check_tls(config: Config) -> None:
     """Load every certificate, key and CA file the configuration names, as ``serve`` would;
     ``tunnel check`` calls it. Raises ``ConfigError`` naming the key and the file."""
@@ -62,9 +80,13 @@ async def serve(
     *,
     reuse_port: bool = False,
     control: Control | None = None,
+    worker_admin: WorkerAdmin | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until cancelled.
+
+    With ``[admin] listen``, the admin listener is bound first and served beside the tunnels;
+    ``worker_admin`` is the part a worker of ``run_workers`` plays in it instead.
 
     With ``nursery.start(serve, config)`` the caller gets the bound listeners back once they
     accept connections (port 0 is resolved in ``listener.socket.getsockname()``).
@@ -84,6 +106,7 @@ async def serve(
     watched = [tls for tls in certificates if tls is not None]
     if control is not None:
         control.certificates = watched
+    admin = await _admin_listeners(config, worker_admin)
     groups = await open_listener_groups(config.listeners, reuse_port=reuse_port)
     listeners = [listener for group in groups for listener in group]
     try:
@@ -109,17 +132,53 @@ async def serve(
                     )
             if watched and server.cert_check_interval > 0:
                 connections.start_soon(_watch_certificates, watched, server.cert_check_interval)
+            for admin_listener, view in admin:
+                source: AdminSource = generation if view is None else view
+                connections.start_soon(serve_admin, admin_listener, source)
             task_status.started(listeners)
     finally:
         with trio.CancelScope(shield=True):
-            for listener in listeners:
+            for listener in [*listeners, *(admin_listener for admin_listener, _ in admin)]:
                 await listener.aclose()
+
+
+async def _admin_listeners(
+    config: Config, worker_admin: WorkerAdmin | None
+) -> list[tuple[trio.SocketListener, WorkersView | None]]:
+    """The admin listeners to serve, each with the view it shows (None: this process's
+    generation)."""
+    if worker_admin is not None:
+        private = await _unix_listener(socket_path(worker_admin.directory, worker_admin.number))
+        found: list[tuple[trio.SocketListener, WorkersView | None]] = [(private, None)]
+        if worker_admin.public_fd is not None:
+            # The supervisor's listening socket, inherited: it stays open while workers come
+            # and go, so admin clients wait in its backlog through a restart of worker 1.
+            public = trio.socket.from_stdlib_socket(socket.socket(fileno=worker_admin.public_fd))
+            view = WorkersView(worker_admin.directory, worker_admin.workers)
+            found.append((trio.SocketListener(public), view))
+        return found
+    address = config.admin.listen
+    if address is None:
+        return []
+    return [(await open_admin_listener(address), None)]
+
+
+async def _unix_listener(path: str) -> trio.SocketListener:
+    """A listening Unix socket at ``path``; the socket of a previous run of this worker (it
+    died and was restarted) is replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    return trio.SocketListener(sock)
 
 
 async def serve_until_signal(
     config: Config,
     *,
     reuse_port: bool = False,
+    worker_admin: WorkerAdmin | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``serve`` until SIGINT (Ctrl-C) or SIGTERM, then return: the clean stop of ``tunnel run``.
@@ -136,7 +195,9 @@ async def serve_until_signal(
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             control = Control()
             listeners = await nursery.start(
-                partial(serve, config, reuse_port=reuse_port, control=control)
+                partial(
+                    serve, config, reuse_port=reuse_port, control=control, worker_admin=worker_admin
+                )
             )
             task_status.started(listeners)
             async for signum in signals:

@@ -14,7 +14,7 @@ import click
 import trio
 
 from tunnel._version import __version__
-from tunnel.app import check_tls, serve_until_signal
+from tunnel.app import WorkerAdmin, check_tls, serve_until_signal
 from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
@@ -112,6 +112,13 @@ def main() -> None:
     metavar="PEM",
     help="Private key of --tls-cert.",
 )
+@click.option(
+    "--admin",
+    default=None,
+    metavar="ADDR",
+    help="host:port of the admin listener (/healthz, /metrics, /stats); replaces the file's "
+    "[admin] listen. Bind it to 127.0.0.1: it has no authentication.",
+)
 def run(
     config_file: Path | None,
     listen: tuple[str, ...],
@@ -120,6 +127,7 @@ def run(
     workers: int | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    admin: str | None,
 ) -> None:
     """Run the tunnel until interrupted (Ctrl-C or SIGTERM).
 
@@ -129,7 +137,7 @@ def run(
     loaded = Config()
     if config_file is not None:
         try:
-            loaded = Config.from_file(config_file)
+            loaded = Config.from_file(config_file, partial=True)
         except ConfigError as error:
             _fail(f"configuration error: {_in_file(config_file, error)}")
             return
@@ -141,6 +149,7 @@ def run(
             workers=workers,
             tls_cert=None if tls_cert is None else str(tls_cert),
             tls_key=None if tls_key is None else str(tls_key),
+            admin=admin,
         )
     except ConfigError as error:
         _fail(f"configuration error: {error}")
@@ -163,11 +172,18 @@ def run(
 @main.command(name=WORKER_COMMAND, hidden=True)
 @click.option("--number", type=click.IntRange(1, MAX_WORKERS), required=True)
 @click.option("--lifeline", type=click.IntRange(0), default=None)
-def worker(number: int, lifeline: int | None) -> None:
+@click.option("--admin-dir", default=None, help="Directory of the workers' admin sockets.")
+@click.option("--of", "workers", type=click.IntRange(1, MAX_WORKERS), default=1)
+@click.option("--admin-fd", type=click.IntRange(0), default=None)
+def worker(
+    number: int, lifeline: int | None, admin_dir: str | None, workers: int, admin_fd: int | None
+) -> None:
     """One worker of ``tunnel run --workers N``, started by its supervisor.
 
     The configuration arrives as TOML on stdin; ``--lifeline`` is the descriptor of a pipe that
-    reads end-of-file when the supervisor is gone (see ``tunnel.worker``).
+    reads end-of-file when the supervisor is gone (see ``tunnel.worker``). With an admin
+    listener, ``--admin-dir`` holds every worker's private admin socket and worker 1 gets the
+    public listening socket as ``--admin-fd`` (see ``tunnel.federation``).
     """
     try:
         config = Config.from_toml(sys.stdin.buffer.read().decode("utf-8"))
@@ -176,14 +192,29 @@ def worker(number: int, lifeline: int | None) -> None:
         return
     setup_logging(config.server.log_format)
     tag_logs(number)
-    _serve_in_this_process(config, reuse_port=True, lifeline=lifeline)
+    admin = None
+    if admin_dir is not None:
+        admin = WorkerAdmin(admin_dir, number, workers, admin_fd)
+    _serve_in_this_process(config, reuse_port=True, lifeline=lifeline, worker_admin=admin)
 
 
 def _serve_in_this_process(
-    config: Config, *, reuse_port: bool = False, lifeline: int | None = None
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    lifeline: int | None = None,
+    worker_admin: WorkerAdmin | None = None,
 ) -> None:
     with _exit_on_startup_errors():
-        trio.run(partial(_run_until_signal, config, reuse_port=reuse_port, lifeline=lifeline))
+        trio.run(
+            partial(
+                _run_until_signal,
+                config,
+                reuse_port=reuse_port,
+                lifeline=lifeline,
+                worker_admin=worker_admin,
+            )
+        )
 
 
 @contextmanager
@@ -200,12 +231,14 @@ def _exit_on_startup_errors() -> Iterator[None]:
         pass
 
 
-async def _run_until_signal(config: Config, *, reuse_port: bool, lifeline: int | None) -> None:
+async def _run_until_signal(
+    config: Config, *, reuse_port: bool, lifeline: int | None, worker_admin: WorkerAdmin | None
+) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
     async with trio.open_nursery() as nursery:
         if lifeline is not None:
             nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
-        await serve_until_signal(config, reuse_port=reuse_port)
+        await serve_until_signal(config, reuse_port=reuse_port, worker_admin=worker_admin)
         nursery.cancel_scope.cancel()
 
 
@@ -227,12 +260,14 @@ def check(config_file: Path) -> None:
     """Validate a configuration file (TLS files are loaded too) and print the effective
     configuration."""
     try:
-        config = Config.from_file(config_file)
+        config = Config.from_file(config_file, partial=True)
         check_tls(config)
     except ConfigError as error:
         _fail(_in_file(config_file, error))
         return
     click.echo(config.to_toml(), nl=False)
+    for note in config.missing():
+        click.echo(f"# {config_file}: {note}", err=True)
     click.echo(f"# {config_file}: configuration is valid", err=True)
 
 

@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,12 +38,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
-from tunnel.config import Address, Config
+from tunnel.config import Address, AdminConfig, Config
 from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.net.admin import bind_admin
 from tunnel.net.listener import bind_shared
 from tunnel.policy.restart import RestartPolicy
 from tunnel.worker import WORKER_COMMAND
@@ -76,6 +78,7 @@ def run_workers(config: Config) -> int:
         ListenError: when a listening address cannot be bound; no worker was started.
     """
     reserved: list[socket.socket] = []
+    cleanup = ExitStack()
     try:
         listeners = []
         for listener in config.listeners:
@@ -89,7 +92,13 @@ def run_workers(config: Config) -> int:
             config,
             listeners=tuple(listeners),
             server=dataclasses.replace(config.server, workers=1),
+            admin=AdminConfig(),
         )
+        admin = None
+        if config.admin.listen is not None:
+            admin = _AdminPlan(bind_admin(config.admin.listen), tempfile.mkdtemp(prefix="tunnel-"))
+            reserved.append(admin.listener)
+            cleanup.callback(shutil.rmtree, admin.directory, ignore_errors=True)
         log.info(
             "starting workers",
             extra=fields(
@@ -99,11 +108,12 @@ def run_workers(config: Config) -> int:
             ),
         )
         with _signal_pipe() as wakeups, _lifeline() as lifeline:
-            supervisor = _Supervisor(worker_config.to_toml().encode(), wakeups, lifeline)
+            supervisor = _Supervisor(worker_config.to_toml().encode(), wakeups, lifeline, admin)
             return supervisor.run(config.server.workers)
     finally:
         for sock in reserved:
             sock.close()
+        cleanup.close()
 
 
 def describe_exit(returncode: int) -> str:
@@ -128,11 +138,23 @@ class _Slot:
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
 
 
+@dataclass(frozen=True, slots=True)
+class _AdminPlan:
+    """The admin listener of N workers: this process holds the listening socket, which worker 1
+    serves; every worker also answers for itself on a Unix socket in ``directory`` (0700)."""
+
+    listener: socket.socket
+    directory: str
+
+
 class _Supervisor:
-    def __init__(self, config_toml: bytes, wakeups: int, lifeline: int) -> None:
+    def __init__(
+        self, config_toml: bytes, wakeups: int, lifeline: int, admin: _AdminPlan | None = None
+    ) -> None:
         self._config_toml = config_toml
         self._wakeups = wakeups
         self._lifeline = lifeline
+        self._admin = admin
         self._slots: list[_Slot] = []
 
     def run(self, workers: int) -> int:
@@ -176,6 +198,12 @@ class _Supervisor:
             "--lifeline",
             str(self._lifeline),
         ]
+        inherited = [self._lifeline]
+        if self._admin is not None:
+            command += ["--admin-dir", self._admin.directory, "--of", str(len(self._slots))]
+            if slot.number == 1:
+                command += ["--admin-fd", str(self._admin.listener.fileno())]
+                inherited.append(self._admin.listener.fileno())
         # The config goes in an unlinked temporary file rather than a pipe: the worker reads it
         # whenever it is ready, the supervisor never blocks on a slow starter, and nothing is
         # left on disk, whatever happens to either process.
@@ -187,7 +215,7 @@ class _Supervisor:
                 process = subprocess.Popen(
                     command,
                     stdin=config_file,
-                    pass_fds=(self._lifeline,),
+                    pass_fds=inherited,
                     # Its own process group: Ctrl-C in a terminal reaches the supervisor only,
                     # which stops the workers in order instead of racing them.
                     process_group=0,

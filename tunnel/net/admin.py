@@ -23,9 +23,11 @@ operator's browser close tunnels.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,6 +57,7 @@ LINGER_SECONDS = 1.0
 unread does not reset the connection before the client has read the refusal."""
 RECEIVE_BYTES = 8 * 1024
 ACCEPT_BACKOFF_SECONDS = 0.1
+ADMIN_BACKLOG = 128
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 _CLOSE_PATH = re.compile(r"/tunnels/([A-Za-z0-9_-]+)/close")
@@ -334,11 +337,14 @@ async def _exchange(
 
 
 def _peer(stream: trio.SocketStream) -> str:
+    """``host:port`` of a TCP client; ``local`` on a Unix socket (a worker's private one)."""
     try:
-        host, port = stream.socket.getpeername()[:2]
+        name = stream.socket.getpeername()
     except OSError:
         return "?"
-    return join_host_port(host, port)
+    if not isinstance(name, tuple):
+        return "local"
+    return join_host_port(name[0], name[1])
 
 
 async def serve_admin(listener: trio.SocketListener, source: AdminSource) -> None:
@@ -383,4 +389,47 @@ async def open_admin_listener(address: str | Address) -> trio.SocketListener:
         raise listen_error(address, exc) from exc
     for extra in listeners[1:]:
         await extra.aclose()
+    announce(listeners[0].socket)
     return listeners[0]
+
+
+def bind_admin(address: Address) -> socket.socket:
+    """Blocking: a listening socket on ``address``, for the supervisor of ``workers = N``,
+    which holds it while worker 1 serves it. Logged as ``announce`` says.
+
+    Raises:
+        ListenError: it cannot be bound (the message names it and the cause).
+    """
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise listen_error(address, exc) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(ADMIN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(address, exc) from exc
+    announce(sock)
+    return sock
+
+
+def announce(sock: socket.socket | trio.socket.SocketType) -> None:
+    """Log where the admin listener listens, and warn when other machines can reach it."""
+    host, port = sock.getsockname()[:2]
+    address = join_host_port(host, port)
+    log.info("admin listening", extra=fields(address=address))
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning(
+            "the admin listener is reachable from other machines and has no authentication; "
+            "bind it to 127.0.0.1 or ::1",
+            extra=fields(address=address, key="admin.listen"),
+        )
