@@ -106,10 +106,11 @@ async def serve(
     watched = [tls for tls in certificates if tls is not None]
     if control is not None:
         control.certificates = watched
-    admin = await _admin_listeners(config, worker_admin)
     groups = await open_listener_groups(config.listeners, reuse_port=reuse_port)
     listeners = [listener for group in groups for listener in group]
+    admin: list[tuple[trio.SocketListener, WorkersView | None]] = []
     try:
+        admin = await _admin_listeners(config, worker_admin)
         entries = _entries(config, groups, certificates)
         generation = Generation(config, _listener_statistics(config, groups))
         handler = generation.handler
