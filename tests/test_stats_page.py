@@ -9,10 +9,12 @@ Chromium is terminated, then killed, by the PID it was started with, whatever ha
 
 What is checked: the page fills in from ``stats.json`` and then, without navigating, updates a
 tunnel row's bytes cell in place when the source's numbers change; rows come and go; text from
-the document is inserted as text, never as markup; the close button POSTs the close. The second
-test drives the page through five minutes of virtual time against a source that moves like a
-real proxy, and saves a screenshot; with ``UPDATE_SCREENSHOT=1`` it also becomes
-``docs/img/stats.png``.
+the document is inserted as text, never as markup; the close button POSTs the close. Another
+test puts the page in front of a real tunnel (``serve`` with an admin listener, a raw echo
+backend, a raw client): the row's bytes cell follows the bytes sent, and its close button ends
+the client's connection. The screenshot test drives the page through five minutes of virtual
+time against a source that moves like a real proxy, and saves a screenshot; with
+``UPDATE_SCREENSHOT=1`` it also becomes ``docs/img/stats.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from typing import Any
 import pytest
 import trio
 import websockets.sync.client
+from rawhttp import read_to_eof
 from test_admin import FakeSource, sample_stats
+from test_admin_e2e import echo, eventually, serve_with_admin
+from test_e2e import open_raw_tunnel
 
 from tunnel.net.admin import AdminSource, open_admin_listener, serve_admin
 
@@ -277,6 +282,63 @@ async def test_the_page_updates_rows_in_place(nursery: trio.Nursery, tmp_path: P
                 "Closed tunnel 2-18."
             )
             assert await page.evaluate("statsPage.lastError") == ""
+
+
+async def text_becomes(page: Page, expression: str, text: str, seconds: float) -> None:
+    """Poll ``expression`` until it is ``text``, for at most ``seconds``."""
+    seen = None
+    with trio.move_on_after(seconds):
+        while (seen := await page.evaluate(expression)) != text:
+            await trio.sleep(POLL_SECONDS)
+        return
+    pytest.fail(f"{expression} is {seen!r}, not {text!r}, after {seconds} s")
+
+
+async def test_the_page_follows_a_real_tunnel_and_closes_it(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TEST_SECONDS):
+        generation, port, admin = await serve_with_admin(nursery, caplog)
+        client, rest = await open_raw_tunnel(port)
+        await echo(client, b"x" * 1000, rest)
+
+        async def listed() -> list[dict[str, Any]]:
+            tunnels: list[dict[str, Any]] = (await generation.stats())["tunnels"]
+            return tunnels
+
+        [tunnel] = await eventually("the tunnel in the generation's statistics", listed)
+        tunnel_id = tunnel["id"]
+        bytes_up = cell(tunnel_id, "bytes-up")
+        async with chromium(tmp_path) as page:
+            await load(page, f"http://{LOOPBACK}:{admin}/stats")
+            await page.wait_for(f"{bytes_up} !== null")
+            before = await page.evaluate(bytes_up)
+            load_id = await page.evaluate("statsPage.loadId")
+
+            await echo(client, b"y" * 200 * 1024)
+            # 1000 + 204800 bytes = 201 KiB; the page refreshes itself once a second.
+            await text_becomes(page, bytes_up, "201 KiB", seconds=15)
+            assert await page.evaluate("statsPage.loadId") == load_id, "updated in place"
+            assert await page.evaluate("performance.getEntriesByType('navigation').length") == 1
+
+            selector = json.dumps(f'tr[data-tunnel-id="{tunnel_id}"] button.close')
+            button = f"document.querySelector({selector})"
+            await page.evaluate(f"{button}.click()")
+            await page.evaluate(f"{button}.click()")
+            await page.wait_for("document.querySelector('#notice').textContent !== ''")
+            notice = await page.evaluate("document.querySelector('#notice').textContent")
+            ended = await read_to_eof(client)
+            await page.wait_for(f"{bytes_up} === null")
+            last_error = await page.evaluate("statsPage.lastError")
+        await client.aclose()
+
+    assert before == "1000 B"
+    assert notice == f"Closed tunnel {tunnel_id}."
+    assert ended == b"", "the client's tunnel ended"
+    assert (await generation.stats())["tunnels"] == []
+    [line] = [r for r in caplog.records if r.getMessage() == "tunnel closed"]
+    assert line.fields["reason"] == "admin"  # type: ignore[attr-defined]
+    assert last_error == ""
 
 
 # --- a screenshot of a proxy at work ---------------------------------------------------------
