@@ -249,12 +249,6 @@ def test_no_workers_no_metrics() -> None:
     assert merge_metrics({}) == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tunnel_backend_up is a tunnel_* gauge, so merge_metrics sums it: with N workers a "
-    "backend every worker takes tunnels for shows N, and one down in one worker of two shows 1 "
-    "(its HELP says 1 means 'takes new tunnels'), while merge_stats says 'down'",
-)
 def test_backend_up_merged_is_1_only_when_every_worker_says_1() -> None:
     down_in_2 = snapshot((backend("a", state="down"), backend("b")))
     merged = samples(merge_metrics({1: exposition(WORKER_1), 2: exposition(down_in_2)}))
@@ -416,11 +410,6 @@ def test_a_backend_not_up_in_one_worker_is_not_up_merged(worker: int, state: str
     assert chat["backends"][0]["open_tunnels"] == 5, "its counts still add up"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="merge_stats keeps the state of the highest-numbered worker whose state is not 'up': "
-    "down in worker 1 and draining in worker 2 shows 'draining', the other way round 'down'",
-)
 def test_down_in_any_worker_wins_over_draining_in_another() -> None:
     for down, draining in ((1, 2), (2, 1)):
         workers = two_workers()
@@ -496,11 +485,5 @@ def test_split_tunnel_id(tunnel_id: str, where: tuple[int, str] | None) -> None:
     assert split_tunnel_id(tunnel_id) == where
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="split_tunnel_id checks the worker part with str.isdigit(), which accepts '²', then "
-    "int('²') raises ValueError instead of the function returning None",
-)
 def test_split_tunnel_id_refuses_a_superscript_digit() -> None:
     assert split_tunnel_id("²-1") is None

@@ -7,7 +7,8 @@ one scrape target per worker, would leave ``/healthz`` and the stats page per pr
 every dashboard sum by hand.
 
 Merging rules: counters, gauges and histograms of ``tunnel_*`` add up across workers (the same
-labels, the sum of values); per-process metrics (``process_*``, CPU and memory of each
+labels, the sum of values), except ``tunnel_backend_up``, which is 1 only when every worker
+says 1; per-process metrics (``process_*``, CPU and memory of each
 worker) keep one series per worker, labelled ``worker``. Tunnel ids become ``N-id``, so
 ``POST /tunnels/N-id/close`` reaches worker N.
 """
@@ -25,6 +26,10 @@ from prometheus_client.registry import Collector
 
 SUMMED_PREFIX = "tunnel_"
 """Families whose samples add up across workers; every other family is per process."""
+LEAST_OF = frozenset({"tunnel_backend_up"})
+"""Families that are 1 for the whole only when every worker says 1: the least value wins."""
+_STATE_RANK = {"up": 0, "draining": 1, "down": 2}
+"""A backend's merged state is its worst in any worker."""
 
 
 def merge_metrics(expositions: Mapping[int, str]) -> bytes:
@@ -36,14 +41,15 @@ def merge_metrics(expositions: Mapping[int, str]) -> bytes:
             target = merged.setdefault(
                 family.name, Metric(family.name, family.documentation, family.type)
             )
-            summed = family.name.startswith(SUMMED_PREFIX)
+            merged_across = family.name.startswith(SUMMED_PREFIX)
+            least = family.name in LEAST_OF
             for sample in family.samples:
                 labels = dict(sample.labels)
-                if not summed:
+                if not merged_across:
                     labels["worker"] = str(worker)
                 key = (family.name, sample.name, tuple(sorted(labels.items())))
-                if summed and key in sums:
-                    sums[key] += sample.value
+                if merged_across and key in sums:
+                    sums[key] = min(sums[key], sample.value) if least else sums[key] + sample.value
                 else:
                     sums[key] = sample.value
                     target.samples.append(sample._replace(labels=labels))
@@ -88,7 +94,7 @@ def merge_stats(documents: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
                 for field, value in backend.items():
                     if isinstance(value, int) and not isinstance(value, bool):
                         into[field] += value
-                if backend["state"] != "up":
+                if _STATE_RANK.get(backend["state"], 0) > _STATE_RANK.get(into["state"], 0):
                     into["state"] = backend["state"]
     return {
         **first,
@@ -107,7 +113,7 @@ def merge_stats(documents: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
 def split_tunnel_id(tunnel_id: str) -> tuple[int, str] | None:
     """``"2-17"`` → (2, ``"17"``): which worker holds the tunnel, and its id there."""
     worker, sep, local = tunnel_id.partition("-")
-    if not sep or not worker.isdigit() or not local:
+    if not sep or not (worker.isascii() and worker.isdigit()) or not local:
         return None
     return int(worker), local
 
