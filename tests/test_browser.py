@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 import trio
+from chromium import headless, needs_chromium
 
 from tunnel import Config, serve
 from tunnel.errors import ConfigError
@@ -49,10 +49,6 @@ if TYPE_CHECKING:
     from conftest import WsBackend
 
 LOOPBACK = "127.0.0.1"
-CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
-)
 
 TEST_SECONDS = 30
 """Deadline for a whole test (``trio.fail_after``): tunnel, page server, browser, clean-up."""
@@ -253,23 +249,7 @@ async def start_page_server(nursery: trio.Nursery, ws_url: str) -> PageServer:
 
 
 def chromium_args(profile: Path, url: str) -> list[str]:
-    assert CHROMIUM is not None
-    return [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--no-proxy-server",  # a proxy in the environment must not see the loopback test
-        f"--user-data-dir={profile}",
-        "--ignore-certificate-errors",
-        url,
-    ]
+    return headless(profile, "--ignore-certificate-errors", url)
 
 
 @asynccontextmanager

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import trio
 import websockets.sync.client
+from chromium import headless, needs_chromium
 from rawhttp import read_to_eof
 from test_admin import FakeSource, sample_stats
 from test_admin_e2e import echo, eventually, serve_with_admin
@@ -43,10 +44,7 @@ from test_e2e import open_raw_tunnel
 from tunnel.net.admin import AdminSource, open_admin_listener, serve_admin
 
 LOOPBACK = "127.0.0.1"
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="chromium is not installed (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 TEST_SECONDS = 90
 """Deadline for a whole test (``trio.fail_after``): server, browser, clean-up."""
@@ -145,26 +143,15 @@ class Page:
 
 
 def chromium_args(profile: Path) -> list[str]:
-    return [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--no-proxy-server",  # a proxy in the environment must not see the loopback test
+    return headless(
+        profile,
         "--hide-scrollbars",
         "--force-color-profile=srgb",
         f"--window-size={WIDTH},900",
-        f"--user-data-dir={profile}",
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",
         "about:blank",
-    ]
+    )
 
 
 async def devtools_url(profile: Path, process: trio.Process) -> str:
