@@ -153,7 +153,8 @@ class Client:
     ) -> Answer:
         if self.h11.our_state is h11.DONE:
             self.h11.start_next_cycle()
-        fields = [("Host", "admin.test"), *(headers or [])]
+        named = any(name.lower() == "host" for name, _ in headers or [])
+        fields = [*([] if named else [("Host", "localhost")]), *(headers or [])]
         data = self.h11.send(h11.Request(method=method, target=target, headers=fields))
         data = (data or b"") + (self.h11.send(h11.EndOfMessage()) or b"")
         with trio.fail_after(EXCHANGE_SECONDS):
@@ -324,8 +325,30 @@ async def test_a_post_from_another_site_is_refused(server: Admin) -> None:
     answer = await call(server.port, "POST", "/tunnels/17/close", headers=evil)
     assert answer.status == 403
     assert server.source.closed == []
-    same = [("Origin", "http://admin.test")]
+    same = [("Origin", "http://localhost")]
     answer = await call(server.port, "POST", "/tunnels/17/close", headers=same)
+    assert answer.status == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:9901", "admin.test", "a b"])
+async def test_a_loopback_listener_refuses_other_host_names_against_dns_rebinding(
+    server: Admin, host: str
+) -> None:
+    """A page of another site whose name now points at 127.0.0.1 sends its own name as Host
+    (and as Origin, which passes the cross-site check): it must read and close nothing."""
+    for method, target in (("GET", "/stats.json"), ("POST", "/tunnels/17/close")):
+        headers = [("Host", host), ("Origin", f"http://{host}")]
+        answer = await call(server.port, method, target, headers=headers)
+        assert answer.status == 421
+        assert b"localhost and IP addresses only" in answer.body
+    assert server.source.closed == []
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:9901", "127.0.0.1:9901", "[::1]:9901"])
+async def test_a_loopback_listener_answers_to_localhost_and_addresses(
+    server: Admin, host: str
+) -> None:
+    answer = await call(server.port, "GET", "/healthz", headers=[("Host", host)])
     assert answer.status == 200
 
 
@@ -394,8 +417,8 @@ async def test_a_body_over_the_limit_is_413(server: Admin) -> None:
 
 
 async def test_a_small_body_is_read_and_ignored(server: Admin) -> None:
-    head = "POST /tunnels/17/close HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
-    head += "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    head = "POST /tunnels/17/close HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}"
+    head += "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     response = await raw(server.port, head.encode())
     assert response.count(b"HTTP/1.1 200 OK") == 2
     assert server.source.closed == ["17"]
@@ -431,7 +454,7 @@ async def test_keep_alive_is_bounded(server: Admin) -> None:
 
 async def test_client_connection_close_is_honoured(server: Admin) -> None:
     response = await raw(
-        server.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        server.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     assert status_line(response) == b"HTTP/1.1 200 OK"
     assert response.endswith(b"\r\n\r\nok\n")

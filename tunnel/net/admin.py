@@ -38,7 +38,8 @@ import h11
 import trio
 
 from tunnel.config import Address, join_host_port
-from tunnel.core.headers import values
+from tunnel.core.headers import parse_host, values
+from tunnel.errors import HandshakeError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import stats_page
 from tunnel.net.listener import listen_error
@@ -164,6 +165,32 @@ def resolve(method: str, path: str) -> Handler | Reply:
         allow = ", ".join(allowed)
         return _text(405, f"{path} allows {allow}\n", ("Allow", allow))
     return handler
+
+
+def _rebound(request: h11.Request, stream: trio.SocketStream) -> bool:
+    """A request to a loopback listener whose Host names a host name other than localhost.
+
+    Only a browser sends one: a page of another site whose name was re-pointed at 127.0.0.1
+    (DNS rebinding), which would otherwise read /stats.json and, with its own origin in both
+    Origin and Host, pass the cross-site check. Clients on this machine name the listener by
+    address or as localhost. A listener bound elsewhere is reachable by name on purpose (and
+    warned about at start).
+    """
+    local = stream.socket.getsockname()
+    if not isinstance(local, tuple) or not ipaddress.ip_address(local[0]).is_loopback:
+        return False
+    hosts = values(request.headers, b"host")
+    try:
+        name, _ = parse_host(hosts[0].decode("latin-1")) if hosts else ("", "")
+    except HandshakeError:
+        return True
+    if name == "localhost":
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return True
+    return False
 
 
 def _cross_site(request: h11.Request) -> bool:
@@ -331,7 +358,10 @@ async def _exchange(
         return False
     if request is None:
         return False
-    reply = await respond(request, source, client)
+    if _rebound(request, stream):
+        reply = _text(421, "this admin listener answers to localhost and IP addresses only\n")
+    else:
+        reply = await respond(request, source, client)
     await send_reply(connection, stream, reply, head_only=request.method == b"HEAD", close=last)
     return connection.our_state is h11.DONE and connection.their_state is h11.DONE
 
