@@ -6,11 +6,15 @@ A plain module (not a fixture file), imported by the browser tests like ``rawhtt
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+import trio
 
 CHROMIUM = shutil.which("chromium")
+EXIT_SECONDS = 5
+"""How long a browser gets to exit after SIGTERM before it is killed."""
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
@@ -36,3 +40,17 @@ def headless(profile: Path, *extra: str) -> list[str]:
         f"--user-data-dir={profile}",
         *extra,
     ]
+
+
+async def stop(process: trio.Process) -> None:
+    """SIGTERM, up to ``EXIT_SECONDS`` to exit, then SIGKILL; only ever ``process.pid``, the
+    browser this test started."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(EXIT_SECONDS):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        with trio.move_on_after(EXIT_SECONDS):
+            await process.wait()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -40,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 import trio
-from chromium import headless, needs_chromium
+from chromium import headless, needs_chromium, stop
 
 from tunnel import Config, serve
 from tunnel.errors import ConfigError
@@ -56,7 +55,6 @@ REPORT_SECONDS = 20
 """How long the harness waits for the page's report, Chromium's start-up included."""
 PAGE_SECONDS = 15
 """The page's own deadline: it reports a failure if the exchange has not finished by then."""
-EXIT_SECONDS = 5
 """How long Chromium has to exit after SIGTERM before it gets SIGKILL (it takes ~30 ms)."""
 STDERR_TAIL = 3000
 """Characters of Chromium's stderr quoted in a failure message."""
@@ -271,23 +269,10 @@ async def run_chromium(url: str, workdir: Path) -> AsyncIterator[trio.Process]:
             yield process
         finally:
             with trio.CancelScope(shield=True):
-                await stop_process(process)
+                await stop(process)
     finally:
         with trio.CancelScope(shield=True):
             await log.aclose()
-
-
-async def stop_process(process: trio.Process) -> None:
-    """SIGTERM, wait up to ``EXIT_SECONDS``, then SIGKILL; only ever ``process.pid``."""
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(EXIT_SECONDS):
-        await process.wait()
-    if process.returncode is None:
-        process.kill()
-        with trio.move_on_after(EXIT_SECONDS):
-            await process.wait()
 
 
 async def stderr_tail(workdir: Path) -> str:

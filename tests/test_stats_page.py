@@ -23,7 +23,6 @@ import base64
 import json
 import math
 import os
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ from typing import Any
 import pytest
 import trio
 import websockets.sync.client
-from chromium import headless, needs_chromium
+from chromium import headless, needs_chromium, stop
 from rawhttp import read_to_eof
 from test_admin import FakeSource, sample_stats
 from test_admin_e2e import echo, eventually, serve_with_admin
@@ -55,7 +54,6 @@ CALL_SECONDS = 20
 UPDATE_SECONDS = 10
 """How long the page has to show a change of the source (it refreshes every second)."""
 POLL_SECONDS = 0.1
-EXIT_SECONDS = 5
 """How long Chromium has to exit after SIGTERM before it gets SIGKILL."""
 WIDTH = 1280
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "stats.png"
@@ -190,18 +188,6 @@ async def chromium(workdir: Path) -> AsyncIterator[Page]:
     finally:
         with trio.CancelScope(shield=True):
             await stop(process)
-
-
-async def stop(process: trio.Process) -> None:
-    """SIGTERM, up to ``EXIT_SECONDS`` to exit, then SIGKILL; only ever ``process.pid``."""
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(EXIT_SECONDS):
-            await process.wait()
-    if process.returncode is None:
-        process.kill()
-        with trio.move_on_after(EXIT_SECONDS):
-            await process.wait()
 
 
 async def start_admin(nursery: trio.Nursery, source: AdminSource) -> str:
