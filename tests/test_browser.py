@@ -253,7 +253,7 @@ def chromium_args(profile: Path, url: str) -> list[str]:
 @asynccontextmanager
 async def run_chromium(url: str, workdir: Path) -> AsyncIterator[trio.Process]:
     """Chromium on ``url`` for the body of the ``async with``; then SIGTERM to the PID we
-    started, up to ``EXIT_SECONDS`` to exit, then SIGKILL. Its stderr goes to
+    started, up to ``chromium.EXIT_SECONDS`` to exit, then SIGKILL. Its stderr goes to
     ``workdir / "chromium.stderr"``."""
     profile = workdir / "chromium-profile"
     await trio.Path(profile).mkdir()
