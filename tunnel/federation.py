@@ -15,7 +15,6 @@ worker) keep one series per worker, labelled ``worker``. Tunnel ids become ``N-i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -116,7 +115,3 @@ def split_tunnel_id(tunnel_id: str) -> tuple[int, str] | None:
     if not sep or not (worker.isascii() and worker.isdigit()) or not local:
         return None
     return int(worker), local
-
-
-def dumps(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()

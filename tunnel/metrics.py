@@ -129,11 +129,14 @@ class _Snapshots(Collector):
         return families(self._snapshot())
 
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic text format ``generate_latest`` writes, which every Prometheus reads."""
+
+
 class Exposition:
     """The ``/metrics`` body of one process: its ``tunnel_*`` families and process metrics."""
 
-    content_type = "text/plain; version=0.0.4; charset=utf-8"
-    """The classic text format ``generate_latest`` writes, which every Prometheus reads."""
+    content_type = CONTENT_TYPE
 
     def __init__(self, snapshot: Callable[[], ServerStatistics]) -> None:
         self._registry = CollectorRegistry(auto_describe=False)

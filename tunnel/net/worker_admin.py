@@ -18,6 +18,7 @@ import trio
 
 from tunnel.federation import merge_metrics, merge_stats, split_tunnel_id
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.metrics import CONTENT_TYPE
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -25,7 +26,6 @@ WORKER_TIMEOUT = 2.0
 """Seconds a worker has to answer one admin request over its socket."""
 MAX_ANSWER = 64 * 1024 * 1024
 """Bound on one worker's answer (a stats document with every open tunnel)."""
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def socket_path(directory: str, worker: int) -> str:
