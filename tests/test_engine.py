@@ -26,7 +26,8 @@ import trio
 import trio.testing
 from rawhttp import read_exactly, read_to_eof
 
-from tunnel.net.engine import Engine, Tunnel, splice_available
+from tunnel.net.engine import Engine, Tunnel
+from tunnel.net.pipes import splice_available
 from tunnel.net.relay import RelayStats
 from tunnel.reasons import CloseReason
 

@@ -546,7 +546,7 @@ def test_sighup_does_not_stop_a_single_process_run(
     tunnel.process.send_signal(signal.SIGHUP)
 
     log = tunnel.wait_for("the SIGHUP line", lambda log: "SIGHUP received" in log)
-    assert "info SIGHUP received; no TLS files to reload, still serving\n" in log
+    assert "info nothing to reload: no configuration file, no TLS files; still serving\n" in log
     assert "worker" not in log, "one process: no supervisor, no workers"
     assert tunnel.process.poll() is None
     echo_once(port)

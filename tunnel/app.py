@@ -1,44 +1,68 @@
-"""The composition root: open the listeners, build the running generation, serve."""
+"""The composition root: open the listeners, build the running generation, serve; drain on a
+graceful stop and swap configurations on a reload."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import trio
 
-from tunnel.config import Config
+from tunnel.config import Config, ListenerConfig
 from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
-from tunnel.logs import LOGGER_NAME, fields
-from tunnel.net.admin import AdminSource, open_admin_listener, serve_admin
-from tunnel.net.engine import splice_available
+from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
 from tunnel.net.handler import Entry
-from tunnel.net.listener import accept_loop, bound_address, open_listener_groups
+from tunnel.net.listener import (
+    ListenError,
+    accept_loop,
+    bound_address,
+    open_listener_groups,
+)
+from tunnel.net.pipes import splice_available
 from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
 from tunnel.net.worker_admin import WorkersView, socket_path
-from tunnel.server import Generation
+from tunnel.server import Generation, Reloaded
 from tunnel.stats import ListenerStatistics
 
 log = logging.getLogger(LOGGER_NAME)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""What ``serve_until_signal`` handles: the first two stop it, SIGHUP reloads certificates."""
+"""What ``serve_until_signal`` handles: the first two stop it gracefully (a second one at
+once), SIGHUP reloads the configuration."""
+STOP_MARGIN_SECONDS = 2.0
+"""After a drain's end, how long a stop waits for the last closes to finish."""
+
+Loader = Callable[[], Config]
+"""Reads the configuration again (the file, with the command line's flags): what a reload
+applies. Raises ``ConfigError``."""
 
 
 class Control:
     """Asks a running ``serve`` to act: pass one in, then call it from anywhere in the same
-    trio run (the CLI calls ``reload_certificates`` on SIGHUP)."""
+    trio run. ``loader`` re-reads the configuration for ``reload_from_source`` (SIGHUP and
+    ``POST /reload``); without one those reload the TLS files only."""
 
-    def __init__(self) -> None:
+    def __init__(self, loader: Loader | None = None) -> None:
+        self.loader = loader
         self.certificates: list[ServerTLS] = []
         self.generation: Generation | None = None
         """The running generation, once ``serve`` has started: statistics, tunnels, admin."""
+        self.listeners: list[trio.SocketListener] = []
+        """The listening sockets now (a reload may add and remove some)."""
+        self.stopping = False
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._runtime: _Runtime | None = None
 
     @property
     def has_tls(self) -> bool:
@@ -54,6 +78,66 @@ class Control:
         if self.generation is not None:
             self.generation.reload_backend_tls()
         return sum(tls.reload(force=True) for tls in self.certificates)
+
+    def stop(self) -> None:
+        """Stop gracefully: no new connections, ``/healthz`` 503, open tunnels drained within
+        ``drain_timeout``; ``serve`` returns once the last one is gone. Cancel ``serve`` to
+        stop at once instead."""
+        self.stopping = True
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once ``serve`` has returned or failed."""
+        await self._stopped.wait()
+
+    async def reload(self, config: Config) -> Reloaded:
+        """Serve ``config`` from now on, without dropping a tunnel: see ``_Runtime.reload``.
+
+        Raises:
+            ReloadRefused: not running, or stopping.
+            ConfigError, ListenError: ``config`` cannot run; nothing changed.
+        """
+        if self._runtime is None:
+            raise ReloadRefused(503, "the tunnel is not running")
+        return await self._runtime.reload(config)
+
+    async def reload_from_source(self) -> dict[str, Any]:
+        """Read the configuration again with ``loader`` and apply it (SIGHUP, ``POST
+        /reload``); one log line either way. Without a loader, reload the TLS files only.
+        Returns what changed, as ``POST /reload`` answers it.
+
+        Raises:
+            ReloadRefused: with the HTTP status for ``POST /reload``; the running
+                configuration stays.
+        """
+        if self.stopping:
+            raise ReloadRefused(503, "the tunnel is stopping; not reloading")
+        if self.loader is None:
+            if not self.has_tls:
+                log.info("nothing to reload: no configuration file, no TLS files; still serving")
+                return {"reloaded": False, "certificates": 0}
+            reloaded = self.reload_certificates()
+            log.info(
+                "no configuration file to read again; TLS files reloaded",
+                extra=fields(listeners=reloaded),
+            )
+            return {"reloaded": False, "certificates": reloaded}
+        try:
+            config = await trio.to_thread.run_sync(self.loader)
+            outcome = await self.reload(config)
+        except (ConfigError, ListenError) as error:
+            message = error.strerror if isinstance(error, ListenError) else str(error)
+            log.error(
+                "configuration not reloaded; the running one stays",
+                extra=fields(error=message or str(error)),
+            )
+            raise ReloadRefused(400, message or str(error)) from error
+        return {
+            "reloaded": True,
+            "routes_added": list(outcome.added),
+            "routes_removed": list(outcome.removed),
+            "draining": outcome.draining,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +159,249 @@ def check_tls(config: Config) -> None:
     backend_contexts(config)
 
 
+def _check_relay(config: Config) -> None:
+    if config.server.relay == "splice" and not splice_available():
+        raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
+
+
+@dataclass(eq=False)
+class _Door:
+    """One configured listener: its sockets, its TLS and the handler its connections go to.
+    A reload that keeps the address keeps the sockets and changes the rest in place."""
+
+    config: ListenerConfig
+    sockets: list[trio.SocketListener]
+    tls: ServerTLS | None
+    entry: Entry = field(default_factory=Entry)
+    handler: Any = None
+    scopes: list[trio.CancelScope] = field(default_factory=list)
+
+    def serve(self, sock: socket.socket, peer: tuple[str, int]) -> Any:
+        """What the accept loop calls: the current handler, with this listener's entry."""
+        return self.handler(sock, peer, self.entry)
+
+    async def close(self) -> None:
+        for scope in self.scopes:
+            scope.cancel()
+        with trio.CancelScope(shield=True):
+            for listener in self.sockets:
+                await listener.aclose()
+
+
+class _Runtime:
+    """What ``serve`` changes while it runs: the listeners and the generation."""
+
+    def __init__(
+        self,
+        config: Config,
+        generation: Generation,
+        control: Control,
+        reuse_port: bool,
+        handshakes: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.generation = generation
+        self.control = control
+        self.reuse_port = reuse_port
+        self.handshakes = handshakes
+        self.doors: list[_Door] = []
+        self._lock = trio.Lock()
+
+    def open(self, doors: list[_Door]) -> None:
+        """Start accepting on ``doors`` (with the entries the whole set implies)."""
+        self._arrange(doors)
+        for door in doors:
+            if door not in self.doors:
+                self._start(door)
+        self.doors = doors
+        self.control.listeners = [listener for door in doors for listener in door.sockets]
+        self.control.certificates = [door.tls for door in doors if door.tls is not None]
+
+    def _arrange(self, doors: list[_Door]) -> None:
+        """Entries and handler: a ``redirect_https`` listener sends clients to the port of
+        the first TLS listener, or to 443 when TLS is terminated elsewhere (a load
+        balancer)."""
+        https_port = next(
+            (door.sockets[0].socket.getsockname()[1] for door in doors if door.tls is not None),
+            HTTPS_PORT,
+        )
+        for door in doors:
+            door.entry = Entry(
+                tls=door.tls, redirect_port=https_port if door.config.redirect_https else None
+            )
+            door.handler = self.generation.handler
+
+    def _start(self, door: _Door) -> None:
+        for listener in door.sockets:
+            log.info(
+                "listening",
+                extra=fields(
+                    address=bound_address(listener),
+                    routes=",".join(route.name for route in self.config.routes),
+                ),
+            )
+            scope = trio.CancelScope()
+            door.scopes.append(scope)
+            self.handshakes.start_soon(self._accept, listener, door, scope)
+
+    async def _accept(
+        self, listener: trio.SocketListener, door: _Door, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            await accept_loop(listener, door.serve, self.handshakes)
+
+    async def reload(self, config: Config) -> Reloaded:
+        """Serve ``config`` from now on.
+
+        Listeners whose address did not change keep their sockets, so no connection is refused
+        during a reload; new ones are bound first and removed ones closed last. Every file and
+        port the new configuration needs is loaded or bound before anything changes: if one
+        fails, nothing does. Then the generation swaps handler and upstreams
+        (``Generation.reload``) and the TLS files of kept listeners are read again.
+        """
+        async with self._lock:
+            if self.control.stopping:
+                raise ReloadRefused(503, "the tunnel is stopping; not reloading")
+            _check_relay(config)
+            _refuse_restart_only(self.config, config)
+            by_address = {door.config.listen: door for door in self.doors}
+            doors: list[_Door] = []
+            opened: list[_Door] = []
+            reused: list[ServerTLS] = []
+            try:
+                for i, settings in enumerate(config.listeners):
+                    old = by_address.get(settings.listen)
+                    tls = None
+                    if settings.tls is not None:
+                        if (
+                            old is not None
+                            and old.tls is not None
+                            and old.config.tls == settings.tls
+                        ):
+                            tls = old.tls
+                            reused.append(tls)
+                        else:
+                            tls = ServerTLS(settings.tls, f"listeners[{i}].tls")
+                    if old is not None:
+                        doors.append(_Door(settings, old.sockets, tls, scopes=old.scopes))
+                    else:
+                        groups = await open_listener_groups([settings], reuse_port=self.reuse_port)
+                        door = _Door(settings, groups[0], tls)
+                        opened.append(door)
+                        doors.append(door)
+                statistics = _door_statistics(doors)
+                outcome = self.generation.reload(config, statistics)
+            except BaseException:
+                for door in opened:
+                    await door.close()
+                raise
+            kept = {id(door.sockets) for door in doors}
+            removed = [door for door in self.doors if id(door.sockets) not in kept]
+            for door in doors:
+                old = next((d for d in self.doors if d.sockets is door.sockets), None)
+                if old is not None:
+                    # The accept loops call old.serve: the kept door object takes the new
+                    # settings in place.
+                    old.config, old.tls = door.config, door.tls
+                    doors[doors.index(door)] = old
+            self.config = config
+            self.open(doors)
+            for door in removed:
+                log.info(
+                    "listener closed by a reload",
+                    extra=fields(address=",".join(bound_address(s) for s in door.sockets)),
+                )
+                await door.close()
+            for tls in reused:
+                await trio.to_thread.run_sync(partial(tls.reload, force=True))
+            log.info(
+                "configuration reloaded",
+                extra=fields(
+                    routes=",".join(route.name for route in config.routes),
+                    routes_added=",".join(outcome.added) or "-",
+                    routes_removed=",".join(outcome.removed) or "-",
+                    listeners_opened=len(opened),
+                    listeners_closed=len(removed),
+                    tunnels_draining=outcome.draining,
+                ),
+            )
+            return outcome
+
+    async def stop(self) -> float:
+        """Begin a graceful stop; returns the drain's end (trio's clock)."""
+        async with self._lock:
+            end = self.generation.shut_down()
+            tunnels = self.generation.engine.statistics().tunnels
+            log.info(
+                "no longer accepting connections; open tunnels drain",
+                extra=fields(
+                    tunnels=tunnels,
+                    drain_timeout=Seconds(self.config.server.drain_timeout),
+                ),
+            )
+            for door in self.doors:
+                await door.close()
+            return end
+
+    async def watch_certificates(self) -> None:
+        """Reload a listener's certificates when its files' contents change. Files are read
+        in a thread: a slow disk must not stall the relay."""
+        while True:
+            interval = self.config.server.cert_check_interval
+            await trio.sleep(interval if interval > 0 else math.inf)
+            for tls in list(self.control.certificates):
+                await trio.to_thread.run_sync(partial(tls.reload, force=False))
+
+
+def _refuse_restart_only(running: Config, config: Config) -> None:
+    """Keys a running process cannot change: a reload that changes them is refused, naming
+    the key, rather than half applied."""
+    for key, old, new in (
+        ("server.workers", running.server.workers, config.server.workers),
+        ("admin.listen", running.admin.listen, config.admin.listen),
+        ("server.log_format", running.server.log_format, config.server.log_format),
+    ):
+        if old != new:
+            raise ConfigError(key, f"changing it needs a restart (running with {old})")
+
+
+def _door_statistics(doors: list[_Door]) -> tuple[ListenerStatistics, ...]:
+    return tuple(
+        ListenerStatistics(
+            bound_address(listener), door.tls is not None, door.config.redirect_https
+        )
+        for door in doors
+        for listener in door.sockets
+    )
+
+
+class _LocalAdmin:
+    """The admin listener's view of this process: the running generation, and reloads."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    @property
+    def _generation(self) -> Generation:
+        assert self.control.generation is not None
+        return self.control.generation
+
+    async def healthy(self) -> bool:
+        return await self._generation.healthy()
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._generation.stats()
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return await self._generation.metrics()
+
+    async def close_tunnel(self, tunnel_id: str) -> bool:
+        return await self._generation.close_tunnel(tunnel_id)
+
+    async def reload_config(self) -> dict[str, Any]:
+        return await self.control.reload_from_source()
+
+
 async def serve(
     config: Config,
     *,
@@ -83,7 +410,8 @@ async def serve(
     worker_admin: WorkerAdmin | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config`` until cancelled.
+    """Serve ``config`` until ``control.stop()`` (a graceful stop, then return) or cancelled
+    (every tunnel closed at once).
 
     With ``[admin] listen``, the admin listener is bound first and served beside the tunnels;
     ``worker_admin`` is the part a worker of ``run_workers`` plays in it instead.
@@ -97,50 +425,71 @@ async def serve(
     entry point that starts a supervisor and that many processes.
 
     TLS certificates and keys are loaded before any port is bound (``ConfigError`` when one
-    cannot be); ``control`` lets the caller reload them.
+    cannot be); ``control`` lets the caller reload them, or the whole configuration, and stop.
     """
-    server = config.server
-    if server.relay == "splice" and not splice_available():
-        raise ConfigError("server.relay", "splice(2) is not available here; use auto or copy")
+    control = control if control is not None else Control()
+    try:
+        await _serve(config, reuse_port, control, worker_admin, task_status)
+    finally:
+        control._stopped.set()
+
+
+async def _serve(
+    config: Config,
+    reuse_port: bool,
+    control: Control,
+    worker_admin: WorkerAdmin | None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]],
+) -> None:
+    _check_relay(config)
     certificates = listener_tls(config)
-    watched = [tls for tls in certificates if tls is not None]
-    if control is not None:
-        control.certificates = watched
     groups = await open_listener_groups(config.listeners, reuse_port=reuse_port)
-    listeners = [listener for group in groups for listener in group]
+    doors = [
+        _Door(settings, group, tls)
+        for settings, group, tls in zip(config.listeners, groups, certificates, strict=True)
+    ]
     admin: list[tuple[trio.SocketListener, WorkersView | None]] = []
     try:
         admin = await _admin_listeners(config, worker_admin)
-        entries = _entries(config, groups, certificates)
-        generation = Generation(config, _listener_statistics(config, groups))
-        handler = generation.handler
-        if control is not None:
-            control.generation = generation
-        async with trio.open_nursery() as connections:
-            await connections.start(generation.engine.run)
-            for listener in listeners:
-                log.info(
-                    "listening",
-                    extra=fields(
-                        address=bound_address(listener),
-                        routes=",".join(route.name for route in config.routes),
-                    ),
-                )
-            for group, entry in zip(groups, entries, strict=True):
-                for listener in group:
-                    connections.start_soon(
-                        accept_loop, listener, partial(handler, entry=entry), connections
-                    )
-            if watched and server.cert_check_interval > 0:
-                connections.start_soon(_watch_certificates, watched, server.cert_check_interval)
+        generation = Generation(config, _door_statistics(doors))
+        control.generation = generation
+        async with trio.open_nursery() as services:
+            await services.start(generation.engine.run)
             for admin_listener, view in admin:
-                source: AdminSource = generation if view is None else view
-                connections.start_soon(serve_admin, admin_listener, source)
-            task_status.started(listeners)
+                source: AdminSource = _LocalAdmin(control) if view is None else view
+                if worker_admin is not None and view is None:
+                    source = generation
+                services.start_soon(serve_admin, admin_listener, source)
+            async with trio.open_nursery() as handshakes:
+                runtime = _Runtime(config, generation, control, reuse_port, handshakes)
+                runtime.open(doors)
+                control._runtime = runtime
+                services.start_soon(runtime.watch_certificates)
+                task_status.started(control.listeners)
+                await control._stop.wait()
+                end = await runtime.stop()
+                # Handshakes under way may still become tunnels (drained like the others),
+                # within the same deadline.
+                handshakes.cancel_scope.deadline = end
+            with trio.move_on_at(end + STOP_MARGIN_SECONDS) as waited:
+                await generation.engine.wait_empty()
+            log.info(
+                "stopped",
+                extra=fields(
+                    tunnels_left=generation.engine.statistics().tunnels,
+                    drained=not waited.cancelled_caught,
+                ),
+            )
+            services.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            for listener in [*listeners, *(admin_listener for admin_listener, _ in admin)]:
+            for door in doors:
+                for listener in door.sockets:
+                    await listener.aclose()
+            for listener in control.listeners:
                 await listener.aclose()
+            for admin_listener, _ in admin:
+                await admin_listener.aclose()
 
 
 async def _admin_listeners(
@@ -180,77 +529,49 @@ async def serve_until_signal(
     *,
     reuse_port: bool = False,
     worker_admin: WorkerAdmin | None = None,
+    loader: Loader | None = None,
+    control: Control | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """``serve`` until SIGINT (Ctrl-C) or SIGTERM, then return: the clean stop of ``tunnel run``.
+    """``serve`` until SIGINT (Ctrl-C) or SIGTERM, then drain and return: the clean stop of
+    ``tunnel run``. A second SIGINT or SIGTERM closes what is left at once.
 
     With ``serve`` alone, Ctrl-C is a KeyboardInterrupt that the caller's nursery wraps in an
     exception group; here the signal is received as an event, and the caller's ``trio.run``
-    simply returns. SIGHUP reloads the TLS files (``Control.reload_certificates``) and never
-    stops it. Signal handlers need the main thread: elsewhere, use ``serve`` and cancel it.
+    simply returns. SIGHUP reads the configuration again with ``loader`` and applies it
+    (without one, it reloads the TLS files); it never stops the tunnel. Signal handlers need
+    the main thread: elsewhere, use ``serve`` with a ``Control``.
     """
+    control = control if control is not None else Control(loader)
+    if loader is not None:
+        control.loader = loader
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*SIGNALS) as signals:
             # A tunnel worker starts with these blocked (tunnel.supervisor), so that none arriving
             # before this receiver existed killed it; the receiver now holds any pending one.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            control = Control()
             listeners = await nursery.start(
                 partial(
                     serve, config, reuse_port=reuse_port, control=control, worker_admin=worker_admin
                 )
             )
             task_status.started(listeners)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    if control.has_tls:
-                        log.info("SIGHUP received; reloading TLS certificates")
-                        control.reload_certificates()
-                    else:
-                        log.info("SIGHUP received; no TLS files to reload, still serving")
-                    continue
-                log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
-                nursery.cancel_scope.cancel()
-                break
+            nursery.start_soon(_obey_signals, signals, control, nursery.cancel_scope)
+            await control.wait_stopped()
+            nursery.cancel_scope.cancel()
 
 
-def _listener_statistics(
-    config: Config, groups: list[list[trio.SocketListener]]
-) -> tuple[ListenerStatistics, ...]:
-    return tuple(
-        ListenerStatistics(
-            bound_address(listener), settings.tls is not None, settings.redirect_https
-        )
-        for settings, group in zip(config.listeners, groups, strict=True)
-        for listener in group
-    )
-
-
-def _entries(
-    config: Config,
-    groups: list[list[trio.SocketListener]],
-    certificates: list[ServerTLS | None],
-) -> list[Entry]:
-    """One entry per listener. A ``redirect_https`` listener sends clients to the port of the
-    first TLS listener, or to 443 when TLS is terminated elsewhere (a load balancer)."""
-    https_port = next(
-        (
-            group[0].socket.getsockname()[1]
-            for group, tls in zip(groups, certificates, strict=True)
-            if tls is not None
-        ),
-        HTTPS_PORT,
-    )
-    return [
-        Entry(tls=tls, redirect_port=https_port if settings.redirect_https else None)
-        for settings, tls in zip(config.listeners, certificates, strict=True)
-    ]
-
-
-async def _watch_certificates(certificates: list[ServerTLS], interval: float) -> None:
-    """Reload a listener's certificates when its files' contents change. Files are read in a
-    thread: a slow disk must not stall the relay."""
-    while True:
-        await trio.sleep(interval)
-        for tls in certificates:
-            await trio.to_thread.run_sync(partial(tls.reload, force=False))
+async def _obey_signals(signals: Any, control: Control, scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP received; reloading")
+            with contextlib.suppress(ReloadRefused):
+                await control.reload_from_source()
+            continue
+        name = signal.Signals(signum).name
+        if control.stopping:
+            log.warning("second stop signal; closing every tunnel now", extra=fields(signal=name))
+            scope.cancel()
+            return
+        log.info("stopping", extra=fields(signal=name))
+        control.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -14,7 +14,7 @@ import click
 import trio
 
 from tunnel._version import __version__
-from tunnel.app import WorkerAdmin, check_tls, serve_until_signal
+from tunnel.app import Loader, WorkerAdmin, check_tls, serve_until_signal
 from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
@@ -134,6 +134,17 @@ def run(
     SIGHUP reloads TLS certificates and never stops it. With more than one worker this process
     supervises the workers (see docs/operations.md).
     """
+    overrides = partial(
+        Config.with_overrides,
+        listen=listen,
+        backends=backend,
+        log_format=log_format,
+        workers=workers,
+        tls_cert=None if tls_cert is None else str(tls_cert),
+        tls_key=None if tls_key is None else str(tls_key),
+        admin=admin,
+    )
+    loader = None if config_file is None else partial(_load, config_file, overrides)
     loaded = Config()
     if config_file is not None:
         try:
@@ -142,15 +153,7 @@ def run(
             _fail(f"configuration error: {_in_file(config_file, error)}")
             return
     try:
-        config = loaded.with_overrides(
-            listen=listen,
-            backends=backend,
-            log_format=log_format,
-            workers=workers,
-            tls_cert=None if tls_cert is None else str(tls_cert),
-            tls_key=None if tls_key is None else str(tls_key),
-            admin=admin,
-        )
+        config = overrides(loaded)
     except ConfigError as error:
         _fail(f"configuration error: {error}")
         return
@@ -166,7 +169,19 @@ def run(
             _fail(error.strerror or str(error))
             return
         sys.exit(status)
-    _serve_in_this_process(config)
+    _serve_in_this_process(config, loader=loader)
+
+
+def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
+    """The file read again with the command line's flags, as a reload applies it: every TLS
+    file loaded too. Raises ``ConfigError`` naming the file and the key."""
+    try:
+        config = overrides(Config.from_file(config_file, partial=True))
+        check_tls(config)
+    except ConfigError as error:
+        whole_file = error.key in (str(config_file), "(file)")
+        raise ConfigError(str(config_file), error.problem if whole_file else str(error)) from None
+    return config
 
 
 @main.command(name=WORKER_COMMAND, hidden=True)
@@ -204,6 +219,7 @@ def _serve_in_this_process(
     reuse_port: bool = False,
     lifeline: int | None = None,
     worker_admin: WorkerAdmin | None = None,
+    loader: Loader | None = None,
 ) -> None:
     with _exit_on_startup_errors():
         trio.run(
@@ -213,6 +229,7 @@ def _serve_in_this_process(
                 reuse_port=reuse_port,
                 lifeline=lifeline,
                 worker_admin=worker_admin,
+                loader=loader,
             )
         )
 
@@ -232,13 +249,20 @@ def _exit_on_startup_errors() -> Iterator[None]:
 
 
 async def _run_until_signal(
-    config: Config, *, reuse_port: bool, lifeline: int | None, worker_admin: WorkerAdmin | None
+    config: Config,
+    *,
+    reuse_port: bool,
+    lifeline: int | None,
+    worker_admin: WorkerAdmin | None,
+    loader: Loader | None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
     async with trio.open_nursery() as nursery:
         if lifeline is not None:
             nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
-        await serve_until_signal(config, reuse_port=reuse_port, worker_admin=worker_admin)
+        await serve_until_signal(
+            config, reuse_port=reuse_port, worker_admin=worker_admin, loader=loader
+        )
         nursery.cancel_scope.cancel()
 
 

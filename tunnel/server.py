@@ -3,8 +3,13 @@
 A ``Generation`` owns the configuration, the per-route upstreams (balancers, backend TLS, the
 tunnels of each backend), the relay engine and the handler that serves new connections. It is
 the one object the admin listener reads (``statistics()``, ``stats()``, ``metrics()``) and acts
-on (``close_tunnel``), and the unit a reload will build beside the running one and a drain
-will wind down: those touch the generation, never the handler's protocol code.
+on (``close_tunnel``, ``reload``), and what a reload and a drain change: those touch the
+generation, never the handler's protocol code.
+
+A reload (``reload``) builds the next configuration's handler and upstreams beside the running
+ones and swaps them in one step; every tunnel stays where it is, in the one engine of the
+process. Routes and backends that did not change keep their tunnels and their counters; the
+tunnels of those that are gone are drained (``Engine.drain``, reason ``drain``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -21,10 +27,11 @@ from tunnel.config import Config
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.metrics import Exposition
+from tunnel.net.admin import ReloadRefused
 from tunnel.net.engine import Engine
 from tunnel.net.handler import Handler, Tally
 from tunnel.net.tls import backend_contexts
-from tunnel.net.upstream import Upstream
+from tunnel.net.upstream import TunnelRecord, Upstream
 from tunnel.reasons import CloseReason
 from tunnel.stats import ListenerStatistics, ServerStatistics
 
@@ -41,12 +48,17 @@ class Generation:
         self.config = config
         self.listeners = listeners
         self.engine = Engine(
-            relay=server.relay, splice_pipes=server.splice_pipes, idle_timeout=server.idle_timeout
+            relay=server.relay,
+            splice_pipes=server.splice_pipes,
+            idle_timeout=server.idle_timeout,
+            close_grace=server.close_grace,
         )
         contexts = backend_contexts(config)
         self.upstreams = {
             route.name: Upstream(route, contexts.get(route.name)) for route in config.routes
         }
+        self.removed: list[Upstream] = []
+        """Routes a reload removed, shown (draining) until their last tunnel ends."""
         self.tally = Tally()
         self.handler = Handler(config, self.engine, self.upstreams, self.tally)
         self.started_at = trio.current_time()
@@ -60,6 +72,58 @@ class Generation:
                     "path can pose as these backends",
                     extra=fields(route=route.name, key=f"routes[{i}].backend_tls.verify"),
                 )
+
+    def reload(
+        self, config: Config, listeners: tuple[ListenerStatistics, ...] | None = None
+    ) -> Reloaded:
+        """Serve ``config`` from now on (its listeners are the caller's business).
+
+        New upgrades see the new routes, backends and keys at once; handshakes already under
+        way finish with the configuration they started with. Raises ``ConfigError`` (nothing
+        changed) when a route's ``backend_tls`` files cannot be loaded."""
+        contexts = backend_contexts(config)
+        before = set(self.upstreams)
+        upstreams: dict[str, Upstream] = {}
+        leaving: list[TunnelRecord] = []
+        for route in config.routes:
+            upstream = self.upstreams.get(route.name)
+            if upstream is None:
+                upstreams[route.name] = Upstream(route, contexts.get(route.name))
+            else:
+                leaving += upstream.reconfigure(route, contexts.get(route.name))
+                upstreams[route.name] = upstream
+        removed = [u for name, u in self.upstreams.items() if name not in upstreams]
+        for upstream in removed:
+            leaving += upstream.remove()
+        self.removed = [u for u in (*self.removed, *removed) if u.open_tunnels]
+        server = config.server
+        self.engine.configure(
+            relay=server.relay,
+            splice_pipes=server.splice_pipes,
+            idle_timeout=server.idle_timeout,
+            close_grace=server.close_grace,
+        )
+        self.config = config
+        self.upstreams = upstreams
+        self.handler = Handler(config, self.engine, upstreams, self.tally)
+        if listeners is not None:
+            self.listeners = listeners
+        handles = [record.handle for record in leaving if record.handle is not None]
+        self.engine.drain(handles, CloseReason.DRAIN, server.drain_timeout)
+        return Reloaded(
+            added=tuple(name for name in upstreams if name not in before),
+            removed=tuple(u.name for u in removed),
+            draining=len(handles),
+        )
+
+    def shut_down(self) -> float:
+        """Begin a graceful stop: ``/healthz`` answers 503, and every tunnel, open or still
+        in its handshake, is drained within ``drain_timeout`` (reason ``shutdown``). Returns
+        the drain's end on trio's clock."""
+        self.draining = True
+        return self.engine.drain(
+            (), CloseReason.SHUTDOWN, self.config.server.drain_timeout, every=True
+        )
 
     @property
     def reloads_backend_tls(self) -> bool:
@@ -90,7 +154,11 @@ class Generation:
             uptime=now - self.started_at,
             healthy=not self.draining,
             listeners=self.listeners,
-            routes=tuple(upstream.statistics(now) for upstream in self.upstreams.values()),
+            routes=tuple(
+                upstream.statistics(now)
+                for upstream in (*self.upstreams.values(), *self.removed)
+                if not upstream.removed or upstream.open_tunnels
+            ),
             unrouted_answers=tuple(sorted(self.tally.unrouted.items())),
             handshake_seconds=self.tally.handshake.statistics(),
         )
@@ -107,9 +175,13 @@ class Generation:
     async def metrics(self) -> tuple[bytes, str]:
         return self._exposition.render(), self._exposition.content_type
 
+    async def reload_config(self) -> dict[str, Any]:
+        """A generation alone has no file to read: ``serve`` answers ``POST /reload``."""
+        raise ReloadRefused(409, "reload through the tunnel's admin listener")
+
     async def close_tunnel(self, tunnel_id: str) -> bool:
         """Close one open tunnel with reason ``admin``; False when no tunnel has that id."""
-        for upstream in self.upstreams.values():
+        for upstream in (*self.upstreams.values(), *self.removed):
             record = upstream.find(tunnel_id)
             if record is not None and record.handle is not None:
                 log.info(
@@ -119,6 +191,16 @@ class Generation:
                 self.engine.close(record.handle, CloseReason.ADMIN)
                 return True
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What a reload changed, for its log line and ``POST /reload``'s answer."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    draining: int
+    """Tunnels of removed routes and backends, now draining."""
 
 
 def stats_document(snapshot: ServerStatistics) -> dict[str, Any]:

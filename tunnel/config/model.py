@@ -154,6 +154,13 @@ class Config:
             addresses.append(self.admin.listen)
             keys.append("admin.listen")
         check_listen_together(addresses, keys)
+        server = self.server
+        if server.lifetime_jitter and server.lifetime_jitter >= server.max_lifetime:
+            raise ConfigError(
+                "server.lifetime_jitter",
+                "must be less than max_lifetime"
+                + ("" if server.max_lifetime else ", which is 0s (off); set max_lifetime too"),
+            )
         for i, listener in enumerate(self.listeners):
             tls = listener.tls
             if tls is not None and listener.redirect_https:

@@ -115,6 +115,38 @@ class ServerConfig:
         "= only on SIGHUP.",
     )
 
+    drain_timeout: float = setting(
+        30 * SECONDS,
+        Duration(),
+        "How long a graceful stop (SIGTERM, SIGINT) or a reload's drain (tunnels of a removed "
+        "route or backend) lets open tunnels run. They keep flowing for the first two thirds; "
+        "those still open are then closed politely one after another over the last third "
+        "(reason `shutdown` or `drain`), so clients do not all reconnect at once; whatever is "
+        "left at the end is closed at once. A stop exits as soon as the last tunnel is gone.",
+    )
+    max_lifetime: float = setting(
+        0.0,
+        Duration(allow_zero=True),
+        "A tunnel open this long is closed politely (reason `max_lifetime`), so long-lived "
+        'clients rotate across backends and releases. `"0s"` = never.',
+    )
+    lifetime_jitter: float = setting(
+        0.0,
+        Duration(allow_zero=True),
+        "Spreads `max_lifetime`: each tunnel's own limit is drawn uniformly from "
+        "`max_lifetime` ± this, so clients that connected together do not reconnect together. "
+        "Must be less than `max_lifetime`.",
+    )
+    close_grace: float = setting(
+        1 * SECONDS,
+        Duration(allow_zero=True),
+        "When the tunnel ends a WebSocket tunnel itself (idle, lifetime, drain, shutdown, "
+        "admin), each side first gets a Close frame (1001, going away) after the frame it is "
+        "receiving; the sockets close once both sides answered with their Close, or this long "
+        'after (a frame in flight gets as long again to finish). `"0s"` closes at once, as '
+        "other proxies do (browsers then report 1006).",
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:

@@ -11,6 +11,9 @@ snapshots. Endpoints::
     GET  /stats                a page that redraws itself from /stats.json (``stats_page``)
     GET  /                     302 to /stats
     POST /tunnels/<id>/close   200 {"closed": id}, 404 {"error": ...} when no such tunnel
+    POST /reload               200 {"reloaded": true, ...}; 400 {"error": ...} for a bad file
+                               (the running configuration stays), 409 without a file, 503
+                               while stopping
 
 HEAD is answered wherever GET is. One trio task per connection; each connection is bounded: the
 request head (8 KiB, else 431), the time to receive one request (10 s, then the connection
@@ -82,6 +85,16 @@ class AdminSource(Protocol):
     async def stats(self) -> dict[str, Any]: ...
     async def metrics(self) -> tuple[bytes, str]: ...
     async def close_tunnel(self, tunnel_id: str) -> bool: ...
+    async def reload_config(self) -> dict[str, Any]: ...
+
+
+class ReloadRefused(Exception):
+    """``reload_config`` did not reload: ``status`` and a message for the operator."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +128,13 @@ async def _close(source: AdminSource, tunnel_id: str) -> Reply:
     if await source.close_tunnel(tunnel_id):
         return _json(200, {"closed": tunnel_id})
     return _json(404, {"error": f"no open tunnel with id {tunnel_id}"})
+
+
+async def _reload(source: AdminSource) -> Reply:
+    try:
+        return _json(200, await source.reload_config())
+    except ReloadRefused as refused:
+        return _json(refused.status, {"error": refused.message})
 
 
 Handler = Callable[[AdminSource], Awaitable[Reply]]
@@ -157,6 +177,8 @@ def resolve(method: str, path: str) -> Handler | Reply:
     handler: Handler
     if match := _CLOSE_PATH.fullmatch(path):
         allowed, handler = ("POST",), partial(_close, tunnel_id=match[1])
+    elif path == "/reload":
+        allowed, handler = ("POST",), _reload
     elif path in _PAGES:
         allowed, handler = ("GET", "HEAD"), _PAGES[path]
     else:

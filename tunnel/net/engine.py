@@ -22,29 +22,30 @@ Edge-triggered rules this code keeps (each cost a stall or a leak in a prototype
 from __future__ import annotations
 
 import errno
-import fcntl
 import heapq
 import logging
+import math
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
+from typing import cast
 
 import trio
 
+from tunnel.core.wsframes import MAX_HEADER, FrameTracker, close_frame
+from tunnel.net.pipes import Pipe, PipePool, splice_available
 from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn
 from tunnel.net.tlsconn import TLSConn
+from tunnel.policy.lifecycle import drain_window, spread
 from tunnel.reasons import CloseReason
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 64 * 1024
-PIPE_SIZE = 64 * 1024
-"""Asked of ``F_SETPIPE_SZ``; the kernel may grant less. Measured on loopback (bench/): 64 KiB
-pipes cost 0.26-0.34 s of CPU per GiB relayed, 1 MiB pipes 0.94; see docs/benchmarks.md."""
 SPLICE_BELOW = 16 * 1024
 """In ``auto`` mode a spliced read shorter than this sends the flow back to copying: small
 messages cost two splices and a pipe each, where ``recv``/``send`` cost two syscalls."""
@@ -61,11 +62,20 @@ _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _INTEREST = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
-
-
-def splice_available() -> bool:
-    """True where the kernel and Python offer ``splice(2)`` (Linux, Python 3.10+)."""
-    return hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+NEVER = math.inf
+POLITE = frozenset(
+    {
+        CloseReason.IDLE_TIMEOUT,
+        CloseReason.MAX_LIFETIME,
+        CloseReason.DRAIN,
+        CloseReason.SHUTDOWN,
+        CloseReason.ADMIN,
+        CloseReason.CREDENTIAL_EXPIRED,
+        CloseReason.BACKEND_DOWN,
+    }
+)
+"""Reasons the tunnel itself decides: a WebSocket tunnel closed for one of these gets Close
+frames; the others (EOF, resets, errors) come from a peer, and are passed on as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,85 +90,17 @@ class EngineStatistics:
     """Reads that copied because no pipe was free (``splice_pipes`` reached or no descriptor)."""
 
 
-Pipe = tuple[int, int, int]
-"""``(read_fd, write_fd, size)`` of a pooled pipe."""
-
-
-class PipePool:
-    """Pipes for splicing, held by a direction only while bytes sit in them.
-
-    A tunnel that kept its own two pipes would hold six descriptors; a pool bounded by
-    ``limit`` keeps the count proportional to the bytes in flight instead. Idle pipes are kept
-    for reuse while tunnels exist and closed when the last tunnel ends.
-    """
-
-    def __init__(self, limit: int, size: int = PIPE_SIZE) -> None:
-        self.limit = limit
-        self.size = size
-        """What each new pipe asks for; the last grant is what ``statistics()`` shows."""
-        self.in_use = 0
-        self.fallbacks = 0
-        self.granted = 0
-        self._idle: list[Pipe] = []
-
-    def acquire(self) -> Pipe | None:
-        """A pipe, or None when the limit or the descriptors ran out.
-
-        Each pipe carries the size the kernel granted it: past ``pipe-user-pages-soft`` an
-        unprivileged process gets small pipes, and one small grant must not shrink the others.
-        """
-        if self._idle:
-            self.in_use += 1
-            return self._idle.pop()
-        if self.in_use >= self.limit:
-            self.fallbacks += 1
-            return None
-        try:
-            read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            self.fallbacks += 1
-            return None
-        try:
-            granted = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
-        except OSError:
-            granted = fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ)
-        self.in_use += 1
-        self.granted = granted
-        return read_fd, write_fd, granted
-
-    @property
-    def idle(self) -> int:
-        """Empty pipes kept for reuse."""
-        return len(self._idle)
-
-    def release(self, pipe: Pipe) -> None:
-        """Give back an empty pipe."""
-        self.in_use -= 1
-        self._idle.append(pipe)
-
-    def discard(self, pipe: Pipe) -> None:
-        """Close a pipe that may still hold bytes (its tunnel died)."""
-        self.in_use -= 1
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-    def trim(self) -> None:
-        """Close the idle pipes, so an idle server holds no descriptor for splicing."""
-        while self._idle:
-            read_fd, write_fd, _ = self._idle.pop()
-            os.close(read_fd)
-            os.close(write_fd)
-
-
 class _Flow:
     """One direction of a tunnel: bytes read from ``src`` and written to ``dst``."""
 
     __slots__ = (
         "can_splice",
+        "closing",
         "dst",
         "dst_fd",
         "eof",
         "eof_reason",
+        "frames",
         "hangup",
         "parked",
         "pipe",
@@ -203,15 +145,48 @@ class _Flow:
         """The source's FIN or an error was reported: read until EOF, whatever the sizes."""
         self.eof = False
         self.shut = False
+        self.frames: FrameTracker | None = None
+        """WebSocket frame boundaries of what ``src`` sends (WebSocket tunnels only)."""
+        self.closing: _Closing | None = None
+        """Set while the tunnel closes politely."""
         self.eof_reason = CloseReason.CLIENT_EOF if upstream else CloseReason.BACKEND_EOF
         self.reset_src = CloseReason.CLIENT_RESET if upstream else CloseReason.BACKEND_RESET
         self.reset_dst = CloseReason.BACKEND_RESET if upstream else CloseReason.CLIENT_RESET
 
 
-class Tunnel:
-    """An established tunnel owned by the engine: two sockets, two flows and the counters."""
+class _Closing:
+    """One flow's part in a polite close: the Close frame it owes its destination, and
+    whether that frame is on its way."""
 
-    __slots__ = ("backend", "client", "closed", "down", "on_close", "stats", "up")
+    __slots__ = ("frame", "sent")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.sent = False
+        """Queued for the destination, or known not to be needed (the source already sent its
+        own Close, or the destination is shut)."""
+
+
+class Tunnel:
+    """An established tunnel owned by the engine: two sockets, two flows, the counters and
+    the deadlines (all on trio's clock; ``inf`` = none)."""
+
+    __slots__ = (
+        "backend",
+        "client",
+        "closed",
+        "closing",
+        "deadline",
+        "down",
+        "drain_at",
+        "drain_reason",
+        "expires_at",
+        "hard_at",
+        "on_close",
+        "stats",
+        "timer_at",
+        "up",
+    )
 
     def __init__(
         self,
@@ -227,6 +202,23 @@ class Tunnel:
         self.up = _Flow(self, client, backend, upstream=True)
         self.down = _Flow(self, backend, client, upstream=False)
         self.closed = False
+        self.closing: CloseReason | None = None
+        """Why the tunnel is closing politely (Close frames sent, replies awaited)."""
+        self.expires_at = NEVER
+        """``max_lifetime``: closed politely with reason ``max_lifetime`` then."""
+        self.drain_at = NEVER
+        """A drain's polite close, with reason ``drain_reason``."""
+        self.drain_reason = CloseReason.DRAIN
+        self.hard_at = NEVER
+        """A drain's end: whatever is still open then is closed at once."""
+        self.deadline = NEVER
+        """Closed at once then: ``hard_at``, or the end of a polite close's grace."""
+        self.timer_at = NEVER
+        """When the engine's timer looks at this tunnel next."""
+
+    @property
+    def websocket(self) -> bool:
+        return self.up.frames is not None
 
 
 def _closed_already(tunnel: Tunnel) -> None:
@@ -243,24 +235,49 @@ class _TunnelEnded(Exception):
 class Engine:
     """Relays every adopted tunnel until it ends; run it with ``nursery.start(engine.run)``."""
 
-    def __init__(self, *, relay: str = "auto", splice_pipes: int, idle_timeout: float) -> None:
-        """``relay``: ``copy`` never splices; ``splice`` splices every read a pipe is free for;
-        ``auto`` copies until a read fills the whole buffer (a bulk flow), then splices until a
-        read comes back small."""
-        can_splice = relay != "copy" and splice_available() and splice_pipes > 0
-        self.splice_always = can_splice and relay == "splice"
-        self.splice_bulk = can_splice and relay == "auto"
-        self.idle_timeout = idle_timeout
+    def __init__(
+        self,
+        *,
+        relay: str = "auto",
+        splice_pipes: int,
+        idle_timeout: float,
+        close_grace: float = 1.0,
+    ) -> None:
         self.pipes = PipePool(splice_pipes)
+        self.configure(
+            relay=relay,
+            splice_pipes=splice_pipes,
+            idle_timeout=idle_timeout,
+            close_grace=close_grace,
+        )
         self._epoll = select.epoll()
         self._by_fd: dict[int, tuple[_Flow, _Flow, Tunnel]] = {}
         self._tunnels: set[Tunnel] = set()
         self._again: list[_Flow] = []
-        self._deadlines: list[tuple[float, int, Tunnel]] = []
+        self._timers: list[tuple[float, int, Tunnel]] = []
         self._sequence = count()
-        self._tunnel_added = trio.Event()
+        self._rearm = trio.Event()
+        self._emptied = trio.Event()
+        self._draining: tuple[CloseReason, float, float] | None = None
+        """A shutdown's reason, last polite close and end: tunnels adopted during it."""
         self._buffer = bytearray(COPY_CHUNK)
         self._view = memoryview(self._buffer)
+
+    def configure(
+        self, *, relay: str, splice_pipes: int, idle_timeout: float, close_grace: float
+    ) -> None:
+        """Apply settings (a reload calls this; open tunnels follow at their next decision).
+
+        ``relay``: ``copy`` never splices; ``splice`` splices every read a pipe is free for;
+        ``auto`` copies until a read fills the whole buffer (a bulk flow), then splices until a
+        read comes back small. ``idle_timeout`` and ``close_grace`` are seconds (0 = never
+        idle)."""
+        can_splice = relay != "copy" and splice_available() and splice_pipes > 0
+        self.splice_always = can_splice and relay == "splice"
+        self.splice_bulk = can_splice and relay == "auto"
+        self.pipes.limit = splice_pipes
+        self.idle_timeout = idle_timeout
+        self.close_grace = close_grace
 
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(
@@ -278,24 +295,35 @@ class Engine:
         stats: RelayStats,
         on_close: Callable[[Tunnel], None],
         *,
+        reply_head: bytes = b"",
         to_client: bytes = b"",
         to_backend: bytes = b"",
+        websocket: bool = False,
+        lifetime: float = 0.0,
     ) -> Tunnel:
         """Take ownership of two connected non-blocking connections and relay between them.
 
-        ``to_client`` and ``to_backend`` are written first (the 101 and bytes the handshake
-        read past its head). ``on_close`` runs once, after both sockets are closed, with
-        ``stats.close_reason`` set. Registering sockets that already hold data reports them at
-        once, so nothing is lost in the hand-over.
+        ``reply_head`` (the 101), then ``to_client``, and ``to_backend`` are written first:
+        the bytes each handshake read past its head. ``websocket`` tracks frame boundaries, so
+        that a close the tunnel decides sends each side a Close frame (``close``);
+        ``lifetime`` > 0 closes the tunnel that many seconds from now (reason
+        ``max_lifetime``). ``on_close`` runs once, after both sockets are closed, with
+        ``stats.close_reason`` set. Registering sockets that already hold data reports them
+        at once, so nothing is lost in the hand-over.
         """
         tunnel = Tunnel(client, backend, stats, on_close)
         if self._epoll.closed:
             self._close(tunnel, CloseReason.SHUTDOWN)
             return tunnel
-        tunnel.down.parked = to_client
+        tunnel.down.parked = reply_head + to_client
         tunnel.up.parked = to_backend
+        if websocket:
+            tunnel.up.frames = FrameTracker()
+            tunnel.down.frames = FrameTracker()
+            tunnel.up.frames.feed(to_backend, len(to_backend))
+            tunnel.down.frames.feed(to_client, len(to_client))
         tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
-        stats.last_activity = trio.current_time()
+        now = stats.last_activity = trio.current_time()
         self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
         self._by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
         self._tunnels.add(tunnel)
@@ -311,17 +339,53 @@ class Engine:
                 # (writable) sockets wakes the engine, which then retries this flow.
                 flow.ready = True
                 self._again.append(flow)
-        if self.idle_timeout > 0:
-            deadline = stats.last_activity + self.idle_timeout
-            heapq.heappush(self._deadlines, (deadline, next(self._sequence), tunnel))
-            self._tunnel_added.set()
+        if lifetime > 0:
+            tunnel.expires_at = now + lifetime
+        if self._draining is not None:
+            reason, last, end = self._draining
+            self._drain_one(tunnel, reason, max(now, last), end)
+        self._schedule(tunnel)
         return tunnel
 
+    def drain(
+        self, tunnels: Iterable[Tunnel], reason: CloseReason, timeout: float, *, every: bool = False
+    ) -> float:
+        """Let ``tunnels`` run on for up to ``timeout`` seconds: their polite closes (reason
+        ``reason``) are spread over the last third of that window, so clients do not all
+        reconnect in the same instant, and whatever is still open at its end is closed at once.
+        ``every`` drains every tunnel, and those adopted later too (a shutdown). Returns the
+        window's end."""
+        now = trio.current_time()
+        first, last, end = drain_window(now, timeout, self.close_grace)
+        if every:
+            self._draining = (reason, last, end)
+            tunnels = self._tunnels
+        chosen = [tunnel for tunnel in tunnels if not tunnel.closed]
+        for tunnel, at in zip(chosen, spread(len(chosen), first, last), strict=True):
+            self._drain_one(tunnel, reason, at, end)
+            self._schedule(tunnel)
+        return end
+
+    @staticmethod
+    def _drain_one(tunnel: Tunnel, reason: CloseReason, at: float, end: float) -> None:
+        if at < tunnel.drain_at:
+            tunnel.drain_at = at
+            tunnel.drain_reason = reason
+        tunnel.hard_at = min(tunnel.hard_at, end)
+        tunnel.deadline = min(tunnel.deadline, end)
+
+    async def wait_empty(self) -> None:
+        """Return once no tunnel is open (at once if none is)."""
+        while self._tunnels:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve events until cancelled; then close every tunnel with reason ``shutdown``."""
+        """Serve events until cancelled; then close every tunnel at once, reason ``shutdown``
+        (a graceful stop drains them first: ``drain``)."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._expire_idle)
+                nursery.start_soon(self._run_timers)
                 task_status.started()
                 await self._serve_events()
         finally:
@@ -408,7 +472,11 @@ class Engine:
         """
         if flow.eof or flow.parked or flow.piped:
             return
+        if flow.closing is not None:
+            self._pump_closing(flow)
+            return
         src, dst, buffer = flow.src, flow.dst, self._buffer
+        frames = flow.frames
         for _ in range(READS_PER_TURN):
             if flow.splicing:
                 moved = self._splice_once(flow)
@@ -426,6 +494,12 @@ class Engine:
             if not n:
                 self._source_ended(flow)
                 return
+            if frames is not None:
+                left = frames.left
+                if left >= n:
+                    frames.left = left - n
+                else:
+                    frames.feed(buffer, n)
             try:
                 sent = dst.send(self._view[:n])
             except BlockingIOError:
@@ -448,13 +522,39 @@ class Engine:
         self._again.append(flow)
 
     def _splice_once(self, flow: _Flow) -> int:
-        """One splice into a pooled pipe and out of it; -1 when no pipe is free (copy instead),
-        0 when this turn should stop, else the bytes read."""
+        """One splice into a pooled pipe and out of it; -1 when this read should copy instead
+        (no pipe is free, or a frame header must be read), 0 when this turn should stop, else
+        the bytes read.
+
+        A WebSocket flow splices one frame at a time: between two frames it peeks at the next
+        header (``MSG_PEEK``, so the header itself is spliced with its payload) and each splice
+        stops at the end of that frame, so the tracker sees every header without a copy."""
+        frames = flow.frames
+        if frames is not None and not frames.left:
+            if frames.in_frame:
+                return -1
+            try:
+                head = cast(socket.socket, flow.src).recv(MAX_HEADER, socket.MSG_PEEK)
+            except BlockingIOError:
+                flow.ready = False
+                return 0
+            except OSError as exc:
+                raise _TunnelEnded(flow.reset_src) from exc
+            if not head:
+                self._source_ended(flow)
+                return 0
+            size = frames.peek(head)
+            if size is None:
+                return -1
+            if self.splice_bulk and size < SPLICE_BELOW:
+                flow.splicing = False
+                return -1
         pipe = self.pipes.acquire()
         if pipe is None:
             return -1
+        want = pipe[2] if frames is None else min(pipe[2], frames.left)
         try:
-            n = os.splice(flow.src_fd, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
+            n = os.splice(flow.src_fd, pipe[1], want, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             self.pipes.release(pipe)
             flow.ready = False
@@ -466,14 +566,17 @@ class Engine:
             self.pipes.release(pipe)
             self._source_ended(flow)
             return 0
+        if frames is not None:
+            frames.left -= n
         flow.pipe = pipe
         flow.piped = n
-        if self.splice_bulk and n < SPLICE_BELOW:
+        short = n < want
+        if self.splice_bulk and short and n < SPLICE_BELOW:
             flow.splicing = False
         self._flush(flow)
         # Each pipe slot holds one page or one fragment, so a read can stop short because the
         # slots ran out; only a read shorter than the slot count proves the socket drained.
-        if not flow.piped and n < pipe[2] // PAGE and not flow.hangup:
+        if not flow.piped and short and n < pipe[2] // PAGE and not flow.hangup:
             flow.ready = False
             return 0
         return n
@@ -499,6 +602,8 @@ class Engine:
         if flow.pipe is not None and not flow.piped:
             self.pipes.release(flow.pipe)
             flow.pipe = None
+        if flow.closing is not None:
+            self._advance_close(flow)
         if flow.eof and not flow.parked:
             if flow.shut:
                 self._end_if_done(flow)
@@ -550,9 +655,123 @@ class Engine:
         raise _TunnelEnded(flow.stats.close_reason or CloseReason.ERROR)
 
     def close(self, tunnel: Tunnel, reason: CloseReason) -> None:
-        """Close an open tunnel now (the admin listener, drains); its callback runs as for
-        any other close. A tunnel already closed is left alone."""
-        self._close(tunnel, reason)
+        """End an open tunnel for ``reason`` (admin, drain, lifetime...); its callback runs as
+        for any other close. A WebSocket tunnel closes politely when ``reason`` is one the
+        tunnel decided (``POLITE``): each side gets a Close frame (1001, the reason as text)
+        once the frame it is receiving has ended, toward the backend masked as a client's; the
+        sockets close when both sides have answered with their own Close (or their EOF), or
+        ``close_grace`` after the frames went out. Any other tunnel closes at once. A tunnel
+        already closed, or closing, is left alone."""
+        if tunnel.closed or tunnel.closing is not None:
+            return
+        if reason in POLITE and tunnel.websocket and self.close_grace > 0:
+            try:
+                self._begin_close(tunnel, reason)
+            except _TunnelEnded as ended:
+                self._close(tunnel, ended.reason)
+        else:
+            self._close(tunnel, reason)
+
+    def _begin_close(self, tunnel: Tunnel, reason: CloseReason) -> None:
+        tunnel.closing = tunnel.stats.close_reason = reason
+        tunnel.deadline = min(tunnel.hard_at, trio.current_time() + self.close_grace)
+        tunnel.up.closing = _Closing(close_frame(reason.value, os.urandom(4)))
+        tunnel.down.closing = _Closing(close_frame(reason.value))
+        self._schedule(tunnel)
+        for flow in (tunnel.up, tunnel.down):
+            if not (flow.parked or flow.piped) and not flow.eof:
+                # The source may hold bytes already reported: read them now, finishing the
+                # frame in flight, since no new event will come for them.
+                flow.ready = True
+                self._again.append(flow)
+            self._advance_close(flow)
+        self._rearm.set()
+
+    def _advance_close(self, flow: _Flow) -> None:
+        """Queue the flow's Close frame once its destination stands between two frames; then
+        close the tunnel if every side has answered."""
+        closing = flow.closing
+        frames = flow.frames
+        tunnel = flow.tunnel
+        assert closing is not None
+        assert frames is not None
+        assert tunnel is not None
+        if not closing.sent:
+            if flow.eof or flow.shut or frames.close_seen:
+                # The destination got (or is getting) the source's own Close or its FIN: a
+                # second Close would break the protocol.
+                closing.sent = True
+            elif frames.in_frame or flow.piped:
+                return
+            else:
+                closing.sent = True
+                flow.parked += closing.frame
+                self._flush(flow)
+                other = tunnel.down if flow.upstream else tunnel.up
+                if other.closing is not None and other.closing.sent:
+                    # Both Close frames are out: the replies get close_grace from now.
+                    tunnel.deadline = min(tunnel.hard_at, trio.current_time() + self.close_grace)
+                    self._schedule(tunnel)
+        self._check_closed(tunnel)
+
+    @staticmethod
+    def _check_closed(tunnel: Tunnel) -> None:
+        """Both Close frames written and both sides answered: the polite close is done."""
+        for flow in (tunnel.up, tunnel.down):
+            closing, frames = flow.closing, flow.frames
+            if closing is None or frames is None or not closing.sent:
+                return
+            if flow.parked or flow.piped or (flow.tls_dst is not None and flow.tls_dst.backlog):
+                return
+            if not (flow.eof or frames.close_seen):
+                return
+        raise _TunnelEnded(tunnel.closing or CloseReason.ERROR)
+
+    def _pump_closing(self, flow: _Flow) -> None:
+        """``_pump`` during a polite close: finish the frame in flight and queue the Close
+        frame after it; what the source sends after that is read and dropped (nothing may
+        follow a Close), watching for the source's own Close. Copies only: a close is short."""
+        closing, frames, tunnel = flow.closing, flow.frames, flow.tunnel
+        assert closing is not None
+        assert frames is not None
+        assert tunnel is not None
+        flow.splicing = False
+        buffer, view = self._buffer, self._view
+        for _ in range(READS_PER_TURN):
+            try:
+                n = flow.src.recv_into(buffer)
+            except BlockingIOError:
+                flow.ready = False
+                break
+            except OSError as exc:
+                raise _TunnelEnded(tunnel.closing or flow.reset_src) from exc
+            if not n:
+                closing.sent = True
+                self._source_ended(flow)
+                break
+            if closing.sent:
+                frames.feed(view, n)
+                continue
+            take = frames.finish_frame(view, n)
+            out = bytes(view[:take])
+            if take < n or not frames.in_frame:
+                closing.sent = True
+                out += closing.frame
+                frames.feed(view[take:n], n - take)
+            try:
+                sent = flow.dst.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise _TunnelEnded(tunnel.closing or flow.reset_dst) from exc
+            self._count(flow, sent)
+            if sent < len(out):
+                flow.parked = out[sent:]
+                break
+        else:
+            self._again.append(flow)
+        if flow.tunnel is not None:
+            self._check_closed(tunnel)
 
     def _close(self, tunnel: Tunnel, reason: CloseReason) -> None:
         if tunnel.closed:
@@ -560,7 +779,9 @@ class Engine:
         tunnel.closed = True
         stats = tunnel.stats
         clean = reason in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
-        if not stats.close_reason or (
+        if tunnel.closing is not None:
+            stats.close_reason = tunnel.closing
+        elif not stats.close_reason or (
             not clean
             and stats.close_reason not in (CloseReason.CLIENT_RESET, CloseReason.BACKEND_RESET)
         ):
@@ -577,42 +798,77 @@ class Engine:
         tunnel.backend.close()
         if not self._tunnels:
             self.pipes.trim()
+            self._emptied.set()
         try:
             tunnel.on_close(tunnel)
         except Exception:
             log.exception("error in a tunnel's close callback")
         tunnel.on_close = _closed_already
-        self._drop_closed_deadlines()
+        self._drop_closed_timers()
 
-    def _drop_closed_deadlines(self) -> None:
-        """Rebuild the idle heap without closed tunnels once they are half of it.
+    def _drop_closed_timers(self) -> None:
+        """Rebuild the timer heap without closed tunnels once they are half of it.
 
         A closed tunnel's entry would otherwise stay until its deadline (an hour by default),
         keeping the tunnel and its callback alive. Rebuilding when the heap holds more than
         twice the open tunnels costs O(1) per close, amortised, and leaves it empty when the
-        last tunnel closes. The list is changed in place: ``_expire_idle`` holds it.
+        last tunnel closes. The list is changed in place: ``_run_timers`` holds it.
         """
-        deadlines = self._deadlines
-        if len(deadlines) > 2 * len(self._tunnels):
-            deadlines[:] = [entry for entry in deadlines if not entry[2].closed]
-            heapq.heapify(deadlines)
+        timers = self._timers
+        if len(timers) > 2 * len(self._tunnels):
+            timers[:] = [entry for entry in timers if not entry[2].closed]
+            heapq.heapify(timers)
 
-    async def _expire_idle(self) -> None:
-        """Close tunnels with no bytes either way for ``idle_timeout``; one timer for all."""
-        deadlines = self._deadlines
+    def _due(self, tunnel: Tunnel) -> float:
+        """When the tunnel's next deadline falls."""
+        due = tunnel.deadline
+        if tunnel.closing is None:
+            if self.idle_timeout > 0:
+                due = min(due, tunnel.stats.last_activity + self.idle_timeout)
+            due = min(due, tunnel.expires_at, tunnel.drain_at)
+        return due
+
+    def _schedule(self, tunnel: Tunnel) -> None:
+        """Make sure the timer looks at ``tunnel`` by its next deadline. One heap entry is
+        live per tunnel (``timer_at``); entries left behind by an earlier deadline are skipped
+        when they come up."""
+        due = self._due(tunnel)
+        if due >= tunnel.timer_at:
+            return
+        tunnel.timer_at = due
+        timers = self._timers
+        if not timers or due < timers[0][0]:
+            self._rearm.set()
+        heapq.heappush(timers, (due, next(self._sequence), tunnel))
+
+    async def _run_timers(self) -> None:
+        """Idle timeouts, lifetimes, drains and close graces: one heap, one timer for all."""
+        timers = self._timers
         while True:
-            if not deadlines:
-                self._tunnel_added = trio.Event()
-                await self._tunnel_added.wait()
-                continue
-            await trio.sleep_until(deadlines[0][0])
+            self._rearm = trio.Event()
+            if timers:
+                with trio.move_on_at(timers[0][0]):
+                    await self._rearm.wait()
+            else:
+                await self._rearm.wait()
             now = trio.current_time()
-            while deadlines and deadlines[0][0] <= now:
-                _, _, tunnel = heapq.heappop(deadlines)
-                if tunnel.closed:
+            while timers and timers[0][0] <= now:
+                when, _, tunnel = heapq.heappop(timers)
+                if tunnel.closed or when != tunnel.timer_at:
                     continue
-                deadline = tunnel.stats.last_activity + self.idle_timeout
-                if deadline <= now:
-                    self._close(tunnel, CloseReason.IDLE_TIMEOUT)
-                else:
-                    heapq.heappush(deadlines, (deadline, next(self._sequence), tunnel))
+                tunnel.timer_at = NEVER
+                self._expire(tunnel, now)
+                if not tunnel.closed:
+                    self._schedule(tunnel)
+
+    def _expire(self, tunnel: Tunnel, now: float) -> None:
+        if tunnel.deadline <= now:
+            self._close(tunnel, tunnel.closing or tunnel.drain_reason)
+        elif tunnel.closing is not None:
+            return
+        elif self.idle_timeout > 0 and tunnel.stats.last_activity + self.idle_timeout <= now:
+            self.close(tunnel, CloseReason.IDLE_TIMEOUT)
+        elif tunnel.expires_at <= now:
+            self.close(tunnel, CloseReason.MAX_LIFETIME)
+        elif tunnel.drain_at <= now:
+            self.close(tunnel, tunnel.drain_reason)

@@ -9,6 +9,7 @@ the 101 both go to the relay engine and the connection's task ends.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 from collections import Counter
@@ -54,7 +55,9 @@ from tunnel.net.sockio import Conn, drain, receive_some, send_all
 from tunnel.net.tls import ServerTLS, handshake, peer_subject, tls_failure
 from tunnel.net.tlsconn import TLSConn
 from tunnel.net.upstream import TunnelRecord, Upstream
+from tunnel.policy.lifecycle import tunnel_lifetime
 from tunnel.policy.routing import match_route
+from tunnel.reasons import CloseReason
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -258,7 +261,9 @@ class Handler:
                     sock, backend_sock, reply, progress, client.address, upstream, backend
                 )
                 return False
-            self._hand_off(sock, backend_sock, progress, leftover, client, upstream, backend)
+            self._hand_off(
+                sock, backend_sock, progress, leftover, client, upstream, backend, key is not None
+            )
             handed_off = True
             return True
         finally:
@@ -274,6 +279,7 @@ class Handler:
         client: _Client,
         upstream: Upstream,
         backend: BackendConfig,
+        websocket: bool,
     ) -> None:
         """Give both sockets to the engine: from here on no task serves this tunnel."""
         now = trio.current_time()
@@ -282,7 +288,7 @@ class Handler:
             str(next(self.tally.ids)), client.address, upstream.name, backend.name, now
         )
         upstream.answered(101)
-        upstream.opened(record)
+        upstream.opened(record, backend)
         self.tally.handshake.observe(time_to_101)
         log.info(
             "tunnel opened",
@@ -314,14 +320,21 @@ class Handler:
                 ),
             )
 
+        server = self.config.server
         record.handle = self.engine.adopt(
             sock,
             backend_sock,
             record.stats,
             closed,
-            to_client=progress.forward + progress.leftover,
+            reply_head=progress.forward,
+            to_client=progress.leftover,
             to_backend=leftover,
+            websocket=websocket,
+            lifetime=tunnel_lifetime(server.max_lifetime, server.lifetime_jitter, random.random()),
         )
+        if not upstream.serves(backend):
+            # A reload removed this route or backend while the handshake ran.
+            self.engine.drain((record.handle,), CloseReason.DRAIN, server.drain_timeout)
 
     async def _relay_refusal(
         self,

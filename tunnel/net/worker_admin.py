@@ -19,6 +19,7 @@ import trio
 from tunnel.federation import merge_metrics, merge_stats, split_tunnel_id
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.metrics import CONTENT_TYPE
+from tunnel.net.admin import ReloadRefused
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -71,9 +72,13 @@ class WorkersView:
         directory: str,
         workers: int,
         ask: Callable[[str, str, str], Awaitable[tuple[int, bytes]]] = request,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
+        """``reload`` asks the supervisor to read the configuration again and hand it to
+        every worker (``POST /reload``)."""
         self._paths = {n: socket_path(directory, n) for n in range(1, workers + 1)}
         self._ask = ask
+        self._reload = reload
 
     async def _gather(self, target: str) -> dict[int, tuple[int, bytes]]:
         """Ask every worker at once; the ones that fail are left out (and logged)."""
@@ -111,6 +116,11 @@ class WorkersView:
         answers = await self._gather("/metrics")
         texts = {w: body.decode() for w, (status, body) in answers.items() if status == 200}
         return merge_metrics(texts), CONTENT_TYPE
+
+    async def reload_config(self) -> dict[str, Any]:
+        if self._reload is None:
+            raise ReloadRefused(409, "this worker has no link to its supervisor")
+        return await self._reload()
 
     async def close_tunnel(self, tunnel_id: str) -> bool:
         where = split_tunnel_id(tunnel_id)

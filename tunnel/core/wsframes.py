@@ -1,0 +1,168 @@
+"""Where WebSocket frames begin, and the Close frame the tunnel sends when it ends a tunnel.
+
+To close a WebSocket politely the tunnel must put a Close frame between two frames, never inside
+one, so each direction of a WebSocket tunnel carries a ``FrameTracker``: it reads frame headers
+(2 to 14 bytes, RFC 6455 section 5.2) and skips payloads by their length, without looking at,
+unmasking or copying them. It knows nothing of sockets: the relay feeds it the bytes it copied,
+or, when it splices, the header it peeked and the number of bytes the kernel moved.
+
+Not checked: opcodes, reserved bits, masking rules, UTF-8, fragmentation order. A peer that breaks
+them is the backend's or the client's business; the tracker only needs the lengths to be honest,
+and a liar only misplaces its own Close frame.
+"""
+
+from __future__ import annotations
+
+GOING_AWAY = 1001
+"""RFC 6455 close code: the endpoint is going away (server shutdown, drain, lifetime...)."""
+CLOSE_OPCODE = 0x8
+MAX_HEADER = 14
+"""2 bytes, 8 of extended length, 4 of mask key."""
+MAX_CLOSE_REASON = 123
+"""A control frame's payload is at most 125 bytes, two of which are the code."""
+
+
+def header_size(first: int, second: int) -> int:
+    """The whole header's size, known from its first two bytes."""
+    size = 6 if second & 0x80 else 2
+    length = second & 0x7F
+    if length == 126:
+        return size + 2
+    if length == 127:
+        return size + 8
+    return size
+
+
+def _parse(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int, int] | None:
+    """``(header size, payload length, opcode)`` of the header at ``data[pos:]``, or None when
+    ``data[pos:end]`` does not hold all of it."""
+    if end - pos < 2:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    size = 6 if second & 0x80 else 2
+    if length == 126:
+        size += 2
+        if end - pos < size:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 4])
+    elif length == 127:
+        size += 8
+        if end - pos < size:
+            return None
+        length = int.from_bytes(data[pos + 2 : pos + 10])
+    elif end - pos < size:
+        return None
+    return size, length, data[pos] & 0x0F
+
+
+class FrameTracker:
+    """Frame boundaries of one direction of a WebSocket byte stream.
+
+    ``left`` is how many bytes of the frame in flight are still to come; 0 with no partial
+    header held means the stream stands between two frames. The relay's hot path may update
+    ``left`` itself when a read ends inside a payload (``left >= n``), which is the common case
+    for large frames; ``feed`` does the rest.
+    """
+
+    __slots__ = ("_head", "close_seen", "left")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self._head = b""
+        """The start of a header that a read cut short."""
+        self.close_seen = False
+        """A Close frame's header has passed."""
+
+    @property
+    def in_frame(self) -> bool:
+        """Bytes of a frame already passed and more of it still to come."""
+        return self.left > 0 or bool(self._head)
+
+    def feed(self, data: bytes | bytearray | memoryview, end: int) -> None:
+        """Account for ``data[:end]``, the next bytes of the stream."""
+        pos = self.left
+        if pos >= end:
+            self.left = pos - end
+            return
+        if self._head:
+            pos = self._complete_head(data, end)
+            if pos < 0:
+                return
+        while pos < end:
+            header = _parse(data, pos, end)
+            if header is None:
+                self._head = bytes(data[pos:end])
+                self.left = 0
+                return
+            size, length, opcode = header
+            if opcode == CLOSE_OPCODE:
+                self.close_seen = True
+            pos += size + length
+        self.left = pos - end
+
+    def finish_frame(self, data: bytes | bytearray | memoryview, end: int) -> int:
+        """Account for the bytes of ``data[:end]`` that belong to the frame in flight, and
+        return how many they are: ``end`` when the frame goes on past them, fewer when it ends
+        inside them (the rest starts the next frame), 0 when no frame is in flight."""
+        if self._head:
+            pos = self._complete_head(data, end)
+            if pos < 0:
+                return end
+        else:
+            pos = 0
+        if pos + self.left >= end:
+            self.left -= end - pos
+            return end
+        pos += self.left
+        self.left = 0
+        return pos
+
+    def _complete_head(self, data: bytes | bytearray | memoryview, end: int) -> int:
+        """Join a cut header with the bytes that follow it. Returns where in ``data`` the
+        frame after it begins (``left`` is then 0), or -1 when the header is still incomplete
+        (everything was consumed) or the frame goes on past ``end`` (``left`` says how far)."""
+        held = len(self._head)
+        joined = self._head + bytes(data[: min(end, MAX_HEADER)])
+        header = _parse(joined, 0, len(joined))
+        if header is None:
+            self._head = joined
+            return -1
+        size, length, opcode = header
+        self._head = b""
+        if opcode == CLOSE_OPCODE:
+            self.close_seen = True
+        rest = size - held + length
+        if rest > end:
+            self.left = rest - end
+            return -1
+        self.left = 0
+        return rest
+
+    def peek(self, head: bytes) -> int | None:
+        """Between two frames, given the first bytes of the next one (read with ``MSG_PEEK``),
+        the size of that whole frame, header included, which the caller then moves and counts
+        with ``skip``; None when ``head`` does not hold the whole header."""
+        header = _parse(head, 0, len(head))
+        if header is None:
+            return None
+        size, length, opcode = header
+        if opcode == CLOSE_OPCODE:
+            self.close_seen = True
+        self.left = size + length
+        return self.left
+
+    def skip(self, moved: int) -> None:
+        """``moved`` bytes of the frame in flight passed without being read (spliced)."""
+        self.left -= moved
+
+
+def close_frame(reason: str, mask: bytes | None = None, code: int = GOING_AWAY) -> bytes:
+    """A Close frame with ``code`` and ``reason`` (ASCII, cut to 123 bytes): unmasked toward a
+    client, masked with the 4-byte ``mask`` toward a server (RFC 6455 section 5.3; the caller
+    draws the key, since this module has no randomness)."""
+    payload = code.to_bytes(2, "big") + reason.encode("ascii")[:MAX_CLOSE_REASON]
+    if mask is None:
+        return bytes((0x80 | CLOSE_OPCODE, len(payload))) + payload
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes((0x80 | CLOSE_OPCODE, 0x80 | len(payload))) + mask + masked
