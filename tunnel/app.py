@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -150,6 +150,8 @@ class WorkerAdmin:
     number: int
     workers: int
     public_fd: int | None = None
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """Asks the supervisor for a reload (``POST /reload`` on the public address)."""
 
 
 def check_tls(config: Config) -> None:
@@ -263,7 +265,7 @@ class _Runtime:
             if self.control.stopping:
                 raise ReloadRefused(503, "the tunnel is stopping; not reloading")
             _check_relay(config)
-            _refuse_restart_only(self.config, config)
+            config.check_reload(self.config)
             by_address = {door.config.listen: door for door in self.doors}
             doors: list[_Door] = []
             opened: list[_Door] = []
@@ -351,18 +353,6 @@ class _Runtime:
             await trio.sleep(interval if interval > 0 else math.inf)
             for tls in list(self.control.certificates):
                 await trio.to_thread.run_sync(partial(tls.reload, force=False))
-
-
-def _refuse_restart_only(running: Config, config: Config) -> None:
-    """Keys a running process cannot change: a reload that changes them is refused, naming
-    the key, rather than half applied."""
-    for key, old, new in (
-        ("server.workers", running.server.workers, config.server.workers),
-        ("admin.listen", running.admin.listen, config.admin.listen),
-        ("server.log_format", running.server.log_format, config.server.log_format),
-    ):
-        if old != new:
-            raise ConfigError(key, f"changing it needs a restart (running with {old})")
 
 
 def _door_statistics(doors: list[_Door]) -> tuple[ListenerStatistics, ...]:
@@ -504,7 +494,9 @@ async def _admin_listeners(
             # The supervisor's listening socket, inherited: it stays open while workers come
             # and go, so admin clients wait in its backlog through a restart of worker 1.
             public = trio.socket.from_stdlib_socket(socket.socket(fileno=worker_admin.public_fd))
-            view = WorkersView(worker_admin.directory, worker_admin.workers)
+            view = WorkersView(
+                worker_admin.directory, worker_admin.workers, reload=worker_admin.reload
+            )
             found.append((trio.SocketListener(public), view))
         return found
     address = config.admin.listen

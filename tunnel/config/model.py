@@ -192,6 +192,19 @@ class Config:
                     "applies to wss:// backends and this route has none; remove it or use wss://",
                 )
 
+    def check_reload(self, running: Config) -> None:
+        """Raise ``ConfigError`` when replacing ``running`` by this configuration needs a
+        restart: the keys a running process cannot change are refused, naming the key,
+        rather than applied in part."""
+        for key, old, new in (
+            ("server.workers", running.server.workers, self.server.workers),
+            ("admin.listen", running.admin.listen, self.admin.listen),
+            ("server.log_format", running.server.log_format, self.server.log_format),
+        ):
+            if old != new:
+                shown = "off" if old is None else old
+                raise ConfigError(key, f"changing it needs a restart (running with {shown})")
+
     def _require_complete(self) -> None:
         for name, what, table, flag in _NEEDED:
             if not getattr(self, name):

@@ -257,6 +257,8 @@ class Engine:
         self._timers: list[tuple[float, int, Tunnel]] = []
         self._sequence = count()
         self._rearm = trio.Event()
+        self._sleeping_until = NEVER
+        """When the timer task wakes next: an earlier deadline must wake it sooner."""
         self._emptied = trio.Event()
         self._draining: tuple[CloseReason, float, float] | None = None
         """A shutdown's reason, last polite close and end: tunnels adopted during it."""
@@ -320,8 +322,10 @@ class Engine:
         if websocket:
             tunnel.up.frames = FrameTracker()
             tunnel.down.frames = FrameTracker()
-            tunnel.up.frames.feed(to_backend, len(to_backend))
-            tunnel.down.frames.feed(to_client, len(to_client))
+            if to_backend:
+                tunnel.up.frames.feed(to_backend, len(to_backend))
+            if to_client:
+                tunnel.down.frames.feed(to_client, len(to_client))
         tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
         now = stats.last_activity = trio.current_time()
         self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
@@ -836,21 +840,19 @@ class Engine:
         if due >= tunnel.timer_at:
             return
         tunnel.timer_at = due
-        timers = self._timers
-        if not timers or due < timers[0][0]:
+        heapq.heappush(self._timers, (due, next(self._sequence), tunnel))
+        if due < self._sleeping_until:
             self._rearm.set()
-        heapq.heappush(timers, (due, next(self._sequence), tunnel))
 
     async def _run_timers(self) -> None:
         """Idle timeouts, lifetimes, drains and close graces: one heap, one timer for all."""
         timers = self._timers
         while True:
             self._rearm = trio.Event()
-            if timers:
-                with trio.move_on_at(timers[0][0]):
-                    await self._rearm.wait()
-            else:
+            self._sleeping_until = timers[0][0] if timers else NEVER
+            with trio.move_on_at(self._sleeping_until):
                 await self._rearm.wait()
+            self._sleeping_until = -NEVER
             now = trio.current_time()
             while timers and timers[0][0] <= now:
                 when, _, tunnel = heapq.heappop(timers)

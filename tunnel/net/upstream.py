@@ -119,7 +119,7 @@ class Upstream:
         """Whether ``backend`` is still one of this route's backends as configured now (a
         handshake that began before a reload may finish on one that is gone)."""
         entry = None if self.removed else self._backends.get(backend.name)
-        return entry is not None and entry.config.url == backend.url
+        return entry is not None and (entry.config is backend or entry.config.url == backend.url)
 
     @property
     def open_tunnels(self) -> int:
@@ -145,7 +145,7 @@ class Upstream:
     def opened(self, record: TunnelRecord, config: BackendConfig) -> None:
         """``record``'s tunnel was handed to the engine by backend ``config``."""
         backend = self._backends.get(config.name)
-        if backend is None or backend.config.url != config.url:
+        if backend is None or (backend.config is not config and backend.config.url != config.url):
             # Gone in a reload while this handshake ran: counted apart, and drained.
             backend = next((b for b in self._retired if b.config.url == config.url), None)
             if backend is None:
