@@ -20,6 +20,7 @@ from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
+from tunnel.net.activation import WORKER_OPTION, take_from_supervisor
 from tunnel.net.listener import ListenError
 from tunnel.supervisor import run_workers
 from tunnel.worker import WORKER_COMMAND, tag_logs, wait_for_supervisor_exit
@@ -190,16 +191,25 @@ def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
 @click.option("--admin-dir", default=None, help="Directory of the workers' admin sockets.")
 @click.option("--of", "workers", type=click.IntRange(1, MAX_WORKERS), default=1)
 @click.option("--admin-fd", type=click.IntRange(0), default=None)
+@click.option(WORKER_OPTION, "listen_fds", multiple=True, metavar="ADDR=FD")
 def worker(
-    number: int, lifeline: int | None, admin_dir: str | None, workers: int, admin_fd: int | None
+    number: int,
+    lifeline: int | None,
+    admin_dir: str | None,
+    workers: int,
+    admin_fd: int | None,
+    listen_fds: tuple[str, ...],
 ) -> None:
     """One worker of ``tunnel run --workers N``, started by its supervisor.
 
     The configuration arrives as TOML on stdin; ``--lifeline`` is the descriptor of a pipe that
     reads end-of-file when the supervisor is gone (see ``tunnel.worker``). With an admin
     listener, ``--admin-dir`` holds every worker's private admin socket and worker 1 gets the
-    public listening socket as ``--admin-fd`` (see ``tunnel.federation``).
+    public listening socket as ``--admin-fd`` (see ``tunnel.federation``). Each ``--listen-fd
+    ADDR=FD`` is a listening socket the supervisor inherited (systemd socket activation), which
+    the listener ADDR accepts on instead of binding (see ``tunnel.net.activation``).
     """
+    take_from_supervisor(listen_fds)
     try:
         config = Config.from_toml(sys.stdin.buffer.read().decode("utf-8"))
     except ConfigError as error:

@@ -44,8 +44,9 @@ from types import FrameType
 
 from tunnel.config import Address, AdminConfig, Config
 from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.net import activation
 from tunnel.net.admin import bind_admin
-from tunnel.net.listener import bind_shared
+from tunnel.net.listener import bind_shared, take_inherited
 from tunnel.policy.restart import RestartPolicy
 from tunnel.worker import WORKER_COMMAND
 
@@ -71,17 +72,27 @@ def run_workers(config: Config) -> int:
     main thread: it installs handlers for SIGTERM, SIGINT, SIGHUP and SIGCHLD (restored on
     return). Workers log to this process's stderr, each line tagged ``worker=N``.
 
+    Listening sockets this process inherited (systemd socket activation) are not bound: every
+    worker gets them (``--listen-fd``) and accepts on them, with no SO_REUSEPORT.
+
     Returns:
         The exit status: 0 after a requested stop, 1 when the workers could not be started.
 
     Raises:
-        ListenError: when a listening address cannot be bound; no worker was started.
+        ListenError: when a listening address cannot be bound, or an inherited descriptor is
+            not a listening TCP socket; no worker was started.
     """
     reserved: list[socket.socket] = []
     cleanup = ExitStack()
     try:
         listeners = []
-        for listener in config.listeners:
+        # Inherited sockets (systemd socket activation) are not bound again: ``_start`` passes
+        # them to every worker, which all accept on them.
+        inherited = take_inherited(config.listeners)
+        for listener, taken in zip(config.listeners, inherited, strict=True):
+            if taken:
+                listeners.append(listener)
+                continue
             sockets = bind_shared(listener.listen, listen=False)
             reserved += sockets
             port = sockets[0].getsockname()[1]
@@ -199,6 +210,9 @@ class _Supervisor:
             str(self._lifeline),
         ]
         inherited = [self._lifeline]
+        for address, fd in activation.inherited().assigned():  # as taken by run_workers
+            command += [activation.WORKER_OPTION, activation.listen_fd_argument(address, fd)]
+            inherited.append(fd)
         if self._admin is not None:
             command += ["--admin-dir", self._admin.directory, "--of", str(len(self._slots))]
             if slot.number == 1:

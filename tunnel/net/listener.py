@@ -12,6 +12,8 @@ import trio
 
 from tunnel.config import Address, ListenerConfig
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net import activation
+from tunnel.net.activation import ActivationError, Inherited, InheritedSocket
 from tunnel.net.sockio import no_delay
 
 log = logging.getLogger(LOGGER_NAME)
@@ -47,20 +49,42 @@ async def open_listeners(
     ``reuse_port`` sets SO_REUSEPORT before each bind, so that the worker processes of
     ``workers = N`` each listen on the same ports and the kernel spreads connections among them.
     Off by default: without it a second tunnel on the same port fails loudly instead of sharing.
+    An address this process inherited a listening socket for is not bound: see
+    ``open_listener_groups``.
     """
     groups = await open_listener_groups(configs, reuse_port=reuse_port)
     return [listener for group in groups for listener in group]
 
 
 async def open_listener_groups(
-    configs: Sequence[ListenerConfig], *, reuse_port: bool = False
+    configs: Sequence[ListenerConfig],
+    *,
+    reuse_port: bool = False,
+    inherited: Inherited | None = None,
 ) -> list[list[trio.SocketListener]]:
     """``open_listeners``, keeping which sockets belong to which configured listener (one
-    ``:port`` may be two sockets), since listeners differ in TLS and redirects."""
+    ``:port`` may be two sockets), since listeners differ in TLS and redirects.
+
+    A listener whose address matches sockets this process inherited (systemd socket activation,
+    or the supervisor's ``--listen-fd``; ``inherited`` defaults to ``activation.inherited()``)
+    accepts on duplicates of those instead of binding, with or without ``reuse_port``: every
+    worker then accepts on the one inherited socket. The others bind as usual.
+
+    Raises:
+        ListenError: an address cannot be bound, or an inherited descriptor is not a listening
+            TCP socket (naming the fd and what to do).
+    """
+    source = _process_inherited() if inherited is None else inherited
+    if source.settled:  # nothing left to match: no name to resolve, so no thread either
+        claimed = take_inherited(configs, source)
+    else:
+        claimed = await trio.to_thread.run_sync(take_inherited, configs, source)
     groups: list[list[trio.SocketListener]] = []
     try:
-        for config in configs:
-            if reuse_port:
+        for config, taken in zip(configs, claimed, strict=True):
+            if taken:
+                groups.append([_from_inherited(sock) for sock in taken])
+            elif reuse_port:
                 sockets = await trio.to_thread.run_sync(bind_shared, config.listen, True)
                 groups.append(
                     [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
@@ -73,6 +97,35 @@ async def open_listener_groups(
                 await listener.aclose()
         raise
     return groups
+
+
+def take_inherited(
+    configs: Sequence[ListenerConfig], inherited: Inherited | None = None
+) -> list[list[InheritedSocket]]:
+    """Blocking (a host name may be resolved): for each listener, the inherited sockets it
+    accepts on, from ``inherited`` or this process's (``activation.inherited()``); the first
+    call settles them (``Inherited.claim``).
+
+    Raises:
+        ListenError: an inherited descriptor is not a listening TCP socket, or the variables
+            announcing them are wrong; the message names the fd or the variable.
+    """
+    source = _process_inherited() if inherited is None else inherited
+    return source.claim([config.listen for config in configs])
+
+
+def _process_inherited() -> Inherited:
+    try:
+        return activation.inherited()
+    except ActivationError as exc:
+        raise ListenError(exc.errno or 0, exc.strerror or str(exc)) from exc
+
+
+def _from_inherited(inherited: InheritedSocket) -> trio.SocketListener:
+    """A listener on a duplicate: closing it leaves the inherited descriptor open."""
+    sock = inherited.sock.dup()
+    sock.setblocking(False)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def _open(address: Address) -> list[trio.SocketListener]:
