@@ -21,6 +21,7 @@ Edge-triggered rules this code keeps (each cost a stall or a leak in a prototype
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -251,6 +252,10 @@ class Engine:
             close_grace=close_grace,
         )
         self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        """Written to when work is queued from outside the event loop (a close the timer or
+        the admin listener asked for), so that the loop wakes for it."""
+        self._epoll.register(self._wake_fd, select.EPOLLIN | select.EPOLLET)
         self._by_fd: dict[int, tuple[_Flow, _Flow, Tunnel]] = {}
         self._tunnels: set[Tunnel] = set()
         self._again: list[_Flow] = []
@@ -397,6 +402,7 @@ class Engine:
                 self._close(tunnel, CloseReason.SHUTDOWN)
             self.pipes.trim()
             self._epoll.close()
+            os.close(self._wake_fd)
 
     async def _serve_events(self) -> None:
         epoll_fd = self._epoll.fileno()
@@ -426,6 +432,9 @@ class Engine:
         for fd, mask in events:
             entry = by_fd.get(fd)
             if entry is None:
+                if fd == self._wake_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
                 continue
             out_flow, in_flow, tunnel = entry
             tunnel.stats.last_activity = now
@@ -683,13 +692,14 @@ class Engine:
         tunnel.down.closing = _Closing(close_frame(reason.value))
         self._schedule(tunnel)
         for flow in (tunnel.up, tunnel.down):
-            if not (flow.parked or flow.piped) and not flow.eof:
-                # The source may hold bytes already reported: read them now, finishing the
-                # frame in flight, since no new event will come for them.
-                flow.ready = True
-                self._again.append(flow)
             self._advance_close(flow)
-        self._rearm.set()
+            if not (flow.parked or flow.piped or flow.eof or tunnel.closed):
+                # The source may hold bytes already reported, which no new event will report
+                # again: read them now (finishing the frame in flight, or finding the reply).
+                flow.ready = True
+                self._pump(flow)
+        if self._again:
+            os.eventfd_write(self._wake_fd, 1)
 
     def _advance_close(self, flow: _Flow) -> None:
         """Queue the flow's Close frame once its destination stands between two frames; then
