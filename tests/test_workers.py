@@ -8,6 +8,8 @@ are what the test started (a worker pid is checked to still be a ``tunnel worker
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
 import re
@@ -32,7 +34,7 @@ from cryptography import x509
 from tunnel.app import SIGNALS
 from tunnel.certs import issue, make_ca
 from tunnel.cli import main
-from tunnel.config import Address, ListenerConfig
+from tunnel.config import Address, ListenerConfig, ServerConfig
 from tunnel.logs import LOGGER_NAME, TextFormatter, fields
 from tunnel.net.listener import ListenError, bind_shared, open_listeners
 from tunnel.policy.restart import (
@@ -41,7 +43,7 @@ from tunnel.policy.restart import (
     MAX_BACKOFF,
     RestartPolicy,
 )
-from tunnel.supervisor import STOP_SECONDS, WORKER_SIGNALS, describe_exit
+from tunnel.supervisor import STOP_SLACK_SECONDS, WORKER_SIGNALS, describe_exit
 from tunnel.worker import WorkerTag, wait_for_supervisor_exit
 
 LOOPBACK = "127.0.0.1"
@@ -234,7 +236,7 @@ class TunnelProcess:
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         self.process.send_signal(signum)
-        return self.process.wait(STOP_SECONDS + WAIT_SECONDS)
+        return self.process.wait(ServerConfig().drain_timeout + STOP_SLACK_SECONDS + WAIT_SECONDS)
 
 
 PORT = re.compile(r" (?:listen|address)=127\.0\.0\.1:(\d+)")
@@ -413,10 +415,7 @@ def test_sighup_reaches_every_worker_and_nothing_exits(
 
     log = tunnel.wait_for(
         "both workers to log SIGHUP",
-        lambda log: (
-            set(re.findall(r"SIGHUP received; no TLS files to reload.* worker=(\d+)", log))
-            == {"1", "2"}
-        ),
+        lambda log: set(re.findall(r"nothing to reload: .* worker=(\d+)", log)) == {"1", "2"},
     )
     assert "SIGHUP received; passing it on to the workers workers=2" in log
     assert "exited" not in log
@@ -463,7 +462,10 @@ def test_a_second_stop_signal_kills_a_worker_that_does_not_stop(
     assert tunnel.stop() == 0
 
     log = tunnel.log()
-    assert f'killing worker worker=2 pid={stuck} reason="a second stop signal arrived"' in log
+    assert (
+        f'killing worker worker=2 pid={stuck} reason="still running 5s after a second stop signal"'
+        in log
+    )
     assert f'worker stopped worker=2 pid={stuck} status="killed by SIGKILL"' in log
     assert not is_tunnel_worker(stuck)
 
@@ -602,3 +604,93 @@ def test_tls_workers_serve_wss_and_sighup_reloads_every_worker(
         x509.load_pem_x509_certificate(second.cert_pem).serial_number
     )
     assert tunnel.stop() == 0
+
+
+# --- reloads with workers --------------------------------------------------------------------
+
+ADMIN = re.compile(r" admin listening address=127\.0\.0\.1:(\d+)")
+
+
+def two_routes(echo_backend: WsBackend, *, keep_second: bool = True, extra: str = "") -> str:
+    routes = [("kept", "kept.test"), *([("gone", "gone.test")] if keep_second else [])]
+    return (
+        f'[server]\nworkers = 2\ndrain_timeout = "3s"\n{extra}'
+        f'[admin]\nlisten = "{LOOPBACK}:0"\n'
+        f'[[listeners]]\nlisten = "{LOOPBACK}:0"\n'
+        + "".join(
+            f'[[routes]]\nname = "{name}"\nhosts = ["{host}"]\n'
+            f'backends = [{{ name = "b", url = "{echo_backend.url}" }}]\n'
+            for name, host in routes
+        )
+    )
+
+
+def status_for_host(port: int, host: str) -> int:
+    """The status a WebSocket upgrade for ``host`` gets (101 when it echoes)."""
+    sock = socket.create_connection((LOOPBACK, port), timeout=WAIT_SECONDS)
+    try:
+        with websockets.sync.client.connect(f"ws://{host}/", sock=sock, open_timeout=10) as ws:
+            ws.send("ping")
+            assert ws.recv(timeout=10) == "ping"
+            return 101
+    except websockets.exceptions.InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def admin_post(port: int, path: str) -> tuple[int, dict[str, object]]:
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=WAIT_SECONDS)
+    try:
+        connection.request("POST", path)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_reload_with_workers_is_checked_once_and_reaches_every_worker(
+    start_tunnel_process: Callable[..., TunnelProcess], echo_backend: WsBackend, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "tunnel.toml"
+    config_file.write_text(two_routes(echo_backend))
+    tunnel = start_tunnel_process("run", "--config", str(config_file))
+    tunnel.wait_listening({1, 2})
+    port = int(re.findall(r"starting workers .* listen=127\.0\.0\.1:(\d+)", tunnel.log())[0])
+    admin = int(ADMIN.findall(tunnel.wait_for("the admin port", ADMIN.search))[0])
+    assert status_for_host(port, "gone.test") == 101
+
+    # A broken file: one error line, from the supervisor alone, and nothing changes.
+    config_file.write_text(two_routes(echo_backend).replace('"3s"', '"3 parsecs"'))
+    tunnel.process.send_signal(signal.SIGHUP)
+    log = tunnel.wait_for("the refusal", lambda log: "configuration not reloaded" in log)
+    [refusal] = [line for line in log.splitlines() if "configuration not reloaded" in line]
+    assert "server.drain_timeout" in refusal
+    assert "worker=" not in refusal, "the supervisor reads the file once, not each worker"
+    status, answer = admin_post(admin, "/reload")
+    assert status == 400
+    assert "server.drain_timeout" in str(answer["error"])
+    assert status_for_host(port, "gone.test") == 101
+
+    # A good file through POST /reload on the shared admin address: every worker applies it.
+    config_file.write_text(two_routes(echo_backend, keep_second=False))
+    status, answer = admin_post(admin, "/reload")
+    assert status == 200
+    assert answer == {
+        "reloaded": True,
+        "workers": 2,
+        "routes_added": [],
+        "routes_removed": ["gone"],
+    }
+    tunnel.wait_for(
+        "both workers to apply it",
+        lambda log: (
+            set(re.findall(r"info configuration reloaded .* worker=(\d+)", log)) == {"1", "2"}
+        ),
+    )
+    # Connections land on either worker: each of them must know the route is gone.
+    assert {status_for_host(port, "gone.test") for _ in range(8)} == {404}
+    assert status_for_host(port, "kept.test") == 101
+    assert tunnel.process.poll() is None
+    assert tunnel.workers().keys() == {1, 2}
+    assert "exited unexpectedly" not in tunnel.log()
+    assert tunnel.stop() == 0
+    assert "stopping workers signal=SIGTERM workers=2 stop_timeout=10s" in tunnel.log()

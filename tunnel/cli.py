@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import click
 import trio
 
 from tunnel._version import __version__
-from tunnel.app import Loader, WorkerAdmin, check_tls, serve_until_signal
+from tunnel.app import Control, Loader, WorkerAdmin, check_tls, serve_until_signal
 from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
 from tunnel.config import MAX_WORKERS, Address, Config
 from tunnel.demo import run_demo
@@ -23,7 +24,7 @@ from tunnel.logs import LOGGER_NAME, setup_logging
 from tunnel.net.activation import WORKER_OPTION, take_from_supervisor
 from tunnel.net.listener import ListenError
 from tunnel.supervisor import run_workers
-from tunnel.worker import WORKER_COMMAND, tag_logs, wait_for_supervisor_exit
+from tunnel.worker import WORKER_COMMAND, SupervisorLink, tag_logs, wait_for_supervisor_exit
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -162,7 +163,7 @@ def run(
     if config.server.workers > 1:
         try:
             check_tls(config)  # here, once, rather than in every worker it would stop
-            status = run_workers(config)
+            status = run_workers(config, loader)
         except ConfigError as error:
             _fail(f"configuration error: {error}")
             return
@@ -192,6 +193,7 @@ def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
 @click.option("--of", "workers", type=click.IntRange(1, MAX_WORKERS), default=1)
 @click.option("--admin-fd", type=click.IntRange(0), default=None)
 @click.option(WORKER_OPTION, "listen_fds", multiple=True, metavar="ADDR=FD")
+@click.option("--link", type=click.IntRange(0), default=None)
 def worker(
     number: int,
     lifeline: int | None,
@@ -199,6 +201,7 @@ def worker(
     workers: int,
     admin_fd: int | None,
     listen_fds: tuple[str, ...],
+    link: int | None,
 ) -> None:
     """One worker of ``tunnel run --workers N``, started by its supervisor.
 
@@ -208,6 +211,8 @@ def worker(
     public listening socket as ``--admin-fd`` (see ``tunnel.federation``). Each ``--listen-fd
     ADDR=FD`` is a listening socket the supervisor inherited (systemd socket activation), which
     the listener ADDR accepts on instead of binding (see ``tunnel.net.activation``).
+    ``--link`` is this worker's end of a socket pair to the supervisor, which hands over new
+    configurations on a reload (see ``tunnel.worker``).
     """
     take_from_supervisor(listen_fds)
     try:
@@ -220,7 +225,9 @@ def worker(
     admin = None
     if admin_dir is not None:
         admin = WorkerAdmin(admin_dir, number, workers, admin_fd)
-    _serve_in_this_process(config, reuse_port=True, lifeline=lifeline, worker_admin=admin)
+    _serve_in_this_process(
+        config, reuse_port=True, lifeline=lifeline, worker_admin=admin, link=link
+    )
 
 
 def _serve_in_this_process(
@@ -230,6 +237,7 @@ def _serve_in_this_process(
     lifeline: int | None = None,
     worker_admin: WorkerAdmin | None = None,
     loader: Loader | None = None,
+    link: int | None = None,
 ) -> None:
     with _exit_on_startup_errors():
         trio.run(
@@ -240,6 +248,7 @@ def _serve_in_this_process(
                 lifeline=lifeline,
                 worker_admin=worker_admin,
                 loader=loader,
+                link=link,
             )
         )
 
@@ -265,13 +274,20 @@ async def _run_until_signal(
     lifeline: int | None,
     worker_admin: WorkerAdmin | None,
     loader: Loader | None,
+    link: int | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
+    control = Control(loader)
     async with trio.open_nursery() as nursery:
         if lifeline is not None:
             nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)
+        if link is not None:
+            supervisor = SupervisorLink(link)
+            nursery.start_soon(supervisor.serve, control)
+            if worker_admin is not None:
+                worker_admin = dataclasses.replace(worker_admin, reload=supervisor.request_reload)
         await serve_until_signal(
-            config, reuse_port=reuse_port, worker_admin=worker_admin, loader=loader
+            config, reuse_port=reuse_port, worker_admin=worker_admin, control=control
         )
         nursery.cancel_scope.cancel()
 

@@ -13,9 +13,14 @@ kernel spreads new connections among the workers; ``-P`` keeps the current direc
 talk to each other or to the supervisor; the supervisor only starts, signals, reaps and restarts
 them:
 
-- SIGTERM or SIGINT: SIGTERM to every worker, wait up to ``STOP_SECONDS``, SIGKILL what is left,
-  return 0. A second SIGTERM or SIGINT skips the wait.
-- SIGHUP: passed on to every worker.
+- SIGTERM or SIGINT: SIGTERM to every worker, which drains its tunnels (``drain_timeout``);
+  wait up to ``drain_timeout`` + ``STOP_SLACK_SECONDS``, SIGKILL what is left, return 0. A second
+  SIGTERM or SIGINT is passed on (each worker then closes what is left at once) and the wait
+  shrinks to ``KILL_WAIT_SECONDS``.
+- SIGHUP, or a reload that worker 1 asks for (``POST /reload``): read the configuration file
+  once with the ``loader``, check it (TLS files included) and reserve any new port, then hand it
+  to every worker over its link (``tunnel.worker``); a bad file is one error line and nothing
+  changes. Without a configuration file, SIGHUP is passed on (the workers reload TLS files).
 - A worker that exits on its own is restarted after a backoff (``tunnel.policy.restart``); when
   every worker keeps failing to start, the supervisor gives up and returns 1.
 
@@ -27,6 +32,7 @@ restart, and nothing else runs in this process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import select
@@ -37,23 +43,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from tunnel.config import Address, AdminConfig, Config
+from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net import activation
 from tunnel.net.admin import bind_admin
-from tunnel.net.listener import bind_shared, take_inherited
+from tunnel.net.listener import ListenError, bind_shared, take_inherited
 from tunnel.policy.restart import RestartPolicy
-from tunnel.worker import WORKER_COMMAND
+from tunnel.worker import CONFIG, OUTCOME, RELOAD, WORKER_COMMAND, Messages, message
 
 log = logging.getLogger(LOGGER_NAME)
 
-STOP_SECONDS = 10.0
-"""How long stopping workers get after SIGTERM before they are killed."""
+STOP_SLACK_SECONDS = 7.0
+"""Beyond ``drain_timeout``, how long stopping workers get after SIGTERM before they are killed:
+a worker exits at most 2 s after its drain ends, and the rest is the time to start up Python's
+exit on a loaded machine."""
+LINK_SEND_SECONDS = 5.0
+"""Bound on handing one message to a worker (it reads its link all the time)."""
 KILL_WAIT_SECONDS = 5.0
 """Bound on waiting for a killed worker to be reaped (SIGKILL cannot be caught; this is slack)."""
 
@@ -65,7 +77,7 @@ unblocks them once it handles them."""
 _WAKE_SIGNALS = (*WORKER_SIGNALS, signal.SIGCHLD)
 
 
-def run_workers(config: Config) -> int:
+def run_workers(config: Config, loader: Callable[[], Config] | None = None) -> int:
     """Serve ``config`` with ``config.server.workers`` processes; block until SIGTERM or SIGINT.
 
     The one-process counterpart of ``await serve(config)`` for ``workers`` > 1. Call it from the
@@ -75,6 +87,9 @@ def run_workers(config: Config) -> int:
     Listening sockets this process inherited (systemd socket activation) are not bound: every
     worker gets them (``--listen-fd``) and accepts on them, with no SO_REUSEPORT.
 
+    ``loader`` reads the configuration again for a reload (SIGHUP, ``POST /reload``); it raises
+    ``ConfigError``.
+
     Returns:
         The exit status: 0 after a requested stop, 1 when the workers could not be started.
 
@@ -82,49 +97,86 @@ def run_workers(config: Config) -> int:
         ListenError: when a listening address cannot be bound, or an inherited descriptor is
             not a listening TCP socket; no worker was started.
     """
-    reserved: list[socket.socket] = []
+    ports = _Ports()
     cleanup = ExitStack()
     try:
-        listeners = []
-        # Inherited sockets (systemd socket activation) are not bound again: ``_start`` passes
-        # them to every worker, which all accept on them.
-        inherited = take_inherited(config.listeners)
-        for listener, taken in zip(config.listeners, inherited, strict=True):
-            if taken:
-                listeners.append(listener)
-                continue
-            sockets = bind_shared(listener.listen, listen=False)
-            reserved += sockets
-            port = sockets[0].getsockname()[1]
-            listeners.append(
-                dataclasses.replace(listener, listen=Address(listener.listen.host, port))
-            )
-        worker_config = dataclasses.replace(
-            config,
-            listeners=tuple(listeners),
-            server=dataclasses.replace(config.server, workers=1),
-            admin=AdminConfig(),
-        )
+        worker_config = ports.worker_config(config)
         admin = None
         if config.admin.listen is not None:
             admin = _AdminPlan(bind_admin(config.admin.listen), tempfile.mkdtemp(prefix="tunnel-"))
-            reserved.append(admin.listener)
+            cleanup.callback(admin.listener.close)
             cleanup.callback(shutil.rmtree, admin.directory, ignore_errors=True)
         log.info(
             "starting workers",
             extra=fields(
                 workers=config.server.workers,
                 pid=os.getpid(),
-                listen=",".join(str(listener.listen) for listener in listeners),
+                listen=",".join(str(listener.listen) for listener in worker_config.listeners),
             ),
         )
         with _signal_pipe() as wakeups, _lifeline() as lifeline:
-            supervisor = _Supervisor(worker_config.to_toml().encode(), wakeups, lifeline, admin)
+            supervisor = _Supervisor(config, worker_config, ports, wakeups, lifeline, admin, loader)
             return supervisor.run(config.server.workers)
     finally:
-        for sock in reserved:
-            sock.close()
+        ports.close()
         cleanup.close()
+
+
+class _Ports:
+    """The listening addresses reserved for the workers, by configured address: bound here
+    (SO_REUSEPORT, not listening) so that a busy port fails before any worker starts and port 0
+    becomes one concrete port that every worker, and every reload, uses."""
+
+    def __init__(self) -> None:
+        self._reserved: dict[Address, tuple[Address, list[socket.socket]]] = {}
+
+    def worker_config(self, config: Config) -> Config:
+        """``config`` as workers serve it: concrete ports, one process each, no admin listener
+        of their own. Binds the addresses not reserved yet and releases those no longer
+        configured (only once everything is bound: a failure changes nothing).
+
+        Raises:
+            ListenError: an address cannot be bound (or an inherited socket is not usable).
+        """
+        inherited = take_inherited(config.listeners)
+        bound: dict[Address, tuple[Address, list[socket.socket]]] = {}
+        listeners = []
+        try:
+            for listener, taken in zip(config.listeners, inherited, strict=True):
+                # Inherited sockets (systemd socket activation) are not bound again: ``_start``
+                # passes them to every worker, which all accept on them.
+                if taken:
+                    listeners.append(listener)
+                    continue
+                reserved = self._reserved.get(listener.listen) or bound.get(listener.listen)
+                if reserved is None:
+                    sockets = bind_shared(listener.listen, listen=False)
+                    port = sockets[0].getsockname()[1]
+                    reserved = (Address(listener.listen.host, port), sockets)
+                    bound[listener.listen] = reserved
+                listeners.append(dataclasses.replace(listener, listen=reserved[0]))
+        except BaseException:
+            for _, sockets in bound.values():
+                for sock in sockets:
+                    sock.close()
+            raise
+        self._reserved.update(bound)
+        configured = {listener.listen for listener in config.listeners}
+        for address in [a for a in self._reserved if a not in configured]:
+            for sock in self._reserved.pop(address)[1]:
+                sock.close()
+        return dataclasses.replace(
+            config,
+            listeners=tuple(listeners),
+            server=dataclasses.replace(config.server, workers=1),
+            admin=AdminConfig(),
+        )
+
+    def close(self) -> None:
+        for _, sockets in self._reserved.values():
+            for sock in sockets:
+                sock.close()
+        self._reserved.clear()
 
 
 def describe_exit(returncode: int) -> str:
@@ -147,6 +199,9 @@ class _Slot:
     restart_at: float | None = 0.0
     """When to start the next process; None while one runs. 0 = at once."""
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    link: socket.socket | None = None
+    """The supervisor's end of this worker's link (``tunnel.worker``)."""
+    messages: Messages = field(default_factory=Messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,40 +215,152 @@ class _AdminPlan:
 
 class _Supervisor:
     def __init__(
-        self, config_toml: bytes, wakeups: int, lifeline: int, admin: _AdminPlan | None = None
+        self,
+        config: Config,
+        worker_config: Config,
+        ports: _Ports,
+        wakeups: int,
+        lifeline: int,
+        admin: _AdminPlan | None = None,
+        loader: Callable[[], Config] | None = None,
     ) -> None:
-        self._config_toml = config_toml
+        self._config = config
+        self._config_toml = worker_config.to_toml().encode()
+        self._ports = ports
         self._wakeups = wakeups
         self._lifeline = lifeline
         self._admin = admin
+        self._loader = loader
         self._slots: list[_Slot] = []
 
     def run(self, workers: int) -> int:
         self._slots = [_Slot(number) for number in range(1, workers + 1)]
         received: list[int] = []
-        while True:
-            for signum in received:
-                if signum in STOP_SIGNALS:
-                    self._stop(signal.Signals(signum).name)
-                    return 0
-                if signum == signal.SIGHUP:
-                    self._forward_hangup()
-            self._reap_unexpected(time.monotonic())
-            if all(slot.process is None and slot.restarts.cannot_start for slot in self._slots):
-                log.error(
-                    "workers cannot start; giving up",
-                    extra=fields(
-                        workers=workers,
-                        reason="every worker exited within a second of its start, "
-                        "three times in a row; see their errors above",
-                    ),
-                )
-                return 1
-            now = time.monotonic()
+        try:
+            while True:
+                for signum in received:
+                    if signum in STOP_SIGNALS:
+                        self._stop(signal.Signals(signum).name)
+                        return 0
+                    if signum == signal.SIGHUP:
+                        self._hangup()
+                self._reap_unexpected(time.monotonic())
+                if all(slot.process is None and slot.restarts.cannot_start for slot in self._slots):
+                    log.error(
+                        "workers cannot start; giving up",
+                        extra=fields(
+                            workers=workers,
+                            reason="every worker exited within a second of its start, "
+                            "three times in a row; see their errors above",
+                        ),
+                    )
+                    return 1
+                now = time.monotonic()
+                for slot in self._slots:
+                    if slot.restart_at is not None and slot.restart_at <= now:
+                        self._start(slot, now)
+                received = self._wait(self._next_restart(time.monotonic()))
+        finally:
             for slot in self._slots:
-                if slot.restart_at is not None and slot.restart_at <= now:
-                    self._start(slot, now)
-            received = _wait(self._wakeups, self._next_restart(time.monotonic()))
+                self._unlink(slot)
+
+    def _wait(self, timeout: float | None) -> list[int]:
+        """Wait for signals and link messages (served here); the signals received."""
+        links = {slot.link.fileno(): slot for slot in self._slots if slot.link is not None}
+        ready, _, _ = select.select([self._wakeups, *links], [], [], timeout)
+        for fd in ready:
+            if fd in links:
+                self._read_link(links[fd])
+        return _drain_signals(self._wakeups)
+
+    def _read_link(self, slot: _Slot) -> None:
+        assert slot.link is not None
+        try:
+            data = slot.link.recv(65536)
+            requests = slot.messages.feed(data) if data else None
+        except (OSError, ValueError):
+            requests = None
+        if requests is None:
+            # The worker is gone (or broke the protocol); its exit is reaped as usual.
+            self._unlink(slot)
+            return
+        for kind, _ in requests:
+            if kind == RELOAD:
+                outcome = self._reload(f"worker {slot.number} (POST /reload)")
+                self._send(slot, message(OUTCOME, json.dumps(outcome).encode()))
+
+    def _hangup(self) -> None:
+        if self._loader is None:
+            self._forward_hangup()
+            return
+        log.info("SIGHUP received; reloading")
+        self._reload("SIGHUP")
+
+    def _reload(self, why: str) -> dict[str, Any]:
+        """Read and check the configuration once, then hand it to every worker; the outcome as
+        ``POST /reload`` answers it. A bad file changes nothing."""
+        if self._loader is None:
+            return {"status": 409, "error": "started without a configuration file; nothing to read"}
+        try:
+            config = self._loader()
+            config.check_reload(self._config)
+            worker_config = self._ports.worker_config(config)
+        except (ConfigError, ListenError) as error:
+            text = error.strerror if isinstance(error, ListenError) else str(error)
+            log.error(
+                "configuration not reloaded; the running one stays",
+                extra=fields(error=text or str(error), by=why),
+            )
+            return {"status": 400, "error": text or str(error)}
+        before = {route.name for route in self._config.routes}
+        after = {route.name for route in config.routes}
+        self._config = config
+        self._config_toml = worker_config.to_toml().encode()
+        running = [slot for slot in self._slots if slot.link is not None]
+        for slot in running:
+            self._send(slot, message(CONFIG, self._config_toml))
+        log.info(
+            "configuration reloaded; handed to the workers",
+            extra=fields(
+                workers=len(running),
+                by=why,
+                routes=",".join(route.name for route in config.routes),
+                routes_added=",".join(sorted(after - before)) or "-",
+                routes_removed=",".join(sorted(before - after)) or "-",
+            ),
+        )
+        return {
+            "status": 200,
+            "document": {
+                "reloaded": True,
+                "workers": len(running),
+                "routes_added": sorted(after - before),
+                "routes_removed": sorted(before - after),
+            },
+        }
+
+    def _send(self, slot: _Slot, data: bytes) -> None:
+        """Hand ``data`` to a worker; one that does not take it within ``LINK_SEND_SECONDS``
+        is logged and skipped (it is stuck, and will be restarted if it dies)."""
+        if slot.link is None:
+            return
+        try:
+            slot.link.settimeout(LINK_SEND_SECONDS)
+            slot.link.sendall(data)
+        except OSError as exc:
+            log.error(
+                "could not hand a message to a worker",
+                extra=fields(worker=slot.number, error=str(exc) or type(exc).__name__),
+            )
+        finally:
+            slot.link.setblocking(False)
+
+    @staticmethod
+    def _unlink(slot: _Slot) -> None:
+        if slot.link is not None:
+            slot.link.close()
+            slot.link = None
+        slot.messages = Messages()
 
     def _start(self, slot: _Slot, now: float) -> None:
         command = [
@@ -209,7 +376,10 @@ class _Supervisor:
             "--lifeline",
             str(self._lifeline),
         ]
-        inherited = [self._lifeline]
+        self._unlink(slot)
+        link, worker_end = socket.socketpair()
+        command += ["--link", str(worker_end.fileno())]
+        inherited = [self._lifeline, worker_end.fileno()]
         for address, fd in activation.inherited().assigned():  # as taken by run_workers
             command += [activation.WORKER_OPTION, activation.listen_fd_argument(address, fd)]
             inherited.append(fd)
@@ -235,6 +405,7 @@ class _Supervisor:
                     process_group=0,
                 )
             except OSError as exc:
+                link.close()
                 wait = slot.restarts.exited(uptime=0.0)
                 slot.restart_at = now + wait
                 log.error(
@@ -244,6 +415,9 @@ class _Supervisor:
                 return
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                worker_end.close()
+        link.setblocking(False)
+        slot.link = link
         slot.process, slot.started, slot.restart_at = process, now, None
         log.info("worker started", extra=fields(worker=slot.number, pid=process.pid))
 
@@ -281,12 +455,20 @@ class _Supervisor:
             process.send_signal(signal.SIGHUP)  # no-op if already reaped, so never a stale pid
 
     def _stop(self, reason: str) -> None:
+        """SIGTERM to every worker, which drains its tunnels and exits; kill what is left at
+        the bound. A second stop signal is passed on (the workers close what is left at once)
+        and shortens the wait to ``KILL_WAIT_SECONDS``."""
         running = self._running()
-        log.info("stopping workers", extra=fields(signal=reason, workers=len(running)))
+        bound = self._config.server.drain_timeout + STOP_SLACK_SECONDS
+        log.info(
+            "stopping workers",
+            extra=fields(signal=reason, workers=len(running), stop_timeout=Seconds(bound)),
+        )
         for _, process in running:
             process.terminate()
-        deadline = time.monotonic() + STOP_SECONDS
-        why = f"still running {STOP_SECONDS:g}s after SIGTERM"
+        deadline = time.monotonic() + bound
+        why = f"still running {bound:g}s after SIGTERM (drain_timeout + {STOP_SLACK_SECONDS:g}s)"
+        hurried = False
         while True:
             for number, process in running:
                 if process.poll() is not None:
@@ -297,9 +479,16 @@ class _Supervisor:
             left = deadline - time.monotonic()
             if not running or left <= 0:
                 break
-            if STOP_SIGNALS.intersection(_wait(self._wakeups, left)):
-                why = "a second stop signal arrived"
-                break
+            if STOP_SIGNALS.intersection(self._wait(left)) and not hurried:
+                hurried = True
+                log.info(
+                    "second stop signal; workers close their tunnels now",
+                    extra=fields(workers=len(running)),
+                )
+                for _, process in running:
+                    process.terminate()
+                deadline = min(deadline, time.monotonic() + KILL_WAIT_SECONDS)
+                why = f"still running {KILL_WAIT_SECONDS:g}s after a second stop signal"
         for number, process in running:
             log.warning("killing worker", extra=fields(worker=number, pid=process.pid, reason=why))
             process.kill()
@@ -347,9 +536,8 @@ def _note(signum: int, frame: FrameType | None) -> None:
     """The Python-level handler: nothing to do, the signal's byte is already in the pipe."""
 
 
-def _wait(wakeups: int, timeout: float | None) -> list[int]:
-    """Wait up to ``timeout`` seconds (None: no limit) for signals; return those received."""
-    select.select([wakeups], [], [], timeout)
+def _drain_signals(wakeups: int) -> list[int]:
+    """The signals received since the last call."""
     try:
         return list(os.read(wakeups, 4096))
     except BlockingIOError:
