@@ -169,3 +169,35 @@ async def test_counts_per_backend_are_exact_with_failover_and_refusals(
     assert metrics[("tunnel_tunnels_total", (("backend", "b1"), ("route", "echo")))] == 3
     assert metrics[("tunnel_closed_total", (("reason", "client_eof"), ("route", "echo")))] == 3
     assert metrics[("tunnel_open_tunnels", (("backend", "b1"), ("route", "echo")))] == 0
+
+
+async def test_a_reload_that_shortens_idle_timeout_applies_to_open_tunnels_at_once(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new idle_timeout is not left waiting behind the old (hour-long) deadline."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    backend = await start_raw_backend(nursery, echo_after_upgrade)
+    mapping = {
+        "listeners": [{"listen": f"{LOOPBACK}:0"}],
+        "routes": [{"name": "echo", "backends": [{"name": "b0", "url": backend}]}],
+    }
+    control = Control()
+    listeners = await nursery.start(partial(serve, Config.from_mapping(mapping), control=control))
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(WAIT_SECONDS):
+        client, rest = await open_raw_tunnel(port)
+        assert control.generation is not None
+        generation = control.generation
+        await wait_for(lambda: open_count_is(generation, 1))
+        outcome = await control.reload(
+            Config.from_mapping({**mapping, "server": {"idle_timeout": "1s"}})
+        )
+        started = trio.current_time()
+        received = await read_to_eof(client, rest)
+        waited = trio.current_time() - started
+
+    assert outcome.draining == 0, "route and backend unchanged: the tunnel is kept"
+    assert received == close_frame("idle_timeout")
+    assert waited < 5, "closed about a second after the reload, not an hour later"
+    [line] = [r for r in caplog.records if r.getMessage() == "tunnel closed"]
+    assert line.fields["reason"] == CloseReason.IDLE_TIMEOUT  # type: ignore[attr-defined]

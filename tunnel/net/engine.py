@@ -245,12 +245,7 @@ class Engine:
         close_grace: float = 1.0,
     ) -> None:
         self.pipes = PipePool(splice_pipes)
-        self.configure(
-            relay=relay,
-            splice_pipes=splice_pipes,
-            idle_timeout=idle_timeout,
-            close_grace=close_grace,
-        )
+        self.idle_timeout = 0.0
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         """Written to when work is queued from outside the event loop (a close the timer or
@@ -269,11 +264,18 @@ class Engine:
         """A shutdown's reason, last polite close and end: tunnels adopted during it."""
         self._buffer = bytearray(COPY_CHUNK)
         self._view = memoryview(self._buffer)
+        self.configure(
+            relay=relay,
+            splice_pipes=splice_pipes,
+            idle_timeout=idle_timeout,
+            close_grace=close_grace,
+        )
 
     def configure(
         self, *, relay: str, splice_pipes: int, idle_timeout: float, close_grace: float
     ) -> None:
-        """Apply settings (a reload calls this; open tunnels follow at their next decision).
+        """Apply settings (a reload calls this): open tunnels follow them too, a shorter
+        ``idle_timeout`` at once.
 
         ``relay``: ``copy`` never splices; ``splice`` splices every read a pipe is free for;
         ``auto`` copies until a read fills the whole buffer (a bulk flow), then splices until a
@@ -283,8 +285,13 @@ class Engine:
         self.splice_always = can_splice and relay == "splice"
         self.splice_bulk = can_splice and relay == "auto"
         self.pipes.limit = splice_pipes
+        sooner = idle_timeout > 0 and not 0 < self.idle_timeout <= idle_timeout
         self.idle_timeout = idle_timeout
         self.close_grace = close_grace
+        if sooner:
+            # Open tunnels are looked at by their old deadline: bring it forward.
+            for tunnel in self._tunnels:
+                self._schedule(tunnel)
 
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(
