@@ -164,8 +164,9 @@ class _Closing:
     def __init__(self, frame: bytes) -> None:
         self.frame = frame
         self.sent = False
-        """Queued for the destination, or known not to be needed (the source already sent its
-        own Close, or the destination is shut)."""
+        """The frame in flight has ended and nothing more is passed on: the Close frame is
+        queued for the destination, or not needed (the source's own Close went through, or
+        the destination is shut)."""
 
 
 class Tunnel:
@@ -718,22 +719,26 @@ class Engine:
         assert frames is not None
         assert tunnel is not None
         if not closing.sent:
-            if flow.eof or flow.shut or frames.close_seen:
-                # The destination got (or is getting) the source's own Close or its FIN: a
-                # second Close would break the protocol.
-                closing.sent = True
-            elif frames.in_frame or flow.piped:
-                return
-            else:
-                closing.sent = True
-                flow.parked += closing.frame
+            if flow.eof or flow.shut:
+                # The destination gets the source's FIN: nothing may follow it.
+                self._cut(flow, closing, tunnel)
+            elif not (frames.in_frame or flow.piped):
+                flow.parked += self._cut(flow, closing, tunnel)
                 self._flush(flow)
-                other = tunnel.down if flow.upstream else tunnel.up
-                if other.closing is not None and other.closing.sent:
-                    # Both Close frames are out: the replies get close_grace from now.
-                    tunnel.deadline = min(tunnel.hard_at, trio.current_time() + self.close_grace)
-                    self._schedule(tunnel)
         self._check_closed(tunnel)
+
+    def _cut(self, flow: _Flow, closing: _Closing, tunnel: Tunnel) -> bytes:
+        """The flow stands between two frames: nothing more is passed on from here. Returns
+        the Close frame to write now, or nothing when the source's own Close already went
+        through (a second one would break the protocol). Once both flows are cut, the replies
+        get ``close_grace`` from now."""
+        closing.sent = True
+        other = tunnel.down if flow.upstream else tunnel.up
+        if other.closing is not None and other.closing.sent:
+            tunnel.deadline = min(tunnel.hard_at, trio.current_time() + self.close_grace)
+            self._schedule(tunnel)
+        assert flow.frames is not None
+        return b"" if flow.frames.close_seen else closing.frame
 
     @staticmethod
     def _check_closed(tunnel: Tunnel) -> None:
@@ -767,7 +772,8 @@ class Engine:
             except OSError as exc:
                 raise _TunnelEnded(tunnel.closing or flow.reset_src) from exc
             if not n:
-                closing.sent = True
+                if not closing.sent:
+                    self._cut(flow, closing, tunnel)
                 self._source_ended(flow)
                 break
             if closing.sent:
@@ -776,8 +782,7 @@ class Engine:
             take = frames.finish_frame(view, n)
             out = bytes(view[:take])
             if take < n or not frames.in_frame:
-                closing.sent = True
-                out += closing.frame
+                out += self._cut(flow, closing, tunnel)
                 frames.feed(view[take:n], n - take)
             try:
                 sent = flow.dst.send(out)
