@@ -131,10 +131,12 @@ def run(
     tls_key: Path | None,
     admin: str | None,
 ) -> None:
-    """Run the tunnel until interrupted (Ctrl-C or SIGTERM).
+    """Run the tunnel until interrupted (Ctrl-C or SIGTERM), then drain the open tunnels
+    (server.drain_timeout; a second signal closes them at once).
 
-    SIGHUP reloads TLS certificates and never stops it. With more than one worker this process
-    supervises the workers (see docs/operations.md).
+    SIGHUP reads the configuration file again and applies it without dropping the tunnels of
+    unchanged routes (without a file: reloads TLS files); it never stops the tunnel. With more
+    than one worker this process supervises the workers (see docs/operations.md).
     """
     overrides = partial(
         Config.with_overrides,

@@ -20,6 +20,19 @@ MAX_HEADER = 14
 """2 bytes, 8 of extended length, 4 of mask key."""
 MAX_CLOSE_REASON = 123
 """A control frame's payload is at most 125 bytes, two of which are the code."""
+FRAMES_ALWAYS_TRACKED = 32
+SMALLEST_AVERAGE_FRAME = 32
+"""Beyond ``FRAMES_ALWAYS_TRACKED`` frames in one read, the frames of that read must average at
+least this many bytes, or the tracker gives up (``TooManyFrames``). Reading a header costs about
+0.2 µs of Python where relaying costs about 1 ns a byte: 64 KiB of empty 2-byte frames would
+take 7 ms to track, a cheap way for one client to burn a core. With this bound tracking costs at
+most about 6 µs plus 6 ns a byte per read; a chatty client whose many tiny messages arrive
+batched in one read only loses the Close frame at the end (its tunnel closes plainly)."""
+
+
+class TooManyFrames(Exception):
+    """A read held too many tiny frames (``SMALLEST_AVERAGE_FRAME``): the tracker stopped,
+    and the stream's boundaries are no longer known."""
 
 
 def header_size(first: int, second: int) -> int:
@@ -80,7 +93,12 @@ class FrameTracker:
         return self.left > 0 or bool(self._head)
 
     def feed(self, data: bytes | bytearray | memoryview, end: int) -> None:
-        """Account for ``data[:end]``, the next bytes of the stream."""
+        """Account for ``data[:end]``, the next bytes of the stream.
+
+        Raises:
+            TooManyFrames: ``data[:end]`` held too many tiny frames (``SMALLEST_AVERAGE_FRAME``);
+                the tracker is then of no further use.
+        """
         pos = self.left
         if pos >= end:
             self.left = pos - end
@@ -89,7 +107,21 @@ class FrameTracker:
             pos = self._complete_head(data, end)
             if pos < 0:
                 return
+        budget = FRAMES_ALWAYS_TRACKED + (end - pos) // SMALLEST_AVERAGE_FRAME
         while pos < end:
+            budget -= 1
+            if budget < 0:
+                raise TooManyFrames
+            # The common case written out (a payload under 126 bytes, the header whole in
+            # this read): this loop runs once per frame of every WebSocket message.
+            if end - pos >= 6:
+                second = data[pos + 1]
+                length = second & 0x7F
+                if length < 126:
+                    if data[pos] & 0x0F == CLOSE_OPCODE:
+                        self.close_seen = True
+                    pos += (6 if second & 0x80 else 2) + length
+                    continue
             header = _parse(data, pos, end)
             if header is None:
                 self._head = bytes(data[pos:end])

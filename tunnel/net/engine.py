@@ -36,7 +36,8 @@ from typing import cast
 
 import trio
 
-from tunnel.core.wsframes import MAX_HEADER, FrameTracker, close_frame
+from tunnel.core.wsframes import MAX_HEADER, FrameTracker, TooManyFrames, close_frame
+from tunnel.logs import fields
 from tunnel.net.pipes import Pipe, PipePool, splice_available
 from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn
@@ -335,10 +336,13 @@ class Engine:
         if websocket:
             tunnel.up.frames = FrameTracker()
             tunnel.down.frames = FrameTracker()
-            if to_backend:
-                tunnel.up.frames.feed(to_backend, len(to_backend))
-            if to_client:
-                tunnel.down.frames.feed(to_client, len(to_client))
+            try:
+                if to_backend:
+                    tunnel.up.frames.feed(to_backend, len(to_backend))
+                if to_client:
+                    tunnel.down.frames.feed(to_client, len(to_client))
+            except TooManyFrames:
+                self._untrack(tunnel.up)
         tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
         now = stats.last_activity = trio.current_time()
         self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
@@ -520,7 +524,11 @@ class Engine:
                 if left >= n:
                     frames.left = left - n
                 else:
-                    frames.feed(buffer, n)
+                    try:
+                        frames.feed(buffer, n)
+                    except TooManyFrames:
+                        frames = None
+                        self._untrack(flow)
             try:
                 sent = dst.send(self._view[:n])
             except BlockingIOError:
@@ -567,8 +575,10 @@ class Engine:
             size = frames.peek(head)
             if size is None:
                 return -1
-            if self.splice_bulk and size < SPLICE_BELOW:
-                flow.splicing = False
+            if size < SPLICE_BELOW:
+                # Three system calls for one small frame: copying reads many in one.
+                if self.splice_bulk:
+                    flow.splicing = False
                 return -1
         pipe = self.pipes.acquire()
         if pipe is None:
@@ -741,6 +751,21 @@ class Engine:
         return b"" if flow.frames.close_seen else closing.frame
 
     @staticmethod
+    def _untrack(flow: _Flow) -> None:
+        """Stop tracking frames in the flow's tunnel (its source sends too many tiny frames
+        to track cheaply, ``wsframes.SMALLEST_AVERAGE_FRAME``); the tunnel will close plainly,
+        as other upgrades do."""
+        tunnel = flow.tunnel
+        if tunnel is None:
+            return
+        tunnel.up.frames = tunnel.down.frames = None
+        log.debug(
+            "WebSocket frames no longer tracked: too many tiny frames in one read; this "
+            "tunnel will be closed without a Close frame",
+            extra=fields(side="client" if flow.upstream else "backend"),
+        )
+
+    @staticmethod
     def _check_closed(tunnel: Tunnel) -> None:
         """Both Close frames written and both sides answered: the polite close is done."""
         for flow in (tunnel.up, tunnel.down):
@@ -777,13 +802,20 @@ class Engine:
                 self._source_ended(flow)
                 break
             if closing.sent:
-                frames.feed(view, n)
+                try:
+                    frames.feed(view, n)
+                except TooManyFrames:
+                    # No reply can be recognised in this: the source has had its chance.
+                    raise _TunnelEnded(tunnel.closing or CloseReason.ERROR) from None
                 continue
             take = frames.finish_frame(view, n)
             out = bytes(view[:take])
             if take < n or not frames.in_frame:
                 out += self._cut(flow, closing, tunnel)
-                frames.feed(view[take:n], n - take)
+                try:
+                    frames.feed(view[take:n], n - take)
+                except TooManyFrames:
+                    raise _TunnelEnded(tunnel.closing or CloseReason.ERROR) from None
             try:
                 sent = flow.dst.send(out)
             except BlockingIOError:
