@@ -910,3 +910,28 @@ async def test_reload_picks_up_a_new_backend_ca(
     assert before.status_code == 502
     assert answers == ["new CA"]
     assert "backend TLS files reloaded" in tunnel_log(caplog)
+
+
+async def test_a_wss_tunnel_the_tunnel_ends_gets_a_close_frame_inside_tls(
+    nursery: trio.Nursery, pki: Pki, site: Pair, echo_backend: WsBackend
+) -> None:
+    """Polite closes work through TLS too: an idle timeout reaches a verifying client as a
+    Close 1001 (idle_timeout) inside the TLS stream, not as a bare TCP close (1006)."""
+
+    def client(url: str) -> tuple[str | bytes, object]:
+        with ws_connect(url, ssl=client_context(pki.ca_file)) as ws:
+            ws.send("hello")
+            answer = ws.recv(timeout=CLIENT_TIMEOUT)
+            try:
+                ws.recv(timeout=CLIENT_TIMEOUT)
+            except websockets.exceptions.ConnectionClosed as closed:
+                return answer, closed.rcvd and (closed.rcvd.code, closed.rcvd.reason)
+            return answer, "no close"
+
+    with trio.fail_after(TEST_TIMEOUT):
+        config = tls_config([echo_backend.url], tls=site.toml(), idle_timeout="1s")
+        port = await start(nursery, config)
+        answer, received = await in_thread(client, f"wss://127.0.0.1:{port}")
+
+    assert answer == "hello"
+    assert received == (1001, "idle_timeout")
