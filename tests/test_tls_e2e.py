@@ -935,3 +935,30 @@ async def test_a_wss_tunnel_the_tunnel_ends_gets_a_close_frame_inside_tls(
 
     assert answer == "hello"
     assert received == (1001, "idle_timeout")
+
+
+async def test_a_configuration_reload_also_reloads_the_certificates_of_kept_listeners(
+    nursery: trio.Nursery, pki: Pki, site: Pair, echo_backend: WsBackend
+) -> None:
+    """SIGHUP with a configuration file goes through ``Control.reload``: a listener kept
+    across it (same address, same TLS settings) keeps its socket and its open tunnel, and its
+    certificate files are read again, as SIGHUP did before reloads existed."""
+    control = Control()
+    context = client_context(pki.ca_file)
+    url = "wss://localhost:{port}"
+    with trio.fail_after(TEST_TIMEOUT):
+        config = tls_config([echo_backend.url], tls=site.toml(), cert_check_interval="0s")
+        port = await start(nursery, config, control)
+        ws = await in_thread(ws_connect, url.format(port=port), ssl=context, legacy=True)
+        try:
+            before = await in_thread(echo, ws, "before")
+            rotated = write_pair(site.cert, site.key, issue(pki.ca, SERVER_HOSTS))
+            outcome = await control.reload(config)
+            after_reload = await peer_serial(port, context)
+            after = await in_thread(echo, ws, "after")
+        finally:
+            await in_thread(ws.close)
+
+    assert outcome.draining == 0
+    assert after_reload == rotated.serial
+    assert [before, after] == ["before", "after"]
