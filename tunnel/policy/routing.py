@@ -1,18 +1,104 @@
-"""Choosing the route for a request: first route whose hosts and path prefix match wins."""
+"""Choosing the route for a request by its host name and path.
+
+A route's ``hosts`` hold exact names (``chat.example.com``) and wildcards (``*.example.org``,
+any name below ``example.org`` at any depth, not ``example.org`` itself); empty ``hosts`` is
+any host. Among the routes whose ``path_prefix`` starts the path, the best host match wins: an
+exact name beats a wildcard, a longer wildcard (more labels) beats a shorter one, and a route
+for any host comes last. Between routes that match equally well, the first one in the file
+wins, as nginx picks among ``server_name`` forms (without its regular expressions).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tunnel.config import RouteConfig
 
+WILDCARD = "*."
 
-def match_route(routes: Sequence[RouteConfig], hostname: str, path: str) -> RouteConfig | None:
-    """The first route whose ``hosts`` (empty = any) holds ``hostname`` and whose
-    ``path_prefix`` starts ``path``; ``None`` when nothing matches."""
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """``routes`` indexed by host for ``match``: build it once per configuration with
+    ``RouteTable.build``; matching then costs one lookup per label of the host name."""
+
+    routes: tuple[RouteConfig, ...]
+    exact: dict[str, tuple[RouteConfig, ...]]
+    """Exact host name → the routes naming it, in file order."""
+    wildcard: dict[str, tuple[RouteConfig, ...]]
+    """The name after ``*.`` → the routes with that wildcard, in file order."""
+    anywhere: tuple[RouteConfig, ...]
+    """The routes with empty ``hosts``, in file order."""
+
+    @classmethod
+    def build(cls, routes: Sequence[RouteConfig]) -> RouteTable:
+        exact: dict[str, list[RouteConfig]] = {}
+        wildcard: dict[str, list[RouteConfig]] = {}
+        for route in routes:
+            for host in dict.fromkeys(written.lower() for written in route.hosts):
+                if host.startswith(WILDCARD):
+                    wildcard.setdefault(host[len(WILDCARD) :], []).append(route)
+                else:
+                    exact.setdefault(host, []).append(route)
+        return cls(
+            tuple(routes),
+            {host: tuple(found) for host, found in exact.items()},
+            {suffix: tuple(found) for suffix, found in wildcard.items()},
+            tuple(route for route in routes if not route.hosts),
+        )
+
+    def match(self, hostname: str, path: str) -> RouteConfig | None:
+        """The route for ``hostname`` (without the port; any letter case, a trailing dot
+        ignored) and ``path``, ranked as the module says; ``None`` when nothing matches.
+
+        Not checked here: that ``hostname`` is a valid name (``core.handshake`` did that).
+        """
+        name = hostname.lower().removesuffix(".")
+        found = _first_for(self.exact.get(name, ()), path)
+        if found is not None:
+            return found
+        if self.wildcard:
+            dot = name.find(".")
+            while dot >= 0:  # the longest suffix first: more labels rank higher
+                suffix = name[dot + 1 :]
+                found = _first_for(self.wildcard.get(suffix, ()), path)
+                if found is not None:
+                    return found
+                dot = name.find(".", dot + 1)
+        return _first_for(self.anywhere, path)
+
+
+def _first_for(routes: tuple[RouteConfig, ...], path: str) -> RouteConfig | None:
     for route in routes:
-        if route.hosts and hostname not in route.hosts:
-            continue
         if path.startswith(route.path_prefix):
             return route
     return None
+
+
+_TABLES: dict[int, RouteTable] = {}
+"""``RouteTable`` of each routes tuple ``match_route`` saw, by identity (the table keeps the
+tuple alive, so the identity is not reused while it is here); a few at most: one per
+configuration generation still serving."""
+_MAX_TABLES = 8
+
+
+def match_route(
+    routes: Sequence[RouteConfig] | RouteTable, hostname: str, path: str
+) -> RouteConfig | None:
+    """The route for ``hostname`` and ``path`` (see ``RouteTable.match``), or ``None``.
+
+    ``routes`` is a ``RouteTable`` or the routes themselves, whose table is built on first use
+    and kept while the same tuple comes back (a configuration's routes are one tuple for its
+    life); a list is indexed on each call.
+    """
+    if isinstance(routes, RouteTable):
+        return routes.match(hostname, path)
+    if not isinstance(routes, tuple):
+        return RouteTable.build(routes).match(hostname, path)
+    table = _TABLES.get(id(routes))
+    if table is None or table.routes is not routes:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[id(routes)] = RouteTable.build(routes)
+    return table.match(hostname, path)
