@@ -388,8 +388,8 @@ BAD = [
     ),
     (
         "backend-unknown-key",
-        doc(backends='[{ url = "b:1", weight = 2 }]'),
-        "routes[0].backends[0].weight",
+        doc(backends='[{ url = "b:1", colour = 2 }]'),
+        "routes[0].backends[0].colour",
         "unknown key",
     ),
     ("backends-empty", doc(backends="[]"), "routes[0].backends", "at least one backend"),
@@ -408,9 +408,9 @@ BAD = [
     ("route-unknown-key", doc(route='auth = "x"'), "routes[0].auth", "unknown key"),
     (
         "route-wildcard-host",
-        doc(route='hosts = ["*.example.com"]'),
+        doc(route='hosts = ["a.*.example.com"]'),
         "routes[0].hosts",
-        "not an exact host name",
+        'a wildcard is written "*." before a host name',
     ),
     ("route-empty-host", doc(route='hosts = [""]'), "routes[0].hosts", "not an exact host name"),
     (
@@ -428,9 +428,9 @@ BAD = [
     ),
     (
         "route-balance",
-        doc(route='balance = "least-conn"'),
+        doc(route='balance = "random"'),
         "routes[0].balance",
-        "'least-conn': must be one of round-robin",
+        "'random': must be one of round-robin, least-conn, hash, cookie",
     ),
     (
         "route-preserve-host-string",

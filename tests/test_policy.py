@@ -53,8 +53,8 @@ def test_hosts_match_the_lower_cased_hostname() -> None:
     assert route.name == "r"
 
 
-def test_order_decides_not_specificity() -> None:
-    assert match_route((FALLBACK, CHAT), "chat.example.com", "/ws/room") is FALLBACK
+def test_an_exact_host_beats_an_earlier_any_host_route() -> None:
+    assert match_route((FALLBACK, CHAT), "chat.example.com", "/ws/room") is CHAT
 
 
 def test_round_robin_rotates_and_returns_the_whole_ring() -> None:

@@ -66,13 +66,18 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
     )
     backend_up = GaugeMetricFamily(
         "tunnel_backend_up",
-        "1 when the backend takes new tunnels (always 1 without health checks).",
+        "1 when the backend is up and takes new tunnels; 0 when down or draining.",
         labels=["route", "backend"],
     )
     connect_failures = CounterMetricFamily(
         "tunnel_backend_connect_failures",
         "Connects to the backend that failed (refused, unreachable, timed out, TLS).",
         labels=["route", "backend"],
+    )
+    health_changes = CounterMetricFamily(
+        "tunnel_backend_health_changes",
+        "Times the backend was marked down (health checks or failed connects) or back up.",
+        labels=["route", "backend", "to"],
     )
     upgrades = CounterMetricFamily(
         "tunnel_upgrades",
@@ -92,6 +97,8 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
             bytes_total.add_metric([*labels, "down"], backend.bytes_down)
             backend_up.add_metric(labels, 1 if backend.state == "up" else 0)
             connect_failures.add_metric(labels, backend.connect_failures)
+            health_changes.add_metric([*labels, "down"], backend.went_down)
+            health_changes.add_metric([*labels, "up"], backend.went_up)
         for status, count in route.answers:
             upgrades.add_metric([route.name, str(status)], count)
         for reason, count in route.closes:
@@ -99,6 +106,7 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
     for status, count in snapshot.unrouted_answers:
         upgrades.add_metric(["", str(status)], count)
     yield from (open_tunnels, bytes_total, tunnels_total, backend_up, connect_failures)
+    yield health_changes
     yield from (upgrades, closed, _histogram(snapshot.handshake_seconds))
 
 

@@ -55,7 +55,8 @@ class Generation:
         )
         contexts = backend_contexts(config)
         self.upstreams = {
-            route.name: Upstream(route, contexts.get(route.name)) for route in config.routes
+            route.name: Upstream(route, contexts.get(route.name), self._close_record)
+            for route in config.routes
         }
         self.removed: list[Upstream] = []
         """Routes a reload removed, shown (draining) until their last tunnel ends."""
@@ -88,7 +89,9 @@ class Generation:
         for route in config.routes:
             upstream = self.upstreams.get(route.name)
             if upstream is None:
-                upstreams[route.name] = Upstream(route, contexts.get(route.name))
+                upstreams[route.name] = Upstream(
+                    route, contexts.get(route.name), self._close_record
+                )
             else:
                 leaving += upstream.reconfigure(route, contexts.get(route.name))
                 upstreams[route.name] = upstream
@@ -115,6 +118,10 @@ class Generation:
             removed=tuple(u.name for u in removed),
             draining=len(handles),
         )
+
+    def _close_record(self, record: TunnelRecord, reason: CloseReason) -> None:
+        if record.handle is not None:
+            self.engine.close(record.handle, reason)
 
     def shut_down(self) -> float:
         """Begin a graceful stop: ``/healthz`` answers 503, and every tunnel, open or still
@@ -179,6 +186,25 @@ class Generation:
         """A generation alone has no file to read: ``serve`` answers ``POST /reload``."""
         raise ReloadRefused(409, "reload through the tunnel's admin listener")
 
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        """An operator's drain: the backend takes no new tunnels and keeps its open ones."""
+        return self._set_draining(route, backend, draining=True)
+
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return self._set_draining(route, backend, draining=False)
+
+    def _set_draining(self, route: str, backend: str, *, draining: bool) -> dict[str, Any] | None:
+        upstream = self.upstreams.get(route)
+        entry = None if upstream is None else upstream.set_draining(backend, draining)
+        if entry is None:
+            return None
+        return {
+            "route": route,
+            "backend": backend,
+            "state": entry.state,
+            "open_tunnels": len(entry.open),
+        }
+
     async def close_tunnel(self, tunnel_id: str) -> bool:
         """Close one open tunnel with reason ``admin``; False when no tunnel has that id."""
         for upstream in (*self.upstreams.values(), *self.removed):
@@ -229,6 +255,8 @@ def stats_document(snapshot: ServerStatistics) -> dict[str, Any]:
                         "bytes_up": b.bytes_up,
                         "bytes_down": b.bytes_down,
                         "connect_failures": b.connect_failures,
+                        "went_down": b.went_down,
+                        "went_up": b.went_up,
                     }
                     for b in route.backends
                 ],

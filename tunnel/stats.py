@@ -38,6 +38,9 @@ class BackendStatistics:
     """Client → backend bytes since start: closed tunnels' totals plus open ones' so far."""
     bytes_down: int
     connect_failures: int
+    went_up: int = 0
+    """Health changes since start: times it came back up, and times it was marked down."""
+    went_down: int = 0
 
 
 @dataclass(frozen=True, slots=True)

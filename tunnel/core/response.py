@@ -84,3 +84,14 @@ def protocol_error(exc: h11.RemoteProtocolError) -> HandshakeError:
         if reason.startswith(prefix):
             return HandshakeError(f"malformed request: {words}")
     return HandshakeError("malformed request: the request head is not valid HTTP/1.1")
+
+
+def with_header(head: bytes, name: bytes, value: bytes) -> bytes:
+    """``head`` (a response head ending with its blank line, as relayed verbatim) with one
+    header added last: the tunnel's own, such as a sticky cookie on the backend's 101. The
+    value must be a valid field value (no CR or LF); the caller builds it."""
+    if head.endswith(b"\r\n\r\n"):
+        return head[:-2] + name + b": " + value + b"\r\n\r\n"
+    if head.endswith(b"\n\n"):  # a backend that ends its lines with bare LF, as h11 allows
+        return head[:-1] + name + b": " + value + b"\n\n"
+    raise ValueError("not a complete response head")

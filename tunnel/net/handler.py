@@ -8,6 +8,7 @@ the 101 both go to the relay engine and the connection's task ends.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import socket
@@ -25,6 +26,7 @@ from tunnel.config import (
     BackendConfig,
     Config,
     KiB,
+    RouteConfig,
     format_duration,
     join_host_port,
 )
@@ -34,9 +36,11 @@ from tunnel.core.handshake import (
     choose_upgrade,
     validate_request,
 )
+from tunnel.core.hashkey import hash_key
+from tunnel.core.headers import values
 from tunnel.core.redirect import https_redirect
-from tunnel.core.response import error_response
-from tunnel.core.rewrite import Forwarding, rewrite_request
+from tunnel.core.response import error_response, with_header
+from tunnel.core.rewrite import Forwarding, ForwardRequest, rewrite_request
 from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, RequestHead
 from tunnel.errors import (
     BackendTimeout,
@@ -56,7 +60,8 @@ from tunnel.net.tls import ServerTLS, handshake, peer_subject, tls_failure
 from tunnel.net.tlsconn import TLSConn
 from tunnel.net.upstream import TunnelRecord, Upstream
 from tunnel.policy.lifecycle import tunnel_lifetime
-from tunnel.policy.routing import match_route
+from tunnel.policy.routing import RouteTable
+from tunnel.policy.sticky import cookie_values, set_cookie, sign, strip_cookie, verify
 from tunnel.reasons import CloseReason
 
 log = logging.getLogger(LOGGER_NAME)
@@ -125,6 +130,7 @@ class Handler:
         self.engine = engine
         self.upstreams = upstreams
         self.tally = tally
+        self.routes = RouteTable.build(config.routes)
 
     async def __call__(
         self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
@@ -176,7 +182,7 @@ class Handler:
                 )
                 return False
             upgrade = validate_request(request)
-            route = match_route(self.config.routes, upgrade.hostname, upgrade.path)
+            route = self.routes.match(upgrade.hostname, upgrade.path)
             if route is None:
                 raise NoRoute(f"no route for host {upgrade.hostname!r} and path {upgrade.path!r}")
             upstream = self.upstreams[route.name]
@@ -211,7 +217,7 @@ class Handler:
         upstream: Upstream,
         upgrade: UpgradeRequest,
         token: str,
-        key: str | None,
+        websocket_key: str | None,
         leftover: bytes,
     ) -> bool:
         """Returns True when the tunnel was handed to the engine, which now owns both sockets
@@ -219,6 +225,17 @@ class Handler:
         server = self.config.server
         route = upstream.route
         replies: list[BackendReply] = []
+        key: bytes | None = None
+        preferred: str | None = None
+        if route.balance == "hash":
+            key = hash_key(
+                route.hash_key,
+                peer_ip=client.ip,
+                headers=upgrade.fields,
+                target=upgrade.target.encode("latin-1"),
+            )
+        elif route.balance == "cookie":
+            preferred = _sticky_backend(upgrade, route)
 
         def request_for(backend: BackendConfig) -> bytes:
             hop = Forwarding(
@@ -230,24 +247,29 @@ class Handler:
                 backend_path=backend.path,
                 added=client.added,
             )
-            replies.append(
-                BackendReply(rewrite_request(upgrade, token, hop), token, key, MAX_REPLY_HEAD)
-            )
+            forward = rewrite_request(upgrade, token, hop)
+            if route.sticky_cookie.strip:
+                forward = _without_cookie(forward, route.sticky_cookie.name)
+            replies.append(BackendReply(forward, token, websocket_key, MAX_REPLY_HEAD))
             return replies[-1].request_bytes
+
+        def failed(backend: BackendConfig) -> None:
+            upstream.connect_failed(backend, trio.current_time())
 
         try:
             backend, backend_sock = await backends.connect_first(
-                upstream.candidates(),
+                upstream.candidates(trio.current_time(), key=key, preferred=preferred),
                 server.connect_timeout,
                 client.address,
                 request_for,
                 upstream.tls,
                 route.backend_tls.server_name,
-                failed=upstream.connect_failed,
+                failed=failed,
             )
         except TunnelError as error:
             await self._refuse(sock, client.address, error, upstream)
             return False
+        upstream.connected(backend, trio.current_time())
         handed_off = False
         try:
             reply = replies[-1]
@@ -261,8 +283,21 @@ class Handler:
                     sock, backend_sock, reply, progress, client.address, upstream, backend
                 )
                 return False
+            reply_head = progress.forward
+            if route.balance == "cookie" and preferred != backend.name:
+                reply_head = with_header(
+                    reply_head, b"Set-Cookie", _sticky_cookie(route, backend, client)
+                )
             self._hand_off(
-                sock, backend_sock, progress, leftover, client, upstream, backend, key is not None
+                sock,
+                backend_sock,
+                progress,
+                reply_head,
+                leftover,
+                client,
+                upstream,
+                backend,
+                websocket_key is not None,
             )
             handed_off = True
             return True
@@ -275,6 +310,7 @@ class Handler:
         sock: Conn,
         backend_sock: Conn,
         progress: ReplyProgress,
+        reply_head: bytes,
         leftover: bytes,
         client: _Client,
         upstream: Upstream,
@@ -326,7 +362,7 @@ class Handler:
             backend_sock,
             record.stats,
             closed,
-            reply_head=progress.forward,
+            reply_head=reply_head,
             to_client=progress.leftover,
             to_backend=leftover,
             websocket=websocket,
@@ -495,6 +531,41 @@ async def _linger(sock: Conn) -> None:
                 discarded += len(data)
     except OSError:
         return
+
+
+def _sticky_backend(upgrade: UpgradeRequest, route: RouteConfig) -> str | None:
+    """The backend a valid sticky cookie of this route names; forged, stale or foreign
+    cookies are ignored (and replaced by the 101's Set-Cookie)."""
+    cookie = route.sticky_cookie
+    secret = cookie.secret.encode("utf-8")
+    for value in cookie_values(values(upgrade.fields, b"cookie"), cookie.name):
+        backend = verify(value, route.name, secret)
+        if backend is not None:
+            return backend
+    return None
+
+
+def _sticky_cookie(route: RouteConfig, backend: BackendConfig, client: _Client) -> bytes:
+    cookie = route.sticky_cookie
+    return set_cookie(
+        cookie.name,
+        sign(route.name, backend.name, cookie.secret.encode("utf-8")),
+        secure=client.entry.tls is not None,
+        max_age=cookie.max_age,
+    )
+
+
+def _without_cookie(forward: ForwardRequest, name: str) -> ForwardRequest:
+    """``forward`` without the sticky cookie (``sticky_cookie.strip``)."""
+    fields: list[tuple[bytes, bytes]] = []
+    for field_name, value in forward.fields:
+        if field_name.lower() == b"cookie":
+            stripped = strip_cookie(value, name)
+            if stripped is not None:
+                fields.append((field_name, stripped))
+        else:
+            fields.append((field_name, value))
+    return dataclasses.replace(forward, fields=fields)
 
 
 def _host_header(backend: BackendConfig) -> str:

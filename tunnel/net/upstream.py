@@ -3,26 +3,41 @@
 A connection handler asks its route's ``Upstream`` for the backends to try, tells it which one
 took the tunnel, and, through the record it got back, when the tunnel ended. Everything the
 admin listener and ``/metrics`` show per route and per backend is counted here (open tunnels,
-bytes of closed tunnels, answers, close reasons), so counts per backend are exact and no handler
-keeps state of its own.
+bytes of closed tunnels, answers, close reasons, health changes), so counts per backend are
+exact and no handler keeps state of its own.
+
+Each backend is ``up``, ``down`` (active checks failed ``fall`` times, or ``passive_failures``
+connects in a row failed) or ``draining`` (an operator asked: no new tunnels, open ones stay).
+Only up backends are offered to the balancer; a backend marked down by failed connects on a
+route without checks is offered again after ``health.interval``, and its next connect decides.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunnel.config import BackendConfig, RouteConfig
+from tunnel.errors import NoHealthyBackend
+from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.engine import Tunnel
 from tunnel.net.relay import RelayStats
-from tunnel.policy.balancer import RoundRobin
+from tunnel.policy.balance import BackendState, Balancer, why_none
+from tunnel.policy.health import HealthState, PassiveFailures
 from tunnel.reasons import CloseReason
 from tunnel.stats import BackendStatistics, TunnelStatistics, UpstreamStatistics
 
+log = logging.getLogger(LOGGER_NAME)
+
 UP = "up"
+DOWN = "down"
 DRAINING = "draining"
-"""A backend a reload removed (or whose URL it changed), while its tunnels drain."""
+"""Draining: an operator's drain, or a backend a reload removed (or whose URL it changed)."""
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(slots=True, eq=False)
@@ -47,17 +62,35 @@ class _Backend:
     __slots__ = (
         "bytes_down",
         "bytes_up",
+        "changes",
         "config",
         "connect_failures",
+        "down",
+        "draining",
+        "health",
         "open",
+        "passive",
         "retired",
+        "retry_at",
         "total",
+        "up_since",
     )
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, route: RouteConfig) -> None:
         self.config = config
         self.retired = False
         """Removed by a reload: no new tunnels, shown as draining until its last one ends."""
+        self.draining = False
+        """An operator's drain (``POST /backends/<route>/<backend>/drain``)."""
+        self.down = False
+        self.health = HealthState(route.health.rise, route.health.fall)
+        self.passive = PassiveFailures(route.passive_failures)
+        self.retry_at = math.inf
+        """Marked down by failed connects on a route without checks: offered again then."""
+        self.up_since = -math.inf
+        """When it last came up (slow start); -inf: up from the start, at full weight."""
+        self.changes: Counter[str] = Counter()
+        """Health transitions, by the state reached (``up`` or ``down``)."""
         self.open: dict[str, TunnelRecord] = {}
         self.total = 0
         self.bytes_up = 0
@@ -65,16 +98,36 @@ class _Backend:
         self.bytes_down = 0
         self.connect_failures = 0
 
+    @property
+    def state(self) -> str:
+        if self.retired or self.draining:
+            return DRAINING
+        return DOWN if self.down else UP
+
+    def eligible(self, now: float) -> bool:
+        """Offered new tunnels: up and not draining, or down by failed connects and due for
+        its retry."""
+        if self.retired or self.draining:
+            return False
+        return not self.down or self.retry_at <= now
+
 
 class Upstream:
     """The runtime state of one route: balancer, backend TLS and the tunnels of each backend."""
 
-    def __init__(self, route: RouteConfig, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        route: RouteConfig,
+        tls: ssl.SSLContext | None = None,
+        close: Callable[[TunnelRecord, CloseReason], None] | None = None,
+    ) -> None:
+        """``close`` ends one open tunnel (``on_down = "close"``)."""
         self.route = route
         self.tls = tls
         """Client context for the route's ``wss://`` backends; replaced by a reload."""
-        self._balancer = RoundRobin(route.backends)
-        self._backends = {backend.name: _Backend(backend) for backend in route.backends}
+        self._close = close
+        self._balancer = Balancer(route.balance, [b.name for b in route.backends])
+        self._backends = {backend.name: _Backend(backend, route) for backend in route.backends}
         self._retired: list[_Backend] = []
         self.removed = False
         """The route itself was removed by a reload; its tunnels are draining."""
@@ -88,15 +141,18 @@ class Upstream:
         their last tunnel ends. New connections see the new backends at once."""
         self.route = route
         self.tls = tls
-        self._balancer = RoundRobin(route.backends)
+        self._balancer = Balancer(route.balance, [b.name for b in route.backends])
         kept: dict[str, _Backend] = {}
         for backend in route.backends:
             entry = self._backends.get(backend.name)
             if entry is not None and entry.config.url == backend.url:
                 entry.config = backend
+                if (entry.health.rise, entry.health.fall) != (route.health.rise, route.health.fall):
+                    entry.health = HealthState(route.health.rise, route.health.fall, not entry.down)
+                entry.passive = PassiveFailures(route.passive_failures)
                 kept[backend.name] = entry
             else:
-                kept[backend.name] = _Backend(backend)
+                kept[backend.name] = _Backend(backend, route)
         leaving = [entry for name, entry in self._backends.items() if kept.get(name) is not entry]
         self._backends = kept
         return self._retire(leaving)
@@ -129,14 +185,120 @@ class Upstream:
     def name(self) -> str:
         return self.route.name
 
-    def candidates(self) -> list[BackendConfig]:
-        """The backends to try for one connection, in order; the first that accepts wins."""
-        return self._balancer.candidates()
+    def candidates(
+        self, now: float, *, key: bytes | None = None, preferred: str | None = None
+    ) -> list[BackendConfig]:
+        """The backends to try for one connection, in order; the first that accepts wins.
 
-    def connect_failed(self, backend: BackendConfig) -> None:
+        ``key`` is the hash key (``balance = "hash"``); ``preferred`` the backend a valid
+        sticky cookie names, tried first while it is eligible.
+
+        Raises:
+            NoHealthyBackend: 503 when every backend is down or draining, or full
+                (``max_tunnels``; then with ``Retry-After``).
+        """
+        states = [
+            BackendState(
+                name=name,
+                weight=entry.config.weight,
+                open_tunnels=len(entry.open),
+                max_tunnels=entry.config.max_tunnels,
+                eligible=entry.eligible(now),
+                up_since=entry.up_since,
+                slow_start=entry.config.slow_start,
+            )
+            for name, entry in self._backends.items()
+        ]
+        order = self._balancer.order(states, now=now, key=key)
+        if not order:
+            if why_none(states) == "full":
+                raise NoHealthyBackend(
+                    f"every backend of route {self.name} holds its max_tunnels",
+                    headers=[("Retry-After", str(RETRY_AFTER_SECONDS))],
+                )
+            raise NoHealthyBackend(f"no backend of route {self.name} is up (all down or draining)")
+        if preferred is not None and preferred in order and order[0] != preferred:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        return [self._backends[name].config for name in order]
+
+    def connect_failed(self, backend: BackendConfig, now: float = 0.0) -> None:
+        """A connect to ``backend`` failed: counted, and ``passive_failures`` in a row mark it
+        down."""
         entry = self._backends.get(backend.name)
-        if entry is not None:
-            entry.connect_failures += 1
+        if entry is None:
+            return
+        entry.connect_failures += 1
+        if entry.passive.failed() or (entry.down and entry.retry_at <= now):
+            checks = self.route.health.kind != "none"
+            entry.retry_at = math.inf if checks else now + self.route.health.interval
+            if not entry.down:
+                self._mark(
+                    entry,
+                    down=True,
+                    now=now,
+                    why=f"{self.route.passive_failures} connects in a row failed",
+                )
+
+    def connected(self, backend: BackendConfig, now: float) -> None:
+        """A connect to ``backend`` succeeded: the failure count restarts; a backend down by
+        failed connects on a route without checks is up again."""
+        entry = self._backends.get(backend.name)
+        if entry is None:
+            return
+        entry.passive.succeeded()
+        if entry.down and self.route.health.kind == "none":
+            self._mark(entry, down=False, now=now, why="a connect succeeded")
+
+    def check_result(self, name: str, ok: bool, detail: str, now: float) -> None:
+        """One active health check's result (``net.health_probe``)."""
+        entry = self._backends.get(name)
+        if entry is None:
+            return
+        if entry.health.observe(ok):
+            rule = self.route.health
+            why = (
+                f"{rule.rise} checks in a row passed"
+                if ok
+                else f"{rule.fall} checks in a row failed: {detail}"
+            )
+            self._mark(entry, down=not ok, now=now, why=why)
+
+    def _mark(self, entry: _Backend, *, down: bool, now: float, why: str) -> None:
+        entry.down = down
+        state = DOWN if down else UP
+        entry.changes[state] += 1
+        if down:
+            entry.health = HealthState(self.route.health.rise, self.route.health.fall, up=False)
+        else:
+            entry.up_since = now
+            entry.retry_at = math.inf
+            entry.health = HealthState(self.route.health.rise, self.route.health.fall, up=True)
+        (log.warning if down else log.info)(
+            f"backend marked {state}",
+            extra=fields(
+                route=self.name,
+                backend=entry.config.name,
+                reason=why,
+                open_tunnels=len(entry.open),
+            ),
+        )
+        if down and self.route.on_down == "close" and self._close is not None:
+            for record in list(entry.open.values()):
+                self._close(record, CloseReason.BACKEND_DOWN)
+
+    def set_draining(self, name: str, draining: bool) -> _Backend | None:
+        """An operator's drain (or its end); None when the route has no such backend."""
+        entry = self._backends.get(name)
+        if entry is None:
+            return None
+        if entry.draining != draining:
+            entry.draining = draining
+            log.info(
+                "backend draining" if draining else "backend enabled",
+                extra=fields(route=self.name, backend=name, open_tunnels=len(entry.open)),
+            )
+        return entry
 
     def answered(self, status: int) -> None:
         """Count one answer to a client of this route (the 101, or a refusal)."""
@@ -149,7 +311,7 @@ class Upstream:
             # Gone in a reload while this handshake ran: counted apart, and drained.
             backend = next((b for b in self._retired if b.config.url == config.url), None)
             if backend is None:
-                backend = _Backend(config)
+                backend = _Backend(config, self.route)
                 backend.retired = True
                 self._retired.append(backend)
         backend.open[record.id] = record
@@ -212,7 +374,7 @@ class Upstream:
                 BackendStatistics(
                     name=name,
                     url=backend.config.url,
-                    state=DRAINING if backend.retired else UP,
+                    state=backend.state,
                     open_tunnels=len(records),
                     tunnels_total=sum(entry.total for entry in entries),
                     bytes_up=sum(entry.bytes_up for entry in entries)
@@ -220,6 +382,8 @@ class Upstream:
                     bytes_down=sum(entry.bytes_down for entry in entries)
                     + sum(r.stats.bytes_down for r in records),
                     connect_failures=sum(entry.connect_failures for entry in entries),
+                    went_up=backend.changes[UP],
+                    went_down=backend.changes[DOWN],
                 )
             )
         return UpstreamStatistics(

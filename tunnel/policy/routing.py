@@ -76,29 +76,12 @@ def _first_for(routes: tuple[RouteConfig, ...], path: str) -> RouteConfig | None
     return None
 
 
-_TABLES: dict[int, RouteTable] = {}
-"""``RouteTable`` of each routes tuple ``match_route`` saw, by identity (the table keeps the
-tuple alive, so the identity is not reused while it is here); a few at most: one per
-configuration generation still serving."""
-_MAX_TABLES = 8
-
-
 def match_route(
     routes: Sequence[RouteConfig] | RouteTable, hostname: str, path: str
 ) -> RouteConfig | None:
     """The route for ``hostname`` and ``path`` (see ``RouteTable.match``), or ``None``.
 
-    ``routes`` is a ``RouteTable`` or the routes themselves, whose table is built on first use
-    and kept while the same tuple comes back (a configuration's routes are one tuple for its
-    life); a list is indexed on each call.
-    """
-    if isinstance(routes, RouteTable):
-        return routes.match(hostname, path)
-    if not isinstance(routes, tuple):
-        return RouteTable.build(routes).match(hostname, path)
-    table = _TABLES.get(id(routes))
-    if table is None or table.routes is not routes:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.pop(next(iter(_TABLES)))
-        table = _TABLES[id(routes)] = RouteTable.build(routes)
+    Builds the table on each call when given the routes themselves: a server builds its
+    ``RouteTable`` once per configuration instead."""
+    table = routes if isinstance(routes, RouteTable) else RouteTable.build(routes)
     return table.match(hostname, path)
