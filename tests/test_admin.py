@@ -80,6 +80,12 @@ class FakeSource:
     metrics_body: bytes = METRICS
     open_ids: set[str] = field(default_factory=lambda: {"17", "2-17"})
     closed: list[str] = field(default_factory=list)
+    backends: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {("chat", "a"): 1, ("chat", "127.0.0.1:9001"): 0}
+    )
+    """Open tunnels of each (route, backend) that ``drain_backend``/``enable_backend`` know."""
+    changed: list[tuple[str, str, str]] = field(default_factory=list)
+    """Every (action, route, backend) asked for, known or not."""
     failing: Exception | None = None
 
     def _check(self) -> None:
@@ -105,6 +111,20 @@ class FakeSource:
             self.open_ids.remove(tunnel_id)
             return True
         return False
+
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return self._change("drain", route, backend, "draining")
+
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return self._change("enable", route, backend, "up")
+
+    def _change(self, action: str, route: str, backend: str, state: str) -> dict[str, Any] | None:
+        self._check()
+        self.changed.append((action, route, backend))
+        if (route, backend) not in self.backends:
+            return None
+        open_tunnels = self.backends[route, backend]
+        return {"route": route, "backend": backend, "state": state, "open_tunnels": open_tunnels}
 
 
 async def test_fake_source_is_an_admin_source() -> None:

@@ -374,6 +374,12 @@ class BusySource:
     async def close_tunnel(self, tunnel_id: str) -> bool:
         return False
 
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return None
+
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return None
+
     async def stats(self) -> dict[str, Any]:
         self.second += 1
         now = self.second

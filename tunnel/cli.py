@@ -1,15 +1,21 @@
-"""The ``tunnel`` command: run, check, demo. The only place with ``trio.run`` and ``sys.exit``."""
+"""The ``tunnel`` command: run, check, demo, cert, drain, enable. The only place with ``trio.run``
+and ``sys.exit``."""
 
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import json
 import logging
+import math
 import sys
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -17,7 +23,7 @@ import trio
 from tunnel._version import __version__
 from tunnel.app import Control, Loader, WorkerAdmin, check_tls, serve_until_signal
 from tunnel.certs import DEFAULT_DAYS, trust_instructions, write_dev_certificates
-from tunnel.config import MAX_WORKERS, Address, Config
+from tunnel.config import MAX_WORKERS, Address, Config, format_duration, parse_duration
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
@@ -387,3 +393,180 @@ def cert(hosts: tuple[str, ...], out_dir: Path, days: int | None, force: bool) -
     click.echo(f"valid for {', '.join(hosts)}")
     click.echo()
     click.echo(trust_instructions(paths), nl=False)
+
+
+ADMIN_REQUEST_SECONDS = 10.0
+"""Bound on one request of ``tunnel drain`` / ``tunnel enable`` to the admin listener."""
+DRAIN_POLL_SECONDS = 0.5
+"""How often ``tunnel drain --wait`` reads /stats.json."""
+DEFAULT_DRAIN_WAIT = "5m"
+
+
+class _AdminFailure(Exception):
+    """The admin listener could not be reached or refused; the message says which."""
+
+
+def _target(text: str) -> tuple[str, str]:
+    """``ROUTE/BACKEND`` split at the first slash (a backend's default name is ``host:port``)."""
+    route, slash, backend = text.partition("/")
+    if not slash or not route or not backend:
+        raise click.BadParameter(f"{text!r} is not ROUTE/BACKEND, e.g. chat/a", param_hint="target")
+    return route, backend
+
+
+def _admin_address(text: str) -> Address:
+    try:
+        return Address.parse(text, "--admin")
+    except ConfigError as error:
+        raise click.BadParameter(str(error.problem), param_hint="--admin") from None
+
+
+def _admin_call(address: Address, method: str, path: str) -> tuple[int, Any]:
+    """One request to the admin listener: (status, the JSON body, or its text when not JSON).
+
+    Raises:
+        _AdminFailure: it could not be reached or did not answer HTTP.
+    """
+    host = address.host or "127.0.0.1"
+    connection = http.client.HTTPConnection(host, address.port, timeout=ADMIN_REQUEST_SECONDS)
+    try:
+        headers = {"Content-Length": "0"} if method == "POST" else {}
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        raise _AdminFailure(f"admin listener {address} unreachable: {error}") from None
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, body.decode("utf-8", "replace").strip()
+
+
+def _change_backend(address: Address, route: str, backend: str, action: str) -> dict[str, Any]:
+    """POST drain or enable; the backend's state document, or ``_AdminFailure``."""
+    quoted = "/".join(urllib.parse.quote(name, safe="") for name in (route, backend))
+    status, answer = _admin_call(address, "POST", f"/backends/{quoted}/{action}")
+    if status == 200 and isinstance(answer, dict):
+        return answer
+    if isinstance(answer, dict) and "error" in answer:
+        answer = answer["error"]
+    raise _AdminFailure(f"{action} {route}/{backend}: admin listener answered {status}: {answer}")
+
+
+def _open_tunnels(address: Address, route: str, backend: str) -> int | None:
+    """The backend's open tunnels in /stats.json; None when it is no longer listed there."""
+    status, document = _admin_call(address, "GET", "/stats.json")
+    if status != 200 or not isinstance(document, dict):
+        raise _AdminFailure(f"admin listener answered {status} for /stats.json: {document}")
+    for listed in document.get("routes", []):
+        if listed.get("name") != route:
+            continue
+        for entry in listed.get("backends", []):
+            if entry.get("name") == backend:
+                return int(entry.get("open_tunnels", 0))
+    return None
+
+
+def _plural(count: int) -> str:
+    return f"{count} open tunnel{'' if count == 1 else 's'}"
+
+
+def _wait_drained(address: Address, route: str, backend: str, first: int, timeout: float) -> int:
+    """Poll /stats.json until the backend has no open tunnels or ``timeout`` passes: what is
+    left (0 when drained). Progress goes to stderr: one rewritten line on a terminal, else a
+    line each time the count changes."""
+    name = f"{route}/{backend}"
+    terminal = sys.stderr.isatty()
+    deadline = time.monotonic() + timeout
+    left: int | None = first
+    shown: int | None = None
+    for _ in range(math.ceil(timeout / DRAIN_POLL_SECONDS) + 2):
+        if not left:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if terminal:
+            line = (
+                f"\rwaiting: {name} has {_plural(left)} ({format_duration(round(remaining))} left)"
+            )
+            click.echo(line.ljust(72), nl=False, err=True)
+        elif left != shown:
+            click.echo(f"waiting: {name} has {_plural(left)}", err=True)
+        shown = left
+        time.sleep(min(DRAIN_POLL_SECONDS, remaining))
+        left = _open_tunnels(address, route, backend)
+    if terminal and shown is not None:
+        click.echo(err=True)
+    return left or 0
+
+
+@main.command()
+@click.argument("target", metavar="ROUTE/BACKEND")
+@click.option(
+    "--admin",
+    "admin_address",
+    required=True,
+    metavar="ADDR",
+    help="host:port of the running tunnel's admin listener.",
+)
+@click.option("--wait", is_flag=True, help="Wait until the backend has no open tunnels.")
+@click.option(
+    "--timeout",
+    default=None,
+    metavar="DUR",
+    help=f"With --wait: give up (exit 1) after this long (default {DEFAULT_DRAIN_WAIT}).",
+)
+def drain(target: str, admin_address: str, wait: bool, timeout: str | None) -> None:
+    """Stop sending new tunnels to BACKEND of ROUTE; its open tunnels stay until they end.
+
+    With --wait, exits 0 once the backend has no open tunnels, or 1 when the timeout passes
+    first. ``tunnel enable`` undoes it.
+    """
+    route, backend = _target(target)
+    address = _admin_address(admin_address)
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout applies only with --wait")
+    try:
+        seconds = parse_duration(timeout or DEFAULT_DRAIN_WAIT, "--timeout")
+    except ConfigError as error:
+        raise click.BadParameter(error.problem, param_hint="--timeout") from None
+    try:
+        state = _change_backend(address, route, backend, "drain")
+        open_now = int(state.get("open_tunnels", 0))
+        click.echo(f"{route}/{backend}: {state.get('state')}, {_plural(open_now)}")
+        if not wait:
+            return
+        left = _wait_drained(address, route, backend, open_now, seconds)
+    except _AdminFailure as failure:
+        _fail(str(failure))
+        return
+    if left:
+        _fail(f"timed out after {format_duration(seconds)}: {route}/{backend} has {_plural(left)}")
+        return
+    click.echo(f"drained: {route}/{backend} has no open tunnels")
+
+
+@main.command()
+@click.argument("target", metavar="ROUTE/BACKEND")
+@click.option(
+    "--admin",
+    "admin_address",
+    required=True,
+    metavar="ADDR",
+    help="host:port of the running tunnel's admin listener.",
+)
+def enable(target: str, admin_address: str) -> None:
+    """Send new tunnels to BACKEND of ROUTE again (after ``tunnel drain``)."""
+    route, backend = _target(target)
+    address = _admin_address(admin_address)
+    try:
+        state = _change_backend(address, route, backend, "enable")
+    except _AdminFailure as failure:
+        _fail(str(failure))
+        return
+    click.echo(
+        f"{route}/{backend}: {state.get('state')}, {_plural(int(state.get('open_tunnels', 0)))}"
+    )

@@ -11,6 +11,13 @@ snapshots. Endpoints::
     GET  /stats                a page that redraws itself from /stats.json (``stats_page``)
     GET  /                     302 to /stats
     POST /tunnels/<id>/close   200 {"closed": id}, 404 {"error": ...} when no such tunnel
+    POST /backends/<route>/<backend>/drain
+                               200 {"route", "backend", "state", "open_tunnels"}: the backend
+                               takes no new tunnels, its open ones stay; 404 {"error": ...}
+                               when the route has no such backend (names are percent-decoded
+                               path segments)
+    POST /backends/<route>/<backend>/enable
+                               the same, and the backend takes new tunnels again
     POST /reload               200 {"reloaded": true, ...}; 400 {"error": ...} for a bad file
                                (the running configuration stays), 409 without a file, 503
                                while stopping
@@ -31,6 +38,7 @@ import json
 import logging
 import re
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -65,6 +73,7 @@ ADMIN_BACKLOG = 128
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 _CLOSE_PATH = re.compile(r"/tunnels/([A-Za-z0-9_-]+)/close")
+_BACKEND_PATH = re.compile(r"/backends/([^/]+)/([^/]+)/(drain|enable)")
 HEAD_TOO_LARGE = f"request head over {MAX_HEAD_BYTES} bytes"
 BODY_TOO_LARGE = f"request body over {MAX_BODY_BYTES} bytes"
 _TEXT = "text/plain; charset=utf-8"
@@ -79,6 +88,9 @@ class AdminSource(Protocol):
     elsewhere); ``stats()`` is the /stats.json document (DESIGN.md, "Admin listener");
     ``metrics()`` is the Prometheus exposition body and its content type; ``close_tunnel(id)``
     closes an open tunnel (reason ``admin``) and is False when there is no such tunnel.
+    ``drain_backend(route, backend)`` stops new tunnels to a backend (its open ones stay) and
+    ``enable_backend`` lets them come again; both return ``{"route", "backend", "state",
+    "open_tunnels"}``, or None when the route has no such backend.
     """
 
     async def healthy(self) -> bool: ...
@@ -86,6 +98,8 @@ class AdminSource(Protocol):
     async def metrics(self) -> tuple[bytes, str]: ...
     async def close_tunnel(self, tunnel_id: str) -> bool: ...
     async def reload_config(self) -> dict[str, Any]: ...
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None: ...
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None: ...
 
 
 class ReloadRefused(Exception):
@@ -128,6 +142,14 @@ async def _close(source: AdminSource, tunnel_id: str) -> Reply:
     if await source.close_tunnel(tunnel_id):
         return _json(200, {"closed": tunnel_id})
     return _json(404, {"error": f"no open tunnel with id {tunnel_id}"})
+
+
+async def _backend(source: AdminSource, route: str, backend: str, action: str) -> Reply:
+    change = source.drain_backend if action == "drain" else source.enable_backend
+    state = await change(route, backend)
+    if state is None:
+        return _json(404, {"error": f"no backend {backend} in route {route}"})
+    return _json(200, state)
 
 
 async def _reload(source: AdminSource) -> Reply:
@@ -177,6 +199,10 @@ def resolve(method: str, path: str) -> Handler | Reply:
     handler: Handler
     if match := _CLOSE_PATH.fullmatch(path):
         allowed, handler = ("POST",), partial(_close, tunnel_id=match[1])
+    elif match := _BACKEND_PATH.fullmatch(path):
+        route, backend = (urllib.parse.unquote(name) for name in match.group(1, 2))
+        allowed = ("POST",)
+        handler = partial(_backend, route=route, backend=backend, action=match[3])
     elif path == "/reload":
         allowed, handler = ("POST",), _reload
     elif path in _PAGES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -80,13 +81,13 @@ class WorkersView:
         self._ask = ask
         self._reload = reload
 
-    async def _gather(self, target: str) -> dict[int, tuple[int, bytes]]:
+    async def _gather(self, target: str, method: str = "GET") -> dict[int, tuple[int, bytes]]:
         """Ask every worker at once; the ones that fail are left out (and logged)."""
         answers: dict[int, tuple[int, bytes]] = {}
 
         async def one(worker: int, path: str) -> None:
             try:
-                answers[worker] = await self._ask(path, "GET", target)
+                answers[worker] = await self._ask(path, method, target)
             except (OSError, trio.TooSlowError, h11.ProtocolError) as exc:
                 log.warning(
                     "a worker did not answer the admin listener; left out of the figures",
@@ -132,3 +133,33 @@ class WorkersView:
         except (OSError, trio.TooSlowError, h11.ProtocolError):
             return False
         return status == 200
+
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return await self._change_backend(route, backend, "drain")
+
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return await self._change_backend(route, backend, "enable")
+
+    async def _change_backend(self, route: str, backend: str, action: str) -> dict[str, Any] | None:
+        """Drain or enable the backend in every worker: ``open_tunnels`` is the sum of the
+        workers', ``state`` the first worker's. None (404) only when every worker says it has
+        no such backend; a worker that does not answer makes it an error (500), since the
+        operator would otherwise believe a backend changed everywhere when it did not."""
+        quoted = "/".join(urllib.parse.quote(name, safe="") for name in (route, backend))
+        answers = await self._gather(f"/backends/{quoted}/{action}", "POST")
+        changed = [
+            json.loads(body) for _, (status, body) in sorted(answers.items()) if status == 200
+        ]
+        if len(answers) == len(self._paths) and all(s == 404 for s, _ in answers.values()):
+            return None
+        if len(changed) != len(self._paths):
+            missing = len(self._paths) - len(changed)
+            raise RuntimeError(
+                f"{missing} of {len(self._paths)} workers did not {action} {route}/{backend}"
+            )
+        return {
+            "route": route,
+            "backend": backend,
+            "state": changed[0]["state"],
+            "open_tunnels": sum(int(answer["open_tunnels"]) for answer in changed),
+        }
