@@ -22,6 +22,7 @@ from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
 from tunnel.net.handler import Entry
+from tunnel.net.health_probe import run_health_checks
 from tunnel.net.listener import (
     ListenError,
     accept_loop,
@@ -388,6 +389,12 @@ class _LocalAdmin:
     async def close_tunnel(self, tunnel_id: str) -> bool:
         return await self._generation.close_tunnel(tunnel_id)
 
+    async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return await self._generation.drain_backend(route, backend)
+
+    async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None:
+        return await self._generation.enable_backend(route, backend)
+
     async def reload_config(self) -> dict[str, Any]:
         return await self.control.reload_from_source()
 
@@ -445,6 +452,7 @@ async def _serve(
         control.generation = generation
         async with trio.open_nursery() as services:
             await services.start(generation.engine.run)
+            services.start_soon(run_health_checks, lambda: generation.upstreams.values())
             for admin_listener, view in admin:
                 source: AdminSource = _LocalAdmin(control) if view is None else view
                 if worker_admin is not None and view is None:
