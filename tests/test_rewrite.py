@@ -9,7 +9,7 @@ import h11
 import pytest
 
 from tunnel.core.handshake import UpgradeRequest, validate_request
-from tunnel.core.rewrite import Forwarding, ForwardRequest, rewrite_request
+from tunnel.core.rewrite import Forwarding, ForwardRequest, client_ip, rewrite_request
 from tunnel.core.session import BackendReply, RequestHead
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -373,3 +373,20 @@ def test_trusted_forwarded_proto_is_a_known_scheme(sent: str, expected: str) -> 
 def test_trusted_forwarded_host_is_a_valid_host(sent: str, expected: str) -> None:
     out = rewrite([("X-Forwarded-Host", sent)], hop=TRUSTED)
     assert get_all(out, "X-Forwarded-Host") == [expected]
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("203.0.113.9", [b"198.51.100.1"], "203.0.113.9"),  # untrusted peer: its own address
+        ("10.0.0.2", [b"198.51.100.1"], "198.51.100.1"),  # trusted: the client it names
+        ("10.0.0.2", [b"198.51.100.1, 10.0.0.7"], "198.51.100.1"),  # past trusted hops
+        ("10.0.0.2", [], "10.0.0.2"),  # trusted but names nobody
+        ("10.0.0.2", [b"unknown"], "10.0.0.2"),  # garbage: the nearest vouched-for hop
+    ],
+)
+def test_client_ip_is_what_x_real_ip_names(
+    peer: str, forwarded: list[bytes], expected: str
+) -> None:
+    fields = [(b"x-forwarded-for", value) for value in forwarded]
+    assert client_ip(peer, fields, TRUSTED_NETS) == expected

@@ -201,6 +201,17 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     return ForwardRequest(_target(upgrade.target, hop).encode("latin-1"), out)
 
 
+def client_ip(
+    peer_ip: str, fields: headers.HeaderList, trusted_proxies: Sequence[IPNetwork]
+) -> str:
+    """The client's address as ``X-Real-IP`` names it: the peer's, or, when the peer is a
+    trusted proxy, the nearest address in ``X-Forwarded-For`` that is not one (what
+    ``hash_key = "ip"`` hashes, so that clients behind a load balancer spread)."""
+    if not is_trusted(peer_ip, trusted_proxies):
+        return peer_ip
+    return _real_ip([*_forwarded_ips(fields), peer_ip], trusted_proxies)
+
+
 def _real_ip(hops: list[str | None], trusted_proxies: Sequence[IPNetwork]) -> str:
     """The client as the trusted hops vouch for it: the nearest hop that is not a trusted
     proxy. Where a trusted proxy passed on something that is not an address, that proxy is

@@ -40,7 +40,7 @@ from tunnel.core.hashkey import hash_key
 from tunnel.core.headers import values
 from tunnel.core.redirect import https_redirect
 from tunnel.core.response import error_response, with_header
-from tunnel.core.rewrite import Forwarding, ForwardRequest, rewrite_request
+from tunnel.core.rewrite import Forwarding, ForwardRequest, client_ip, rewrite_request
 from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, RequestHead
 from tunnel.errors import (
     BackendTimeout,
@@ -230,7 +230,7 @@ class Handler:
         if route.balance == "hash":
             key = hash_key(
                 route.hash_key,
-                peer_ip=client.ip,
+                peer_ip=client_ip(client.ip, upgrade.fields, server.trusted_proxies),
                 headers=upgrade.fields,
                 target=upgrade.target.encode("latin-1"),
             )
