@@ -178,3 +178,20 @@ def test_a_reload_keeps_health_and_drain_of_backends_that_stay() -> None:
     upstream.set_draining("b", True)
     upstream.reconfigure(route(health={"kind": "tcp", "fall": 1}), None)
     assert states(upstream) == {"a": DOWN, "b": DRAINING, "c": UP}
+
+
+def test_a_backend_enabled_after_a_drain_ramps_up_over_its_slow_start() -> None:
+    upstream = Upstream(
+        route(
+            backends=[
+                {"name": "a", "url": "ws://127.0.0.1:9000", "slow_start": "100s"},
+                {"name": "b", "url": "ws://127.0.0.1:9001"},
+            ]
+        )
+    )
+    upstream.set_draining("a", True)
+    upstream.set_draining("a", False, now=0.0)
+    early = [names(upstream, 1.0)[0] for _ in range(200)].count("a")
+    late = [names(upstream, 200.0)[0] for _ in range(200)].count("a")
+    assert early < 10, "about 1% of the share right after enable"
+    assert late == 100, "an equal share once the ramp is over"

@@ -195,7 +195,11 @@ class Generation:
 
     def _set_draining(self, route: str, backend: str, *, draining: bool) -> dict[str, Any] | None:
         upstream = self.upstreams.get(route)
-        entry = None if upstream is None else upstream.set_draining(backend, draining)
+        entry = (
+            None
+            if upstream is None
+            else upstream.set_draining(backend, draining, trio.current_time())
+        )
         if entry is None:
             return None
         return {

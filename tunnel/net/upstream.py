@@ -287,13 +287,17 @@ class Upstream:
             for record in list(entry.open.values()):
                 self._close(record, CloseReason.BACKEND_DOWN)
 
-    def set_draining(self, name: str, draining: bool) -> _Backend | None:
-        """An operator's drain (or its end); None when the route has no such backend."""
+    def set_draining(self, name: str, draining: bool, now: float = -math.inf) -> _Backend | None:
+        """An operator's drain (or its end, at ``now``: a backend enabled again ramps up
+        over its ``slow_start`` like one that came up); None when the route has no such
+        backend."""
         entry = self._backends.get(name)
         if entry is None:
             return None
         if entry.draining != draining:
             entry.draining = draining
+            if not draining:
+                entry.up_since = now
             log.info(
                 "backend draining" if draining else "backend enabled",
                 extra=fields(route=self.name, backend=name, open_tunnels=len(entry.open)),
