@@ -70,6 +70,8 @@ READ_SIZE = 16 * KiB
 MAX_REPLY_HEAD = 64 * KiB
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 * KiB
+STICKY_COOKIES_TRIED = 4
+"""Sticky cookies of the route's name checked per request (a browser sends one)."""
 PLAIN_HTTP_ON_TLS = "plain HTTP was sent to a TLS port; use https:// or wss://"
 
 
@@ -538,7 +540,10 @@ def _sticky_backend(upgrade: UpgradeRequest, route: RouteConfig) -> str | None:
     cookies are ignored (and replaced by the 101's Set-Cookie)."""
     cookie = route.sticky_cookie
     secret = cookie.secret.encode("utf-8")
-    for value in cookie_values(values(upgrade.fields, b"cookie"), cookie.name):
+    found = cookie_values(values(upgrade.fields, b"cookie"), cookie.name)
+    # A few at most: each costs an HMAC, and a head full of copies must not buy a client
+    # thousands of them.
+    for value in found[:STICKY_COOKIES_TRIED]:
         backend = verify(value, route.name, secret)
         if backend is not None:
             return backend
