@@ -195,3 +195,28 @@ def test_a_backend_enabled_after_a_drain_ramps_up_over_its_slow_start() -> None:
     late = [names(upstream, 200.0)[0] for _ in range(200)].count("a")
     assert early < 10, "about 1% of the share right after enable"
     assert late == 100, "an equal share once the ramp is over"
+
+
+def test_round_robin_spreads_evenly_over_the_backends_still_up() -> None:
+    upstream = Upstream(
+        route(
+            backends=[
+                {"name": n, "url": f"ws://127.0.0.1:{9000 + i}"} for i, n in enumerate("abcd")
+            ],
+            health={"kind": "tcp", "fall": 1},
+        )
+    )
+    upstream.check_result("b", ok=False, detail="refused", now=1.0)
+    firsts = [names(upstream, 1.0)[0] for _ in range(300)]
+    assert {name: firsts.count(name) for name in "abcd"} == {"a": 100, "b": 0, "c": 100, "d": 100}
+    weighted = Upstream(
+        route(
+            backends=[
+                {"name": "a", "url": "ws://127.0.0.1:9000", "weight": 2},
+                {"name": "b", "url": "ws://127.0.0.1:9001"},
+            ]
+        )
+    )
+    picks = "".join(names(weighted)[0] for _ in range(6))
+    assert (picks.count("a"), picks.count("b")) == (4, 2)
+    assert "bb" not in picks, "weights interleave"
