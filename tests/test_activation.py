@@ -21,11 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ import trio
 import trio.testing
 import websockets.sync.client
 from conftest import WsBackend
+from test_workers import TunnelProcess
 
 from tunnel.config import Address, Config, ListenerConfig
 from tunnel.logs import LOGGER_NAME
@@ -452,36 +451,8 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 runs the tunnel. ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` come in the environment."""
 
 
-@dataclass
-class Activated:
-    """A ``tunnel run`` started with an inherited socket; stdout and stderr in ``log_path``."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, what: str, ready: Callable[[str], bool]) -> str:
-        """Poll the log (bounded by count and time) until ``ready(log)``; return the log."""
-        deadline = time.monotonic() + WAIT_SECONDS
-        for _ in range(int(WAIT_SECONDS / POLL_SECONDS) + 1):
-            text = self.log()
-            if ready(text):
-                return text
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                break
-            time.sleep(POLL_SECONDS)
-        raise AssertionError(f"gave up waiting for {what}; log:\n{self.log()}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(WAIT_SECONDS)
-
-    def workers(self) -> dict[int, int]:
-        """Worker number → pid, as the supervisor logged its children."""
-        found = re.findall(r" worker started worker=(\d+) pid=(\d+)", self.log())
-        return {int(number): int(pid) for number, pid in found}
+Activated = TunnelProcess
+"""A ``tunnel run`` started with an inherited socket (``tests/test_workers.py``'s harness)."""
 
 
 @pytest.fixture

@@ -208,10 +208,11 @@ class TunnelProcess:
         """Poll the log (bounded by count and time) until ``ready(log)``; return the log."""
         deadline = time.monotonic() + WAIT_SECONDS
         for _ in range(int(WAIT_SECONDS / POLL_SECONDS) + 1):
+            exited = self.process.poll() is not None  # before the read: its last lines count
             text = self.log()
             if ready(text):
                 return text
-            if time.monotonic() > deadline:
+            if exited or time.monotonic() > deadline:
                 break
             time.sleep(POLL_SECONDS)
         raise AssertionError(f"gave up waiting for {what}; log:\n{self.log()}")
