@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -268,45 +268,41 @@ class _Runtime:
             _check_relay(config)
             config.check_reload(self.config)
             by_address = {door.config.listen: door for door in self.doors}
-            doors: list[_Door] = []
+            planned: list[tuple[_Door, ListenerConfig, ServerTLS | None]] = []
             opened: list[_Door] = []
             reused: list[ServerTLS] = []
             try:
                 for i, settings in enumerate(config.listeners):
-                    old = by_address.get(settings.listen)
+                    door = by_address.get(settings.listen)
                     tls = None
                     if settings.tls is not None:
                         if (
-                            old is not None
-                            and old.tls is not None
-                            and old.config.tls == settings.tls
+                            door is not None
+                            and door.tls is not None
+                            and door.config.tls == settings.tls
                         ):
-                            tls = old.tls
+                            tls = door.tls
                             reused.append(tls)
                         else:
                             tls = ServerTLS(settings.tls, f"listeners[{i}].tls")
-                    if old is not None:
-                        doors.append(_Door(settings, old.sockets, tls, scopes=old.scopes))
-                    else:
+                    if door is None:
                         groups = await open_listener_groups([settings], reuse_port=self.reuse_port)
                         door = _Door(settings, groups[0], tls)
                         opened.append(door)
-                        doors.append(door)
-                statistics = _door_statistics(doors)
+                    planned.append((door, settings, tls))
+                statistics = _listener_statistics(
+                    (settings, tls, door.sockets) for door, settings, tls in planned
+                )
                 outcome = self.generation.reload(config, statistics)
             except BaseException:
                 for door in opened:
                     await door.close()
                 raise
-            kept = {id(door.sockets) for door in doors}
-            removed = [door for door in self.doors if id(door.sockets) not in kept]
-            for door in doors:
-                old = next((d for d in self.doors if d.sockets is door.sockets), None)
-                if old is not None:
-                    # The accept loops call old.serve: the kept door object takes the new
-                    # settings in place.
-                    old.config, old.tls = door.config, door.tls
-                    doors[doors.index(door)] = old
+            # Kept doors take the new settings in place: their accept loops call door.serve.
+            for door, settings, tls in planned:
+                door.config, door.tls = settings, tls
+            doors = [door for door, _, _ in planned]
+            removed = [door for door in self.doors if door not in doors]
             self.config = config
             self.open(doors)
             for door in removed:
@@ -356,13 +352,13 @@ class _Runtime:
                 await trio.to_thread.run_sync(partial(tls.reload, force=False))
 
 
-def _door_statistics(doors: list[_Door]) -> tuple[ListenerStatistics, ...]:
+def _listener_statistics(
+    listeners: Iterable[tuple[ListenerConfig, ServerTLS | None, list[trio.SocketListener]]],
+) -> tuple[ListenerStatistics, ...]:
     return tuple(
-        ListenerStatistics(
-            bound_address(listener), door.tls is not None, door.config.redirect_https
-        )
-        for door in doors
-        for listener in door.sockets
+        ListenerStatistics(bound_address(sock), tls is not None, settings.redirect_https)
+        for settings, tls, sockets in listeners
+        for sock in sockets
     )
 
 
@@ -448,7 +444,9 @@ async def _serve(
     admin: list[tuple[trio.SocketListener, WorkersView | None]] = []
     try:
         admin = await _admin_listeners(config, worker_admin)
-        generation = Generation(config, _door_statistics(doors))
+        generation = Generation(
+            config, _listener_statistics((d.config, d.tls, d.sockets) for d in doors)
+        )
         control.generation = generation
         async with trio.open_nursery() as services:
             await services.start(generation.engine.run)
