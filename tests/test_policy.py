@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tunnel.config import BackendConfig, Config, RouteConfig
-from tunnel.policy.balancer import RoundRobin
 from tunnel.policy.routing import match_route
 
 BACKEND = (BackendConfig("b", "127.0.0.1", 9000),)
@@ -55,32 +54,3 @@ def test_hosts_match_the_lower_cased_hostname() -> None:
 
 def test_an_exact_host_beats_an_earlier_any_host_route() -> None:
     assert match_route((FALLBACK, CHAT), "chat.example.com", "/ws/room") is CHAT
-
-
-def test_round_robin_rotates_and_returns_the_whole_ring() -> None:
-    balancer = RoundRobin(["a", "b", "c"])
-    assert [balancer.candidates() for _ in range(4)] == [
-        ["a", "b", "c"],
-        ["b", "c", "a"],
-        ["c", "a", "b"],
-        ["a", "b", "c"],
-    ]
-
-
-def test_round_robin_with_one_backend() -> None:
-    balancer = RoundRobin(["only"])
-    assert balancer.candidates() == ["only"]
-    assert balancer.candidates() == ["only"]
-
-
-def test_round_robin_is_not_changed_by_the_callers_list() -> None:
-    backends = ["a", "b"]
-    balancer = RoundRobin(backends)
-    backends.append("c")
-    balancer.candidates().clear()
-    assert balancer.candidates() == ["b", "a"]
-
-
-def test_round_robin_needs_a_backend() -> None:
-    with pytest.raises(ValueError, match="at least one backend"):
-        RoundRobin([])

@@ -22,7 +22,6 @@ Edge-triggered rules this code keeps (each cost a stall or a leak in a prototype
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import logging
 import math
@@ -63,7 +62,6 @@ _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _INTEREST = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 NEVER = math.inf
 POLITE = frozenset(
     {
