@@ -209,44 +209,46 @@ class Upstream:
             NoHealthyBackend: 503 when every backend is down or draining, or full
                 (``max_tunnels``; then with ``Retry-After``).
         """
-        if self._plain:
-            # Equal weights, no caps, no slow start: the smooth weighted round-robin is a
-            # plain rotation over the eligible backends, at a fraction of its cost.
-            ring = [entry for entry in self._backends.values() if entry.eligible(now)]
-            if ring:
-                start = self._turn % len(ring)
-                self._turn = start + 1
-                ring = ring[start:] + ring[:start]
-                if preferred is not None and ring[0].config.name != preferred:
-                    chosen = [entry for entry in ring if entry.config.name == preferred]
-                    ring = chosen + [entry for entry in ring if entry.config.name != preferred]
-                return [entry.config for entry in ring]
-        states = [
-            BackendState(
-                name=name,
-                weight=entry.config.weight,
-                open_tunnels=len(entry.open),
-                max_tunnels=entry.config.max_tunnels,
-                eligible=entry.eligible(now),
-                up_since=entry.up_since,
-                slow_start=entry.config.slow_start,
-            )
-            for name, entry in self._backends.items()
-        ]
-        order = self._balancer.order(states, now=now, key=key)
+        order = self._rotation(now) if self._plain else []
         if not order:
-            if why_none(states) == "full":
-                raise NoHealthyBackend(
-                    f"every backend of route {self.name} holds its max_tunnels",
-                    headers=[("Retry-After", str(RETRY_AFTER_SECONDS))],
+            states = [
+                BackendState(
+                    name=name,
+                    weight=entry.config.weight,
+                    open_tunnels=len(entry.open),
+                    max_tunnels=entry.config.max_tunnels,
+                    eligible=entry.eligible(now),
+                    up_since=entry.up_since,
+                    slow_start=entry.config.slow_start,
                 )
-            raise NoHealthyBackend(f"no backend of route {self.name} is up (all down or draining)")
+                for name, entry in self._backends.items()
+            ]
+            order = self._balancer.order(states, now=now, key=key)
+            if not order:
+                if why_none(states) == "full":
+                    raise NoHealthyBackend(
+                        f"every backend of route {self.name} holds its max_tunnels",
+                        headers=[("Retry-After", str(RETRY_AFTER_SECONDS))],
+                    )
+                raise NoHealthyBackend(
+                    f"no backend of route {self.name} is up (all down or draining)"
+                )
         if preferred is not None and preferred in order and order[0] != preferred:
             order.remove(preferred)
             order.insert(0, preferred)
         return [self._backends[name].config for name in order]
 
-    def connect_failed(self, backend: BackendConfig, now: float = 0.0) -> None:
+    def _rotation(self, now: float) -> list[str]:
+        """Equal weights, no caps, no slow start: the smooth weighted round-robin is a plain
+        rotation over the eligible backends, at a tenth of its cost (empty when none is)."""
+        ring = [name for name, entry in self._backends.items() if entry.eligible(now)]
+        if not ring:
+            return ring
+        start = self._turn % len(ring)
+        self._turn = start + 1
+        return ring[start:] + ring[:start]
+
+    def connect_failed(self, backend: BackendConfig, now: float) -> None:
         """A connect to ``backend`` failed: counted, and ``passive_failures`` in a row mark it
         down."""
         entry = self._backends.get(backend.name)
@@ -292,12 +294,11 @@ class Upstream:
         entry.down = down
         state = DOWN if down else UP
         entry.changes[state] += 1
-        if down:
-            entry.health = HealthState(self.route.health.rise, self.route.health.fall, up=False)
-        else:
+        # A fresh run: checks must pass ``rise`` times to undo a passive mark, and so on.
+        entry.health = HealthState(self.route.health.rise, self.route.health.fall, up=not down)
+        if not down:
             entry.up_since = now
             entry.retry_at = math.inf
-            entry.health = HealthState(self.route.health.rise, self.route.health.fall, up=True)
         (log.warning if down else log.info)(
             f"backend marked {state}",
             extra=fields(
