@@ -13,8 +13,11 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
     │   ├── UpgradeRequired (426)
     │   ├── HeadersTooLarge (431)
     │   ├── UriTooLong (414)              the request line alone is over max_header_bytes
-    │   ├── Forbidden (403)
-    │   └── TooManyRequests (429)
+    │   ├── Forbidden (403)               access rules: address, Origin
+    │   ├── Unauthorized (401)            auth: no valid credential; WWW-Authenticate: Bearer
+    │   ├── TooManyRequests (429)         per-client limits; Retry-After when a rate
+    │   └── BadProxyHeader (400)          PROXY protocol: missing, malformed or untrusted; never
+    │                                     answered (the connection is closed)
     ├── Overloaded (503)                  max_tunnels reached; answered with Retry-After
     ├── BackendError (502)                the backend side failed
     │   ├── NoHealthyBackend (503)
@@ -124,9 +127,40 @@ class Forbidden(HandshakeError):
     reason = "Forbidden"
 
 
+class Unauthorized(HandshakeError):
+    """No valid credential (RFC 6750): ``error`` is ``invalid_request`` (none was sent) or
+    ``invalid_token`` (one was sent and refused); the message says why, for the log only."""
+
+    status = 401
+    reason = "Unauthorized"
+
+    def __init__(
+        self, message: str, *, error: str = "invalid_token", realm: str = "tunnel"
+    ) -> None:
+        challenge = f'Bearer realm="{realm}"'
+        if error:
+            challenge += f', error="{error}"'
+        super().__init__(message, headers=[("WWW-Authenticate", challenge)])
+        self.error = error
+
+    @property
+    def public(self) -> str:
+        return "a valid credential is required" if self.error else "a credential is required"
+
+
 class TooManyRequests(HandshakeError):
     status = 429
     reason = "Too Many Requests"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        headers = [] if retry_after is None else [("Retry-After", str(retry_after))]
+        super().__init__(message, headers=headers)
+        self.retry_after = retry_after
+
+
+class BadProxyHeader(HandshakeError):
+    """A PROXY protocol header that is missing, malformed, or sent by a peer outside
+    ``trusted_proxies``: the connection is closed without an answer."""
 
 
 class Overloaded(TunnelError):
