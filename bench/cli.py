@@ -1,13 +1,17 @@
-"""``python -m bench``: parse the options, run the session, print the table, write the files."""
+"""``python -m bench``: parse the options, run the session, print the table, write the files.
+
+``python -m bench soak ...`` is the soak instead (``bench.soak``): its own options, a report on
+stdout and an exit status that says whether it passed."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import build, procs, report
+from bench import build, procs, report, soak
 from bench.peers import PEER_NAMES
 from bench.run import RESULTS_DIR, Options, run
 from bench.workloads import WORKLOADS
@@ -92,7 +96,55 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def soak_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench soak",
+        description="Mixed traffic against one tunnel process; errors and fd/RSS drift.",
+    )
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--minutes", type=float, help="how long to run (fractions allowed)")
+    length.add_argument("--seconds", type=float, help="how long to run, for short runs")
+    p.add_argument(
+        "--tunnels",
+        type=int,
+        default=50,
+        help="echo tunnels held open at once, besides the other workloads (default: 50)",
+    )
+    p.add_argument(
+        "--relay",
+        choices=("auto", "splice", "copy"),
+        default="auto",
+        help="tunnel's server.relay (default: auto)",
+    )
+    p.add_argument("--json", type=Path, help="also write the result as JSON to this file")
+    return p
+
+
+def soak_main(argv: Sequence[str]) -> int:
+    """Exit status 0 only when the soak passed (no error, drift within its bounds)."""
+    args = soak_parser().parse_args(argv)
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    if seconds <= 0 or args.tunnels < 0:
+        soak_parser().error("the length must be positive and --tunnels 0 or more")
+    options = soak.SoakOptions(seconds=seconds, tunnels=args.tunnels, relay=args.relay)
+    try:
+        result = soak.run_soak(options)
+    except (build.BuildError, procs.ProcessError) as error:
+        print(f"bench soak: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench soak: interrupted; the processes it started were stopped", file=sys.stderr)
+        return 130
+    print(result.report())
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_json(), indent=2) + "\n", encoding="utf-8")
+    return 0 if result.passed else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soak"]:
+        return soak_main(argv[1:])
     args = parser().parse_args(argv)
     if args.workers < 1 or (args.repeat is not None and args.repeat < 1):
         parser().error("--workers and --repeat must be 1 or more")
