@@ -303,8 +303,8 @@ BAD = [
     ("listen-missing", doc(listen=OMIT), "listeners[0].listen", "missing"),
     (
         "listener-unknown-key",
-        doc(listen='":8080"\nproxy_protocol = true'),
-        "listeners[0].proxy_protocol",
+        doc(listen='":8080"\nproxy_protocoll = true'),
+        "listeners[0].proxy_protocoll",
         "unknown key",
     ),
     (

@@ -18,7 +18,8 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
     │   ├── TooManyRequests (429)         per-client limits; Retry-After when a rate
     │   └── BadProxyHeader (400)          PROXY protocol: missing, malformed or untrusted; never
     │                                     answered (the connection is closed)
-    ├── Overloaded (503)                  max_tunnels reached; answered with Retry-After
+    ├── ServiceUnavailable (503)          answered with Retry-After
+    │   └── Overloaded (503)              max_tunnels reached
     ├── BackendError (502)                the backend side failed
     │   ├── NoHealthyBackend (503)
     │   ├── BackendUnreachable (502)
@@ -163,14 +164,22 @@ class BadProxyHeader(HandshakeError):
     ``trusted_proxies``: the connection is closed without an answer."""
 
 
-class Overloaded(TunnelError):
+class ServiceUnavailable(TunnelError):
+    """Not the client's fault and not for long: ``Retry-After`` says when to come back."""
+
     status = 503
     reason = "Service Unavailable"
 
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers=[("Retry-After", str(retry_after))])
+        self.retry_after = retry_after
+
+
+class Overloaded(ServiceUnavailable):
     def __init__(self, limit: int, retry_after_seconds: int = 5) -> None:
         super().__init__(
             f"the proxy holds max_tunnels ({limit}) tunnels; retry later",
-            headers=[("Retry-After", str(retry_after_seconds))],
+            retry_after=retry_after_seconds,
         )
         self.limit = limit
 

@@ -88,6 +88,18 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
     closed = CounterMetricFamily(
         "tunnel_closed", "Tunnels closed, by reason.", labels=["route", "reason"]
     )
+    refusals = CounterMetricFamily(
+        "tunnel_refusals",
+        "Upgrades refused by the route's guard, by rule: access, origin, per_ip_rate, auth, "
+        "per_ip_tunnels, per_identity_tunnels, limit_store, admission_rate (each also counted "
+        "in tunnel_upgrades_total by status).",
+        labels=["route", "rule"],
+    )
+    proxy_refused = CounterMetricFamily(
+        "tunnel_proxy_header_refusals",
+        "Connections closed unanswered for a missing, malformed or untrusted PROXY header.",
+    )
+    proxy_refused.add_metric([], snapshot.proxy_refused)
     for route in snapshot.routes:
         for backend in route.backends:
             labels = [route.name, backend.name]
@@ -103,11 +115,14 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
             upgrades.add_metric([route.name, str(status)], count)
         for reason, count in route.closes:
             closed.add_metric([route.name, reason.value], count)
+        for rule, count in route.refusals:
+            refusals.add_metric([route.name, rule], count)
     for status, count in snapshot.unrouted_answers:
         upgrades.add_metric(["", str(status)], count)
     yield from (open_tunnels, bytes_total, tunnels_total, backend_up, connect_failures)
     yield health_changes
-    yield from (upgrades, closed, _histogram(snapshot.handshake_seconds))
+    yield from (upgrades, closed, refusals, proxy_refused)
+    yield _histogram(snapshot.handshake_seconds)
 
 
 def _histogram(handshake: HistogramStatistics) -> HistogramMetricFamily:

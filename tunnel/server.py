@@ -168,6 +168,7 @@ class Generation:
             ),
             unrouted_answers=tuple(sorted(self.tally.unrouted.items())),
             handshake_seconds=self.tally.handshake.statistics(),
+            proxy_refused=self.tally.proxy_refused,
         )
 
     # The admin listener's view (tunnel.net.admin.AdminSource).

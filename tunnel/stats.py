@@ -53,6 +53,8 @@ class UpstreamStatistics:
     """(status, count) of every answer clients got on this route: 101s and refusals."""
     closes: tuple[tuple[CloseReason, int], ...]
     tunnels: tuple[TunnelStatistics, ...]
+    refusals: tuple[tuple[str, int], ...] = ()
+    """(rule, count) of upgrades refused by access rules, limits, auth or admission."""
 
     @property
     def open_tunnels(self) -> int:
@@ -93,3 +95,5 @@ class ServerStatistics:
     """(status, count) of refusals given before a route was known (400, 404, 408, ...)."""
     handshake_seconds: HistogramStatistics
     """From accept to the 101 sent on, for every tunnel opened."""
+    proxy_refused: int = 0
+    """Connections closed for a missing, malformed or untrusted PROXY header."""

@@ -136,3 +136,14 @@ class ListenerConfig:
         "is none. Nothing is forwarded. See [tls](tls.md#redirect_https).",
         omit_default=True,
     )
+    proxy_protocol: bool = setting(
+        False,
+        Flag(),
+        "Expect a PROXY protocol header (v1 or v2, told apart by its first bytes) before "
+        "anything else, TLS included, as a load balancer in front sends it (HAProxy "
+        "`accept-proxy`, nginx `listen ... proxy_protocol`). Believed only from "
+        "`server.trusted_proxies`: a connection from anyone else is closed unanswered and "
+        "logged. The address it carries is the client's for limits, access rules, logs and "
+        "`X-Forwarded-For`.",
+        omit_default=True,
+    )

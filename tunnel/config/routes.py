@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from tunnel.config.access import RouteAccess
 from tunnel.config.hosts import (
     _name_problem,
     check_backend_host,
@@ -114,6 +115,15 @@ class BackendConfig:
         "After the backend comes up, its share of new tunnels grows from little to `weight` over "
         'this long, so a cold backend is not flooded; `"0s"` = full share at once (HAProxy '
         "`slowstart`, nginx `slow_start`).",
+        omit_default=True,
+    )
+    send_proxy_protocol: str = setting(
+        "",
+        Choice(("", "v1", "v2")),
+        '`"v1"` (text) or `"v2"` (binary): open each connection to the backend with a PROXY '
+        "protocol header naming the client's address and port and the address and port it "
+        "connected to, for backends that read it (HAProxy `send-proxy`/`send-proxy-v2`, nginx "
+        '`proxy_protocol on`); `""` = none. Health checks do not send it.',
         omit_default=True,
     )
 
@@ -432,6 +442,15 @@ class RouteConfig:
             Table(HealthCheck),
             "Active health checks of each backend: the `[routes.health]` table below.",
             shown="off",
+        ),
+    )
+    access: RouteAccess = field(
+        default=RouteAccess(),
+        metadata=declare(
+            Table(RouteAccess),
+            "Address lists, browser origins and stripped headers: the `[routes.access]` table "
+            "below.",
+            shown="anyone",
         ),
     )
 

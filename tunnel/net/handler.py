@@ -116,6 +116,8 @@ class Tally:
     """Connections past the handshake (connecting or tunnelling), bounded by max_tunnels."""
     ids: count[int] = field(default_factory=lambda: count(1))
     """Tunnel ids, unique within the process."""
+    proxy_refused: int = 0
+    """Connections closed for a missing, malformed or untrusted PROXY header."""
 
 
 class Handler:

@@ -142,6 +142,8 @@ class Upstream:
         self.removed = False
         """The route itself was removed by a reload; its tunnels are draining."""
         self.answers: Counter[int] = Counter()
+        self.refusals: Counter[str] = Counter()
+        """Upgrades the guard refused, by rule (``net.guard.Rule``)."""
         self.closes: Counter[CloseReason] = Counter()
 
     def reconfigure(self, route: RouteConfig, tls: ssl.SSLContext | None) -> list[TunnelRecord]:
@@ -329,6 +331,9 @@ class Upstream:
             )
         return entry
 
+    def refused(self, rule: str) -> None:
+        self.refusals[rule] += 1
+
     def answered(self, status: int) -> None:
         """Count one answer to a client of this route (the 101, or a refusal)."""
         self.answers[status] += 1
@@ -423,4 +428,5 @@ class Upstream:
             answers=tuple(sorted(self.answers.items())),
             closes=tuple(sorted(self.closes.items())),
             tunnels=tuple(tunnels),
+            refusals=tuple(sorted(self.refusals.items())),
         )
