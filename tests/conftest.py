@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ import pytest
 import trio
 import websockets.asyncio.server
 import websockets.sync.server
+from hypothesis import HealthCheck, settings
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -211,3 +213,19 @@ def start_tunnel(nursery: trio.Nursery) -> Callable[..., Awaitable[Tunnel]]:
 async def tunnel(start_tunnel: Callable[..., Awaitable[Tunnel]], echo_backend: WsBackend) -> Tunnel:
     """The tunnel with default settings in front of ``echo_backend``."""
     return await start_tunnel([echo_backend.url])
+
+
+FUZZ_EXAMPLES = "TUNNEL_FUZZ_EXAMPLES"
+"""Environment variable: examples per fuzz test for a longer run than CI's, e.g.
+``TUNNEL_FUZZ_EXAMPLES=20000 python -m pytest -q tests/test_fuzz*.py``."""
+
+settings.register_profile(
+    "fuzz", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Settings of one bounded fuzz test (the ``fuzz`` profile): ``examples`` examples, small
+    enough for CI, or ``$TUNNEL_FUZZ_EXAMPLES`` when set."""
+    count = int(os.environ.get(FUZZ_EXAMPLES) or examples)
+    return settings(settings.get_profile("fuzz"), max_examples=count)

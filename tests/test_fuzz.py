@@ -4,14 +4,26 @@ Client bytes end in a request or a ``HandshakeError`` (or ``ClientClosed`` on an
 a request that passes validation can always be rewritten and sent. Backend bytes end in a
 progress report or a ``BadBackendResponse``, and what is forwarded is always the backend's own
 bytes, untouched.
+
+Near-valid request heads (a real WebSocket upgrade with look-alike, duplicated or re-cased
+fields, bare LF or CR line ends, obs-folds, NUL and 0x7f-0xff bytes, thousands of tiny fields)
+get the same verdict however the reads cut them, and ``RequestHead`` accepts only what h11
+accepts, as h11 reads it.
+
+CI runs a few hundred examples per test; a longer run of every fuzz file is one command::
+
+    TUNNEL_FUZZ_EXAMPLES=20000 python -m pytest -q -p no:cacheprovider tests/test_fuzz*.py
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import h11
-from hypothesis import HealthCheck, given, settings
+import pytest
+from conftest import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnel.core.handshake import (
@@ -27,7 +39,7 @@ from tunnel.errors import BadBackendResponse, HandshakeError, TunnelError
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 LIMIT = 1024
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(300)
 
 REQUEST_PARTS = [
     b"GET ",
@@ -251,3 +263,312 @@ def test_backend_bytes_progress_or_raise_bad_backend_response(
     if error is not None:
         assert error.status == 502
     assert forwarded in data, "only the backend's own bytes, in order, reach the client"
+
+
+# --- near-valid request heads -------------------------------------------------------------------
+
+HEAD_OPTIONS = inspect.signature(RequestHead).parameters
+"""``max_headers`` and ``allow_bare_lf`` arrive with the hardening issue; the properties below
+hold with and without them."""
+BIG = 64 * 1024
+
+
+def new_head(limit: int, **options: object) -> RequestHead:
+    """A head reader given those of ``options`` this ``RequestHead`` takes."""
+    return RequestHead(limit, **{k: v for k, v in options.items() if k in HEAD_OPTIONS})  # type: ignore[arg-type]
+
+
+UPGRADE_HEAD = [
+    (b"Host", b"a.example"),
+    (b"Upgrade", b"websocket"),
+    (b"Connection", b"Upgrade"),
+    (b"Sec-WebSocket-Key", KEY.encode()),
+    (b"Sec-WebSocket-Version", b"13"),
+]
+LOOK_ALIKES = {
+    b"Host": [b"host", b"HOST", b"Ho_st", b"Host ", b" Host", b"Host\t", b"X-Host", b"Hos"],
+    b"Upgrade": [b"upgrade", b"UPGRADE", b"Up_grade", b"Upgrade ", b"Upgrades", b"X-Upgrade"],
+    b"Connection": [b"connection", b"CONNECTION", b"Conn_ection", b"Proxy-Connection"],
+    b"Sec-WebSocket-Key": [
+        b"sec-websocket-key",
+        b"SEC-WEBSOCKET-KEY",
+        b"Sec_WebSocket_Key",
+        b"Sec-WebSocket_Key",
+        b"Sec-WebSocket-Key2",
+    ],
+    b"Sec-WebSocket-Version": [b"sec-websocket-version", b"Sec_WebSocket_Version"],
+}
+OTHER_VALUES = {
+    b"Host": [b"", b"b.example", b"a.example:99999", b"[::1]", b"a.example, b.example", b"a b"],
+    b"Upgrade": [b"WebSocket", b"websocket, h2c", b"h2c", b"", b"web socket", b"websocket/13"],
+    b"Connection": [b"upgrade, close", b"keep-alive", b"", b"Upgrade, Upgrade", b"close"],
+    b"Sec-WebSocket-Key": [b"", b"short", KEY.encode() + b"=", KEY.encode().lower(), b"\xff=="],
+    b"Sec-WebSocket-Version": [b"8", b"13, 8", b"", b"013", b"13 "],
+}
+ODD_LINE_ENDS = [b"\n", b"\r", b"\r\r\n", b"\n\r", b"\r\n ", b"\r\n\t", b""]
+"""A line end mistyped; ``\\r\\n `` and ``\\r\\n\\t`` make the next line an obs-fold."""
+ODD_BYTES = [b"\x00", b"\x7f", b"\x80", b"\xff", b"\r", b"\n", b"\t", b" ", b":", b"\r\n"]
+REQUEST_LINE_VARIANTS = [
+    b"get ",
+    b"GET  ",
+    b"GET\t",
+    b"/",
+    b"*",
+    b"http://a.example/x",
+    b"/\xff",
+    b"/a b",
+    b"",
+    b" HTTP/1.0",
+    b" HTTP/1.1 ",
+    b" http/1.1",
+    b"",
+]
+
+
+MUTATIONS = ["alike", "value", "twice", "drop", "fold", "colon", "end", "byte", "line", "many"]
+
+
+@st.composite
+def near_valid_head(draw: st.DrawFn, *, many: bool = True) -> bytes:
+    """A WebSocket upgrade head broken in up to three places a real client or attacker would
+    try; with ``many``, now and then with thousands of tiny fields."""
+    fields = {name: [name, b": ", value] for name, value in UPGRADE_HEAD}
+    first = [b"GET ", b"/chat?room=1", b" HTTP/1.1"]
+    extra: list[bytes] = []
+    later: list[str] = []
+    kinds = MUTATIONS if many else MUTATIONS[:-1]
+    for kind in draw(st.lists(st.sampled_from(kinds), max_size=3)):
+        name = draw(st.sampled_from([name for name, _ in UPGRADE_HEAD]))
+        field = fields[name]
+        if kind == "alike":
+            field[0] = draw(st.sampled_from(LOOK_ALIKES[name]))
+        elif kind == "value":
+            field[2] = draw(st.sampled_from(OTHER_VALUES[name]))
+        elif kind == "twice":
+            other = draw(st.sampled_from([field[2], *OTHER_VALUES[name]]))
+            extra.append(draw(st.sampled_from([name, *LOOK_ALIKES[name]])) + b": " + other)
+        elif kind == "drop":
+            field[:] = [b"", b"", b""]
+        elif kind == "fold":
+            cut = draw(st.integers(0, len(field[2])))
+            fold = b"\r\n" + draw(st.sampled_from([b" ", b"\t", b"  "]))
+            field[2] = field[2][:cut] + fold + field[2][cut:]
+        elif kind == "colon":
+            field[1] = draw(st.sampled_from([b":", b":\t", b" : ", b":  ", b"\t:", b"::"]))
+        elif kind == "line":
+            first[draw(st.integers(0, 2))] = draw(st.sampled_from(REQUEST_LINE_VARIANTS))
+        elif kind == "many":
+            tiny = draw(st.sampled_from([b"a:b", b"A: ", b"x-y:z", b"a:b\t"]))
+            extra.append(b"\r\n".join([tiny] * draw(st.integers(1, 3000))))
+        else:
+            later.append(kind)
+    lines = [b"".join(first)] + [b"".join(f) for f in fields.values() if f[0]]
+    for line in extra:
+        lines.insert(draw(st.integers(1, len(lines))), line)
+    ends = [b"\r\n"] * (len(lines) + 1)  # the last one ends the blank line
+    for kind in later:
+        if kind == "end":
+            ends[draw(st.integers(0, len(lines)))] = draw(st.sampled_from(ODD_LINE_ENDS))
+    head = b"".join(line + end for line, end in zip(lines, ends, strict=False)) + ends[-1]
+    for kind in later:
+        if kind == "byte":
+            at = draw(st.integers(0, len(head)))
+            head = head[:at] + draw(st.sampled_from(ODD_BYTES)) + head[at:]
+    return head + draw(st.sampled_from([b"", b"", b"\x81\x85", b"\n", b"GET / HTTP/1.1\r\n\r\n"]))
+
+
+HEAD_LIMITS = st.sampled_from([1024, 32 * 1024])
+READER_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={"max_headers": st.sampled_from([1, 5, 100, 10_000]), "allow_bare_lf": st.booleans()},
+)
+
+Verdict = tuple[object, ...]
+
+
+def head_verdict(head: RequestHead, pieces: list[bytes]) -> Verdict:
+    """What the handler would conclude from ``pieces`` (``b""`` is EOF): the request and the
+    head's length, a refusal's status, the client leaving, or waiting for more. Anything else
+    raised is an undocumented error and fails the test."""
+    fed = 0
+    error: HandshakeError | ClientClosed | None = None
+    try:
+        for piece in pieces:
+            fed += len(piece)
+            request = head.feed(piece)
+            if request is not None:
+                fields = tuple(request.headers.raw_items())
+                length = fed - len(head.leftover)
+                return ("request", request.target, request.http_version, fields, length)
+    except (HandshakeError, ClientClosed) as exc:
+        error = exc
+    if isinstance(error, HandshakeError):
+        assert error.status in {400, 414, 431}, error
+        assert error_response(error).startswith(f"HTTP/1.1 {error.status} ".encode())
+        return ("refused", error.status)
+    if isinstance(error, ClientClosed):
+        assert pieces[-1] == b"", "ClientClosed only on EOF"
+        assert error.received == fed
+        return ("closed",)
+    return ("more",)
+
+
+def assert_same_verdict(chunked: Verdict, whole: Verdict) -> None:
+    """The verdict on the head read in pieces is the one on it read at once. A refused head
+    that is both malformed and over the limit may get 400 or 431: read at once, h11 judges the
+    whole head first; read in pieces, the limit is crossed first."""
+    if chunked[0] == whole[0] == "refused" and {chunked[1], whole[1]} <= {400, 414, 431}:
+        return
+    assert chunked == whole
+
+
+def bare(data: bytes, byte: int, partner: int, *, before: bool) -> bool:
+    """Whether ``data`` holds ``byte`` without ``partner`` next to it (a bare LF has no CR
+    before it, a bare CR no LF after it)."""
+    for i, b in enumerate(data):
+        if b != byte:
+            continue
+        j = i - 1 if before else i + 1
+        if not 0 <= j < len(data) or data[j] != partner:
+            return True
+    return False
+
+
+def bare_lf(data: bytes) -> bool:
+    return bare(data, 0x0A, 0x0D, before=True)
+
+
+def bare_cr(data: bytes) -> bool:
+    return bare(data, 0x0D, 0x0A, before=False)
+
+
+@FUZZ
+@given(
+    data=near_valid_head(),
+    cuts=st.one_of(st.lists(st.integers(min_value=0), max_size=8), st.just(list(range(400)))),
+    eof=st.booleans(),
+    limit=HEAD_LIMITS,
+    options=READER_OPTIONS,
+)
+def test_near_valid_heads_get_one_verdict_however_the_reads_cut_them(
+    data: bytes, cuts: list[int], eof: bool, limit: int, options: dict[str, object]
+) -> None:
+    end = [b""] if eof else []
+    whole = head_verdict(new_head(limit, **options), [data, *end])
+    assert_same_verdict(head_verdict(new_head(limit, **options), split(data, cuts) + end), whole)
+    if whole[0] == "request":
+        length = whole[-1]
+        assert isinstance(length, int)
+        assert length <= limit
+        head = data[:length]
+        assert b"\x00" not in head
+        assert not bare_cr(head), "a bare CR is never a line end, nor allowed in a field"
+        if "allow_bare_lf" in HEAD_OPTIONS and not options.get("allow_bare_lf"):
+            assert not bare_lf(head), "a bare LF is refused unless allow_bare_lf"
+        fields = whole[3]
+        assert isinstance(fields, tuple)
+        if "max_headers" in HEAD_OPTIONS:
+            assert len(fields) <= int(options.get("max_headers", 100))  # type: ignore[call-overload]
+
+
+@fuzz_settings(40)
+@given(data=near_valid_head(many=False), eof=st.booleans())
+def test_every_two_piece_split_gets_the_one_read_verdict(data: bytes, eof: bool) -> None:
+    end = [b""] if eof else []
+    whole = head_verdict(RequestHead(LIMIT), [data, *end])
+    for cut in range(1, len(data)):
+        pieces = [data[:cut], data[cut:], *end]
+        assert_same_verdict(head_verdict(RequestHead(LIMIT), pieces), whole)
+
+
+def h11_verdict(data: bytes) -> Verdict:
+    """h11's own reading of ``data`` as a server, no size limit in the way."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=10 * BIG)
+    conn.receive_data(data)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return ("refused",)
+    if event is h11.NEED_DATA:
+        return ("more",)
+    assert isinstance(event, h11.Request)
+    fields = tuple(event.headers.raw_items())
+    length = len(data) - len(conn.trailing_data[0])
+    return ("request", event.target, event.http_version, fields, length)
+
+
+@FUZZ
+@given(data=st.one_of(near_valid_head(), CLIENT_BYTES).filter(bool), allow_bare_lf=st.booleans())
+def test_the_head_reader_accepts_what_h11_accepts_and_nothing_else(
+    data: bytes, allow_bare_lf: bool
+) -> None:
+    ours = head_verdict(new_head(BIG, max_headers=10**6, allow_bare_lf=allow_bare_lf), [data])
+    judge = h11_verdict(data)
+    if judge[0] == "request":
+        length = judge[-1]
+        assert isinstance(length, int)
+        stricter = bare_lf(data[:length]) and "allow_bare_lf" in HEAD_OPTIONS and not allow_bare_lf
+        if ours[0] == "refused":
+            assert stricter or data[:1] == b"\x16", f"h11 accepts {data[:length]!r}"
+            return
+    if judge[0] == "refused" or ours[0] == "refused":
+        assert ours[0] == "refused"
+        return
+    assert ours == judge
+
+
+REAL_HEAD = (
+    b"GET /chat?room=1 HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: " + KEY.encode() + b"\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+LINE_END_AT = [i for i in range(len(REAL_HEAD)) if REAL_HEAD[i : i + 2] == b"\r\n"]
+
+
+def one_read(head: RequestHead, data: bytes) -> Verdict:
+    return head_verdict(head, [data, b""])
+
+
+@pytest.mark.parametrize("at", LINE_END_AT)
+def test_a_bare_lf_is_a_line_end_when_allowed(at: int) -> None:
+    data = REAL_HEAD[:at] + REAL_HEAD[at + 1 :]
+    verdict = one_read(new_head(LIMIT, allow_bare_lf=True), data)
+    assert verdict[0] == "request"
+    assert verdict[3] == one_read(RequestHead(LIMIT), REAL_HEAD)[3]
+
+
+@pytest.mark.xfail(strict=False, reason="RequestHead(allow_bare_lf=...) is being added (hardening)")
+@pytest.mark.parametrize("at", LINE_END_AT)
+def test_a_bare_lf_anywhere_in_the_head_is_refused_unless_allowed(at: int) -> None:
+    data = REAL_HEAD[:at] + REAL_HEAD[at + 1 :]
+    assert one_read(RequestHead(LIMIT), data) == ("refused", 400)
+    assert one_read(RequestHead(LIMIT, allow_bare_lf=False), data) == ("refused", 400)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("leftover", [b"\n", b"x\ny", b"\r", b"\x00\n\n"])
+def test_a_bare_lf_or_cr_after_the_head_is_not_part_of_it(leftover: bytes) -> None:
+    verdict = one_read(new_head(LIMIT, allow_bare_lf=False), REAL_HEAD + leftover)
+    assert verdict == one_read(RequestHead(LIMIT), REAL_HEAD)
+
+
+@pytest.mark.parametrize("at", range(len(REAL_HEAD) - 2))
+@pytest.mark.parametrize("byte", [b"\r", b"\x00"])
+def test_a_bare_cr_or_nul_anywhere_in_the_head_is_never_accepted(at: int, byte: bytes) -> None:
+    data = REAL_HEAD[:at] + byte + REAL_HEAD[at:]
+    verdict = one_read(RequestHead(LIMIT), data)
+    assert verdict in {("refused", 400), ("closed",)}, verdict
+
+
+def with_tiny_fields(count: int) -> bytes:
+    """``REAL_HEAD`` (5 fields) with ``count`` more."""
+    return REAL_HEAD[:-2] + b"a:b\r\n" * count + b"\r\n"
+
+
+def test_a_head_of_100_fields_is_read() -> None:
+    assert one_read(RequestHead(32 * 1024), with_tiny_fields(95))[0] == "request"
+
+
+@pytest.mark.xfail(strict=False, reason="RequestHead(max_headers=...) is being added (hardening)")
+@pytest.mark.parametrize("extra", [96, 5000])
+def test_more_fields_than_max_headers_is_431(extra: int) -> None:
+    assert one_read(RequestHead(32 * 1024), with_tiny_fields(extra)) == ("refused", 431)
