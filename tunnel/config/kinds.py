@@ -15,10 +15,12 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -312,6 +314,73 @@ class FilePath(Kind[str]):
 
 
 PEM_MISSING = "missing; write the path of a PEM file"
+
+
+_RATE_UNITS = {"s": 1.0, "m": 60.0}
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)/([sm])", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` events per ``per`` seconds (``"10/s"``: 10 per 1, ``"600/m"``: 600 per 60);
+    a count of 0 is off."""
+
+    count: float
+    per: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+    @property
+    def off(self) -> bool:
+        return self.count == 0
+
+    def __str__(self) -> str:
+        """The spelling ``parse_rate`` reads back as this rate."""
+        count = self.count
+        text = str(int(count)) if count.is_integer() else f"{Decimal(repr(count)):f}"
+        return f"{text}/{'m' if self.per == _RATE_UNITS['m'] else 's'}"
+
+
+RATE_OFF = Rate(0.0, 1.0)
+
+
+def parse_rate(text: str) -> Rate:
+    """``"10/s"`` → ``Rate(10, 1)``, ``"600/m"`` → ``Rate(600, 60)``; decimals allowed
+    (``"0.5/s"``), ``"0/s"`` is off. Anything else raises ``ValueError`` saying how to write it."""
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a rate; write a number of events per second or per minute, "
+            'like "10/s" or "600/m"'
+        )
+    count = float(match.group(1))
+    if not math.isfinite(count):
+        raise ValueError(f"{text!r} is too large")
+    return Rate(count, _RATE_UNITS[match.group(2)])
+
+
+@dataclass(frozen=True, slots=True)
+class RateKind(Kind[Rate]):
+    """A rate (``"10/s"``, ``"600/m"``, see ``parse_rate``); ``"0/s"`` only when
+    ``allow_zero`` (off). Named apart from the ``Rate`` it reads, like ``ListenAddress``."""
+
+    allow_zero: bool = False
+
+    def parse(self, raw: object, key: str, ctx: Context) -> Rate:
+        if not isinstance(raw, str):
+            raise ConfigError(key, f'expected a rate such as "10/s" or "600/m", got {raw!r}')
+        try:
+            value = parse_rate(raw)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from exc
+        if value.off and not self.allow_zero:
+            raise ConfigError(key, 'must be more than 0/s; write it like "10/s" or "600/m"')
+        return value
+
+    def dump(self, value: Rate) -> object:
+        return str(value)
 
 
 def toml_value(data: object) -> str:
