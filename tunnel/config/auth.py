@@ -171,12 +171,12 @@ class RouteAuth:
         are read now: ``bearer`` needs ``tokens_file``, ``jwt`` exactly one of ``secret_env``
         and ``public_key``."""
         auth = cls(**values)
-        _refuse_foreign_keys(auth, key)
-        if len(set(auth.token_from)) != len(auth.token_from):
-            raise ConfigError(f"{key}.token_from", "names one place twice")
         problem = _identity_problem(auth.identity_header)
         if problem:
             raise ConfigError(f"{key}.identity_header", problem)
+        _refuse_foreign_keys(auth, key)
+        if len(set(auth.token_from)) != len(auth.token_from):
+            raise ConfigError(f"{key}.token_from", "names one place twice")
         header = f"header:{auth.identity_header}".lower()
         if any(source.lower() == header for source in auth.token_from):
             raise ConfigError(
