@@ -488,8 +488,13 @@ def h11_request(data: bytes) -> h11.Request | type[h11.RemoteProtocolError] | No
 @settings(max_examples=500, deadline=None)
 @given(head=request_heads(), tail=st.binary(max_size=8))
 def test_a_request_head_is_read_as_h11_reads_it(head: bytes, tail: bytes) -> None:
+    # With allow_bare_lf the reader is exactly as lenient as h11; without it, it refuses
+    # what has a bare LF line end and reads the rest as h11 does.
     expected = h11_request(head + tail)
-    reader = RequestHead(64 * 1024)
+    if b"\n" in head.replace(b"\r\n", b""):
+        with pytest.raises(HandshakeError, match="bare LF"):
+            RequestHead(64 * 1024).feed(head + tail)
+    reader = RequestHead(64 * 1024, allow_bare_lf=True)
     try:
         request = reader.feed(head + tail)
     except HandshakeError:
@@ -508,6 +513,8 @@ def test_a_request_head_is_read_as_h11_reads_it(head: bytes, tail: bytes) -> Non
 
 def test_a_head_ending_in_lf_then_crlf_is_read_at_once() -> None:
     # h11 accepts mixed line ends; waiting for a CRLF CRLF that never comes would stall to 408.
-    request = RequestHead(LIMIT).feed(b"GET /chat HTTP/1.1\r\nHost: a\n\r\n")
+    request = RequestHead(LIMIT, allow_bare_lf=True).feed(b"GET /chat HTTP/1.1\r\nHost: a\n\r\n")
     assert request is not None
     assert request.target == b"/chat"
+    with pytest.raises(HandshakeError, match=r"line 2 .* bare LF"):
+        RequestHead(LIMIT).feed(b"GET /chat HTTP/1.1\r\nHost: a\n\r\n")

@@ -12,6 +12,7 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
     │   ├── MethodNotAllowed (405)
     │   ├── UpgradeRequired (426)
     │   ├── HeadersTooLarge (431)
+    │   │   └── TooManyHeaders (431)      more field lines than max_headers
     │   ├── UriTooLong (414)              the request line alone is over max_header_bytes
     │   ├── Forbidden (403)               access rules: address, Origin
     │   ├── Unauthorized (401)            auth: no valid credential; WWW-Authenticate: Bearer
@@ -109,6 +110,18 @@ class HeadersTooLarge(HandshakeError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request head is larger than max_header_bytes ({limit} bytes)")
+        self.limit = limit
+
+
+class TooManyHeaders(HeadersTooLarge):
+    """More field lines than ``max_headers``: each costs the parsers work, so a head of
+    thousands of tiny fields is refused before they are parsed (Apache's
+    ``LimitRequestFields``)."""
+
+    def __init__(self, limit: int) -> None:
+        HandshakeError.__init__(
+            self, f"request head has more than max_headers ({limit}) header fields"
+        )
         self.limit = limit
 
 

@@ -11,7 +11,13 @@ import h11
 
 from tunnel.core.response import check_switch, check_switch_headers, protocol_error
 from tunnel.core.rewrite import ForwardRequest
-from tunnel.errors import BadBackendResponse, HandshakeError, HeadersTooLarge, UriTooLong
+from tunnel.errors import (
+    BadBackendResponse,
+    HandshakeError,
+    HeadersTooLarge,
+    TooManyHeaders,
+    UriTooLong,
+)
 
 
 class ClientClosed(Exception):
@@ -34,23 +40,38 @@ _TLS_HANDSHAKE_RECORD = 0x16
 class RequestHead:
     """Accumulates client bytes until the request head is complete.
 
-    ``max_header_bytes`` bounds the whole head, whether it arrives in one read or many.
+    ``max_header_bytes`` bounds the whole head, whether it arrives in one read or many, and
+    ``max_headers`` its field lines. Both are checked on the raw bytes as they arrive, before
+    any parser builds anything per field, so a head of thousands of tiny fields costs a count
+    of its line ends, not thousands of objects. Every byte is looked at once, however the
+    reads cut the head. A folded (obs-fold) continuation counts as a line of its own.
 
-    A head whose every line is plainly well formed (``GET target HTTP/1.1``, ``name: value``
-    fields, CRLF line ends) is read by a strict parser of its own and becomes an
-    ``h11.Request``, which checks the fields again (Host, framing headers). Anything else
-    (bytes that do not start with ``GET ``, a line the parser does not take, a head the check
-    refuses) is handed to an h11 server connection from its first byte, so every malformed head
-    gets h11's verdict, as early as h11 gives it: the fast path only ever accepts what h11
-    accepts (the tests hold it to that).
+    Line ends must be CRLF: a bare LF anywhere in the head is refused as soon as it arrives,
+    unless ``allow_bare_lf``, which keeps h11's lenient reading (RFC 9112 section 2.2 allows
+    either; nginx, HAProxy and Caddy read ``X-A: 1\\nX-B: 2`` as two fields, Node's llhttp
+    refuses it).
+
+    A complete head whose every line is plainly well formed (``GET target HTTP/1.1``,
+    ``name: value`` fields, CRLF line ends) is read by a strict parser of its own and becomes
+    an ``h11.Request``, which checks the fields again (Host, framing headers). Any other
+    complete head, and bytes no request line starts with (h11 refuses those at once), go to
+    an h11 server connection from their first byte, so every malformed head gets h11's
+    verdict: the fast path only ever accepts what h11 accepts (the tests hold it to that).
     """
 
-    def __init__(self, max_header_bytes: int) -> None:
+    def __init__(
+        self, max_header_bytes: int, max_headers: int = 100, allow_bare_lf: bool = False
+    ) -> None:
         self._limit = max_header_bytes
-        self._conn: h11.Connection | None = None
+        self._max_headers = max_headers
+        self._strict = not allow_bare_lf
         self._buffer = bytearray()
         self._received = 0
         self._leftover = b""
+        self._scanned = 0
+        """Bytes at the start of ``_buffer`` already checked (all of them inside the head)."""
+        self._line_ends = 0
+        """LF bytes among them: the request line's, then one per field line."""
         self._line_length: int | None = None
         """Length of the request line once its end has been seen: 414 or 431 when too big."""
 
@@ -60,8 +81,10 @@ class RequestHead:
         Raises:
             UriTooLong: 414, the request line alone is longer than ``max_header_bytes``.
             HeadersTooLarge: 431, the head is larger than ``max_header_bytes``.
-            HandshakeError: 400, the bytes are not an HTTP/1.1 request head; the message says
-                what is wrong in words (a TLS handshake on a plain port is named as such).
+            TooManyHeaders: 431, the head has more than ``max_headers`` field lines.
+            HandshakeError: 400, the bytes are not an HTTP/1.1 request head, or a line ends in
+                a bare LF (unless ``allow_bare_lf``); the message says what is wrong in words
+                (a TLS handshake on a plain port is named as such).
             ClientClosed: EOF before the head is complete (nothing to answer: a client that
                 sent half a head and closed is not waiting for a 400).
         """
@@ -69,52 +92,57 @@ class RequestHead:
             end = data.find(b"\n")
             self._line_length = None if end < 0 else self._received + end
         self._received += len(data)
-        if self._conn is not None:
-            return self._feed_h11(data)
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end >= 0 and end + 4 <= self._limit:
-            request = _clean_request(bytes(self._buffer[:end]))
-            if request is not None:
-                self._leftover = bytes(self._buffer[end + 4 :])
-                return request
-        elif (
-            data
-            and len(self._buffer) <= self._limit
-            and b"GET ".startswith(self._buffer[:4])
-            and not _bare_lf_end(self._buffer)
-        ):
-            return None
-        if self._buffer[:1] == bytes([_TLS_HANDSHAKE_RECORD]):
-            raise HandshakeError(TLS_ON_PLAIN_PORT)
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
-        received, self._buffer = bytes(self._buffer), bytearray()
-        if received:
-            request = self._feed_h11(received)
-            if request is not None or data:
-                return request
-        return self._feed_h11(b"")
-
-    def _feed_h11(self, data: bytes) -> h11.Request | None:
-        assert self._conn is not None
-        self._conn.receive_data(data)
-        try:
-            event = self._conn.next_event()
-        except h11.RemoteProtocolError as exc:
+        buffer = self._buffer
+        buffer += data
+        if buffer and buffer[0] < _FIRST_REQUEST_BYTE:
+            if buffer[0] == _TLS_HANDSHAKE_RECORD:
+                raise HandshakeError(TLS_ON_PLAIN_PORT)
+            return self._judge()
+        end = self._scan()
+        if end < 0:
             if not data:
-                raise ClientClosed(self._received) from exc
-            if exc.error_status_hint == 431:
-                raise self._too_large() from exc
-            raise protocol_error(exc) from exc
-        if event is h11.NEED_DATA:
+                raise ClientClosed(self._received)
+            if len(buffer) > self._limit:
+                raise self._too_large()
             return None
-        if isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises first
-            raise ClientClosed(self._received)
-        if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields Request first
-            raise HandshakeError("malformed request")
-        self._leftover = bytes(self._conn.trailing_data[0])
-        if self._received - len(self._leftover) > self._limit:
+        if end > self._limit:
             raise self._too_large()
+        if buffer[end - 4 : end] == b"\r\n\r\n":
+            request = _clean_request(bytes(buffer[: end - 4]))
+            if request is not None:
+                self._leftover = bytes(buffer[end:])
+                return request
+        return self._judge()
+
+    def _scan(self) -> int:
+        """Check the bytes fed since the last call up to the head's end: bare LFs, and the
+        count of field lines. Returns where the head ends (after its blank line), or -1."""
+        buffer, start = self._buffer, self._scanned
+        blank = _BLANK_LINE.search(buffer, max(start - 2, 0))
+        stop = len(buffer) if blank is None else blank.end()
+        line_ends = buffer.count(b"\n", start, stop)
+        if line_ends:
+            if self._strict and buffer.count(b"\r\n", max(start - 1, 0), stop) != line_ends:
+                raise _bare_lf(buffer, stop)
+            self._line_ends += line_ends
+            # A complete head's line ends: the request line's, one per field, the blank line's.
+            fields = self._line_ends - (1 if blank is None else 2)
+            if fields > self._max_headers:
+                raise TooManyHeaders(self._max_headers)
+        self._scanned = stop
+        return stop if blank is not None else -1
+
+    def _judge(self) -> h11.Request:
+        """h11's verdict on what was fed: a complete head, or bytes it refuses at once."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
+        conn.receive_data(bytes(self._buffer))
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise protocol_error(exc) from exc
+        if not isinstance(event, h11.Request):  # pragma: no cover - a whole head is a Request
+            raise HandshakeError("malformed request")
+        self._leftover = bytes(conn.trailing_data[0])
         return event
 
     def _too_large(self) -> HeadersTooLarge | UriTooLong:
@@ -134,9 +162,28 @@ class RequestHead:
         return self._leftover
 
 
+_FIRST_REQUEST_BYTE = 0x21
+"""No request line starts with a byte below this (a control byte, a space, a blank line):
+h11 refuses such bytes before the head is complete, and so do we."""
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+"""Where a head ends, as h11 finds it: the first empty line, whatever its line ends."""
+
+
+def _bare_lf(buffer: bytearray, stop: int) -> HandshakeError:
+    """The refusal of the first bare LF before ``stop``, which holds one (the error path: it
+    may look at the bytes twice)."""
+    at = buffer.find(b"\n")
+    while buffer[at - 1] == 0x0D:  # the first byte is no LF: refused before the scan
+        at = buffer.find(b"\n", at + 1, stop)
+    line = buffer.count(b"\n", 0, at) + 1
+    return HandshakeError(
+        f"line {line} of the request head ends in a bare LF; HTTP/1.1 line ends are CRLF"
+    )
+
+
 def _bare_lf_end(buffer: bytearray) -> bool:
-    """Whether a head may already have ended with bare LF line ends, which h11 accepts and the
-    strict parsers leave to it (``\\r\\n\\r\\n`` was looked for first)."""
+    """Whether a reply head may already have ended with bare LF line ends, which h11 accepts
+    and the strict parser leaves to it (``\\r\\n\\r\\n`` was looked for first)."""
     return b"\n\n" in buffer or b"\n\r\n" in buffer
 
 
@@ -145,14 +192,23 @@ _REQUEST_LINE = re.compile(rb"GET ([!-~]+) HTTP/1\.1")
 
 def _clean_request(head: bytes) -> h11.Request | None:
     """The request of a plainly well-formed GET head (without its final blank line), or None
-    for anything else, which h11 then judges from the first byte."""
+    for anything else, which h11 then judges from the first byte.
+
+    ``_parsed=True`` tells h11 its own parser checked the names and values (it then skips two
+    regular expressions a field, most of a handshake's parsing time); ``_FIELD`` and
+    ``_REQUEST_LINE`` accept a subset of what h11's parser does, and h11 still lower-cases
+    the names and checks Host and the framing headers."""
     lines = head.split(b"\r\n")
     line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return None
     fields = _clean_fields(lines[1:])
-    if line is None or fields is None:
+    if fields is None:
         return None
     try:
-        return h11.Request(method=b"GET", target=line[1], headers=fields, http_version=b"1.1")
+        return h11.Request(
+            method=b"GET", target=line[1], headers=fields, http_version=b"1.1", _parsed=True
+        )
     except h11.LocalProtocolError:
         return None
 
