@@ -125,7 +125,7 @@ def shown_url(url: str) -> str:
 class RedisStore:
     """A ``LimitStore`` kept in Redis; ``instance`` names this process among the fleet."""
 
-    def __init__(self, url: str, *, instance: str, ttl: float = 30.0, timeout: float = 0.5):
+    def __init__(self, url: str, *, instance: str, ttl: float = 30.0, timeout: float = 0.5) -> None:
         if ttl <= 0 or timeout <= 0:
             raise ValueError("ttl and timeout must be positive")
         self.url = shown_url(url)
