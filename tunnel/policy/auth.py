@@ -78,7 +78,8 @@ class BearerTokens:
     faster but is not constant-time: the probe sequence depends on the stored digests' hashes
     and the final comparison stops at the first differing byte, so timing could leak a prefix
     of a stored digest, and a digest lets a weak token be brute-forced offline. The cost is
-    about 0.1 µs a token (10 µs for a file of 100).
+    about 0.25 µs a token (250 µs an upgrade for a file of 1,000 tokens; JWTs suit more
+    clients: 60-350 µs whatever their number).
     """
 
     source: TokenSource
@@ -546,11 +547,14 @@ def _without(
     ]
     target = request.target if found.target is None else found.target
     old = request.request
+    # Every name and value is one h11 accepted, or pieces of one joined by "; " or ", ", so
+    # h11 need not check them again (``_parsed``, as ``core.session`` does).
     rebuilt = h11.Request(
         method=old.method,
         target=target.encode("latin-1"),
         headers=headers,
         http_version=old.http_version,
+        _parsed=True,
     )
     fields = [(name.lower(), value) for name, value in headers]
     return dataclasses.replace(request, request=rebuilt, target=target, fields=fields)
