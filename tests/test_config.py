@@ -287,7 +287,7 @@ BAD = [
         "server.log_format",
         "must be one of text, json",
     ),
-    ("server-unknown-key", doc(server="max_headers = 2"), "server.max_headers", "unknown key"),
+    ("server-unknown-key", doc(server="no_such_key = 2"), "server.no_such_key", "unknown key"),
     ("workers-zero", doc(server="workers = 0"), "server.workers", "between 1 and 256"),
     ("workers-text", doc(server='workers = "2"'), "server.workers", "expected int"),
     ("relay-mode", doc(server='relay = "sendfile"'), "server.relay", "auto, splice, copy"),

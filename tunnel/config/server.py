@@ -10,6 +10,7 @@ from tunnel.config.kinds import (
     Choice,
     CIDRList,
     Duration,
+    Flag,
     Integer,
     IPNetwork,
     ListenAddress,
@@ -145,6 +146,30 @@ class ServerConfig:
         "receiving; the sockets close once both sides answered with their Close, or this long "
         'after (a frame in flight gets as long again to finish). `"0s"` closes at once, as '
         "other proxies do (browsers then report 1006).",
+    )
+    max_headers: int = setting(
+        100,
+        Integer(1),
+        "Header fields a request head may carry; one more gets 431 before any field is parsed, "
+        "so a head of thousands of tiny fields costs a count of its lines (Apache's "
+        "`LimitRequestFields` is 100 too). A folded continuation line counts as a field.",
+    )
+    half_close_timeout: float = setting(
+        30 * SECONDS,
+        Duration(allow_zero=True),
+        "Once one side of a tunnel has ended its direction (its FIN, passed on to the other "
+        "side), this much silence the other way ends the tunnel (reason "
+        "`half_close_timeout`); bytes still flowing restart it, as they do `idle_timeout`. "
+        "HAProxy's `timeout client-fin`/`server-fin`. Without it a client that leaves a "
+        'silent backend holds the tunnel for `idle_timeout`. `"0s"` = only `idle_timeout` '
+        "applies.",
+    )
+    allow_bare_lf: bool = setting(
+        False,
+        Flag(),
+        "Accept a bare LF as a line end in request heads, as nginx, HAProxy and Caddy do (RFC "
+        "9112 allows it). `false` answers such a head with 400: `X-A: 1\\nX-B: 2` is one "
+        "field to some parsers and two to others, which is how requests get smuggled.",
     )
 
 
