@@ -56,6 +56,7 @@ OP_SECONDS = 30.0
 QUIET_SECONDS = 15.0
 """How long the end of a period may wait for the tunnel to report no open tunnel."""
 WARMUP_SECONDS = 5.0
+FD_SETTLE_READS = 20
 FD_DRIFT_BOUND = 0.5
 """Descriptors per minute. At rest the tunnel holds its listeners, epoll, log and admin sockets
 and nothing else (idle splice pipes are closed with the last tunnel), so every quiet sample
@@ -339,17 +340,24 @@ Worker = Callable[[Target, Counters, float], Any]
 
 
 async def _loop(kind: str, target: Target, counters: Counters, until: float, op: Any) -> None:
+    """Run ``op`` until the period ends; each run must end ``OP_SECONDS`` after its start or
+    after the period's end, whichever is later (an echo worker holds its tunnel to the end)."""
     for _ in range(MAX_OPS):
-        if trio.current_time() >= until:
+        now = trio.current_time()
+        if now >= until:
             return
-        with trio.move_on_after(OP_SECONDS) as scope:
+        with trio.move_on_at(until + OP_SECONDS) as scope:
             try:
                 await op(target, counters, until)
+            except trio.TooSlowError:
+                counters.error(f"{kind}_timeout", f"a step took over {OP_SECONDS:.0f} s")
             except (OSError, ConnectionError, ValueError, trio.BrokenResourceError) as error:
                 counters.error(kind, f"{type(error).__name__}: {error}")
                 await trio.sleep(0.1)
         if scope.cancelled_caught:
-            counters.error(f"{kind}_timeout", f"an operation took over {OP_SECONDS:.0f} s")
+            counters.error(
+                f"{kind}_timeout", f"an operation outlived its period by {OP_SECONDS:.0f} s"
+            )
 
 
 async def upgrade_op(target: Target, counters: Counters, until: float) -> None:
@@ -499,20 +507,24 @@ def _log_problems(target: Target, counters: Counters) -> None:
 
 
 async def _quiet_sample(target: Target, counters: Counters, baseline: int | None) -> Sample:
-    """Wait until no tunnel is open (and the descriptors are back to ``baseline``), then read
-    the process."""
+    """Wait until no tunnel is open, then read the process: the fewest descriptors seen over
+    ``FD_SETTLE_READS`` reads (our own admin request may still be closing), stopping early
+    once back at ``baseline``."""
     deadline = trio.current_time() + QUIET_SECONDS
-    while True:
+    for _ in range(MAX_OPS):
         ids = await open_tunnel_ids(target.admin_port)
-        fds = fd_count(target.tunnel_pid)
-        settled = not ids and (baseline is None or fds <= baseline)
-        if settled or trio.current_time() > deadline:
+        if not ids or trio.current_time() > deadline:
             break
         await trio.sleep(0.1)
     if ids:
         counters.error("tunnels_left_open", f"{len(ids)} still open {QUIET_SECONDS:.0f} s later")
-    rss = procs.rss_kib([target.tunnel_pid])
-    return Sample(0.0, fd_count(target.tunnel_pid), rss)
+    fds = fd_count(target.tunnel_pid)
+    for _ in range(FD_SETTLE_READS):
+        if baseline is not None and fds <= baseline:
+            break
+        await trio.sleep(0.1)
+        fds = min(fds, fd_count(target.tunnel_pid))
+    return Sample(0.0, fds, procs.rss_kib([target.tunnel_pid]))
 
 
 async def _period(target: Target, counters: Counters, seconds: float, echo: int) -> None:
