@@ -182,6 +182,19 @@ def test_another_scheme_is_not_a_credential_and_stays() -> None:
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        b"tok-0123456789abcdef-and-more",
+        b"Bearer:tok-0123456789abcdef-and-more",
+        b"Bearer\ttok-0123456789abcdef-and-more",
+    ],
+)
+def test_a_token_without_the_scheme_is_not_shown(value: bytes) -> None:
+    message = refuse(bearer(), request((b"Authorization", value)), "invalid_request")
+    assert message == "Authorization is not 'Bearer TOKEN'"
+
+
+@pytest.mark.parametrize(
     "lines",
     [
         [b"Bearer " + TOKEN.encode(), b"Bearer " + TOKEN.encode()],

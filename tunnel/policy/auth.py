@@ -460,9 +460,7 @@ def _take(
         if source.kind == "authorization":
             scheme, _, value = value.partition(b" ")
             if scheme.lower() != b"bearer":
-                problem = (
-                    f"Authorization uses the {scheme.decode('latin-1')[:20]!r} scheme, not Bearer"
-                )
+                problem = _not_bearer(scheme)
                 continue
             value = value.strip(b" ")
         tokens.append(value)
@@ -470,6 +468,19 @@ def _take(
     if lines > 1:
         raise Unauthorized(f"{lines} {source} headers; send one", error="invalid_request")
     return tokens, problem
+
+
+_SCHEMES = frozenset(
+    {b"basic", b"digest", b"negotiate", b"ntlm", b"hoba", b"mutual", b"vapid", b"dpop", b"token"}
+    | {b"scram-sha-1", b"scram-sha-256", b"aws4-hmac-sha256", b"bot", b"jwt"}
+)
+"""Schemes named in a log message; anything else might be a token sent without a scheme."""
+
+
+def _not_bearer(scheme: bytes) -> str:
+    if scheme.lower() in _SCHEMES:
+        return f"Authorization uses the {scheme.decode('ascii')!r} scheme, not Bearer"
+    return "Authorization is not 'Bearer TOKEN'"
 
 
 def _query_take(target: str, name: str) -> tuple[list[bytes], str | None]:
