@@ -2,16 +2,17 @@
 (round trip; any bytes give a header, None or ``BadProxyHeader``; None means "all of this is
 header").
 
-``TUNNEL_FUZZ_EXAMPLES`` raises the number of examples of the property tests (default 200).
+``TUNNEL_FUZZ_EXAMPLES`` raises the number of examples of the property tests (conftest's fuzz
+profile; 200 by default).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from conftest import fuzz_settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tunnel.core.proxy_protocol import (
@@ -25,11 +26,7 @@ from tunnel.core.proxy_protocol import (
 )
 from tunnel.errors import BadProxyHeader, HandshakeError
 
-FUZZ = settings(
-    max_examples=int(os.environ.get("TUNNEL_FUZZ_EXAMPLES", "200")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(200)
 TAIL = b"GET /chat HTTP/1.1\r\nHost: a\r\n\r\n"
 
 

@@ -51,7 +51,10 @@ _ADDRESS_BYTES = {_UNSPEC: 0, _INET: 12, _INET6: 36, _UNIX: 216}
 
 _V1_PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
 _V1_TCP_CHARACTERS = frozenset(b"0123456789abcdefABCDEF.: ")
-_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rb"(?:%s\.){3}%s" % (_OCTET, _OCTET))
+"""Dotted decimal without leading zeros, as ``ipaddress`` accepts it."""
 
 Address = tuple[str, int]
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -216,16 +219,22 @@ def _check_line_ends(line: bytes) -> None:
 
 
 def _v1_address(field: bytes, version: int, what: str) -> str:
-    protocol = f"TCP{version}"
+    """The address text, IPv4 as sent (the pattern admits only its canonical form) and IPv6
+    through ``ipaddress``: the pattern checks an IPv4 address in a third of the time of
+    ``IPv4Address`` and ``str``, the larger part of a v1 line's cost."""
+    if version == 4 and _IPV4.fullmatch(field):
+        return field.decode("ascii")
     text = field.decode("ascii", errors="replace")
     try:
-        address: _IP = ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text)
+        if version == 4:
+            raise ValueError(text)
+        address = ipaddress.IPv6Address(text)
     except ValueError:
         raise BadProxyHeader(
             f"PROXY v1 header has {what} address {text!r}, not an IPv{version} address as"
-            f" {protocol} requires"
+            f" TCP{version} requires"
         ) from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+    if address.scope_id is not None:
         raise BadProxyHeader(f"PROXY v1 header has {what} address {text!r} with a zone")
     return _text(address)
 
@@ -239,13 +248,12 @@ def _v1_text(address: _IP) -> str:
 
 
 def _v1_port(field: bytes, what: str) -> int:
-    text = field.decode("ascii", errors="replace")
-    if _PORT.fullmatch(text) is None or int(text) > 0xFFFF:
+    if _PORT.fullmatch(field) is None or int(field) > 0xFFFF:
         raise BadProxyHeader(
-            f"PROXY v1 header has {what} port {text!r}; expected 0-65535 in decimal without"
-            " leading zeros"
+            f"PROXY v1 header has {what} port {field.decode('ascii', errors='replace')!r};"
+            " expected 0-65535 in decimal without leading zeros"
         )
-    return int(text)
+    return int(field)
 
 
 # --- version 2 ----------------------------------------------------------------------------------
@@ -293,14 +301,19 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         return ProxyHeader(length, None, None)
     size = 4 if family == _INET else 16
     block = data[V2_FIXED_LENGTH:]
-    source_ip = ipaddress.ip_address(block[:size])
-    destination_ip = ipaddress.ip_address(block[size : 2 * size])
     ports = block[2 * size : 2 * size + 4]
     return ProxyHeader(
         length,
-        (_text(source_ip), int.from_bytes(ports[:2], "big")),
-        (_text(destination_ip), int.from_bytes(ports[2:], "big")),
+        (_packed_text(block[:size]), int.from_bytes(ports[:2], "big")),
+        (_packed_text(block[size : 2 * size]), int.from_bytes(ports[2:], "big")),
     )
+
+
+def _packed_text(packed: bytes) -> str:
+    """IPv4 formatted directly (a quarter of ``ipaddress``'s time), IPv6 by ``ipaddress``."""
+    if len(packed) == 4:
+        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
+    return _text(ipaddress.IPv6Address(packed))
 
 
 # --- shared -------------------------------------------------------------------------------------
