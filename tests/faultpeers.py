@@ -356,12 +356,27 @@ async def start_rig(
 
 async def warm_up(rig: Rig) -> None:
     """One echo through the tunnel, so that what the first tunnel creates once (and keeps)
-    is in the baseline."""
+    is in the baseline; return once it is gone everywhere."""
     stream, rest = await open_tunnel(rig.port, ECHO_HOST)
     async with stream:
         await stream.send_all(b"warm")
         with trio.fail_after(WAIT_SECONDS):
             assert await read_exactly(stream, 4, rest) == b"warm"
+    await quiet(rig)
+
+
+async def quiet(rig: Rig) -> int:
+    """Wait (bounded) until the engine holds no tunnel and the descriptor count has stayed
+    the same for 0.1 s (the peers' closes are done too); that count."""
+    generation = rig.control.generation
+    assert generation is not None
+    with trio.fail_after(WAIT_SECONDS):
+        while generation.engine.statistics().tunnels:
+            await trio.sleep(POLL_SECONDS)
+        count = -1
+        while count != (count := fd_count()):
+            await trio.sleep(0.1)
+    return count
 
 
 async def tunnel_ids(rig: Rig, route: str, count: int) -> list[str]:
