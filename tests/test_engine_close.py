@@ -29,7 +29,7 @@ from rawhttp import read_exactly, read_to_eof
 from test_engine import MODES, Conn, MiB, needs_splice, stream_of, tcp_pair
 
 from tunnel.core.wsframes import GOING_AWAY, close_frame
-from tunnel.net.engine import POLITE, Engine
+from tunnel.net.engine import CLOSE_CODES, POLITE, Engine
 from tunnel.net.relay import RelayStats
 from tunnel.reasons import CloseReason
 
@@ -104,15 +104,19 @@ async def read_masked_close(stream: trio.SocketStream) -> tuple[bytes, bytes]:
     return key, mask(rest[4:], key)
 
 
-async def expect_backend_close(stream: trio.SocketStream, reason: str) -> bytes:
+async def expect_backend_close(
+    stream: trio.SocketStream, reason: str, code: int = GOING_AWAY
+) -> bytes:
     key, payload = await read_masked_close(stream)
-    assert payload == close_payload(reason)
+    assert payload == close_payload(reason, code)
     return key
 
 
-async def expect_client_close(stream: trio.SocketStream, reason: str) -> None:
-    expected = close_frame(reason)
-    assert expected == b"\x88" + bytes((2 + len(reason),)) + close_payload(reason)
+async def expect_client_close(
+    stream: trio.SocketStream, reason: str, code: int = GOING_AWAY
+) -> None:
+    expected = close_frame(reason, code=code)
+    assert expected == b"\x88" + bytes((2 + len(reason),)) + close_payload(reason, code)
     assert await read_exactly(stream, len(expected)) == expected
 
 
@@ -271,8 +275,9 @@ async def test_every_reason_the_tunnel_decides_is_a_polite_close_naming_it(
     async with running_engine(relay="copy") as relay:
         conn = relay.open()
         relay.close(conn, reason)
-        await expect_client_close(conn.client, reason.value)
-        await expect_backend_close(conn.backend, reason.value)
+        code = CLOSE_CODES.get(reason, GOING_AWAY)  # 1008 for credential_expired
+        await expect_client_close(conn.client, reason.value, code)
+        await expect_backend_close(conn.backend, reason.value, code)
         await answer_both(conn)
         await conn.closed.wait()
         assert conn.stats.close_reason == reason

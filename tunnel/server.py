@@ -52,6 +52,7 @@ class Generation:
             splice_pipes=server.splice_pipes,
             idle_timeout=server.idle_timeout,
             close_grace=server.close_grace,
+            half_close_timeout=server.half_close_timeout,
         )
         contexts = backend_contexts(config)
         self.upstreams = {
@@ -105,6 +106,7 @@ class Generation:
             splice_pipes=server.splice_pipes,
             idle_timeout=server.idle_timeout,
             close_grace=server.close_grace,
+            half_close_timeout=server.half_close_timeout,
         )
         self.config = config
         self.upstreams = upstreams

@@ -35,7 +35,7 @@ from typing import cast
 
 import trio
 
-from tunnel.core.wsframes import MAX_HEADER, FrameTracker, TooManyFrames, close_frame
+from tunnel.core.wsframes import GOING_AWAY, MAX_HEADER, FrameTracker, TooManyFrames, close_frame
 from tunnel.logs import fields
 from tunnel.net.pipes import Pipe, PipePool, splice_available
 from tunnel.net.relay import RelayStats
@@ -75,7 +75,15 @@ POLITE = frozenset(
     }
 )
 """Reasons the tunnel itself decides: a WebSocket tunnel closed for one of these gets Close
-frames; the others (EOF, resets, errors) come from a peer, and are passed on as they are."""
+frames; the others (EOF, resets, errors) come from a peer, and are passed on as they are. A
+``half_close_timeout`` closes at once too: one side has already said goodbye with its FIN, and
+the other has been silent since."""
+POLICY_VIOLATION = 1008
+"""The Close code (RFC 6455 section 7.4.1) of a ``credential_expired`` close, to both sides:
+the tunnel ends because a rule says so, not because anyone is going away (1001), and the
+backend learns the same cause as the client."""
+CLOSE_CODES = {CloseReason.CREDENTIAL_EXPIRED: POLICY_VIOLATION}
+"""Polite closes whose Close frames carry another code than 1001 (going away)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +185,7 @@ class Tunnel:
         "client",
         "closed",
         "closing",
+        "credential_at",
         "deadline",
         "down",
         "drain_at",
@@ -207,6 +216,9 @@ class Tunnel:
         """Why the tunnel is closing politely (Close frames sent, replies awaited)."""
         self.expires_at = NEVER
         """``max_lifetime``: closed politely with reason ``max_lifetime`` then."""
+        self.credential_at = NEVER
+        """The client's credential expires: closed politely with reason
+        ``credential_expired`` then."""
         self.drain_at = NEVER
         """A drain's polite close, with reason ``drain_reason``."""
         self.drain_reason = CloseReason.DRAIN
@@ -220,6 +232,12 @@ class Tunnel:
     @property
     def websocket(self) -> bool:
         return self.up.frames is not None
+
+
+def _sooner(timeout: float, before: float) -> bool:
+    """Whether a new timeout (0 = none) may fall before the one open tunnels were scheduled
+    by, so that they must be looked at again."""
+    return timeout > 0 and not 0 < before <= timeout
 
 
 def _closed_already(tunnel: Tunnel) -> None:
@@ -243,9 +261,11 @@ class Engine:
         splice_pipes: int,
         idle_timeout: float,
         close_grace: float = 1.0,
+        half_close_timeout: float = 0.0,
     ) -> None:
         self.pipes = PipePool(splice_pipes)
         self.idle_timeout = 0.0
+        self.half_close_timeout = 0.0
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         """Written to when work is queued from outside the event loop (a close the timer or
@@ -269,24 +289,36 @@ class Engine:
             splice_pipes=splice_pipes,
             idle_timeout=idle_timeout,
             close_grace=close_grace,
+            half_close_timeout=half_close_timeout,
         )
 
     def configure(
-        self, *, relay: str, splice_pipes: int, idle_timeout: float, close_grace: float
+        self,
+        *,
+        relay: str,
+        splice_pipes: int,
+        idle_timeout: float,
+        close_grace: float,
+        half_close_timeout: float = 0.0,
     ) -> None:
         """Apply settings (a reload calls this): open tunnels follow them too, a shorter
-        ``idle_timeout`` at once.
+        ``idle_timeout`` or ``half_close_timeout`` at once.
 
         ``relay``: ``copy`` never splices; ``splice`` splices every read a pipe is free for;
         ``auto`` copies until a read fills the whole buffer (a bulk flow), then splices until a
-        read comes back small. ``idle_timeout`` and ``close_grace`` are seconds (0 = never
-        idle)."""
+        read comes back small. ``idle_timeout`` (0 = never idle), ``close_grace`` and
+        ``half_close_timeout`` are seconds: once a direction of a tunnel is shut (its source's
+        EOF passed on), that much silence ends the tunnel, reason ``half_close_timeout``
+        (0 = only the idle timeout applies)."""
         can_splice = relay != "copy" and splice_available() and splice_pipes > 0
         self.splice_always = can_splice and relay == "splice"
         self.splice_bulk = can_splice and relay == "auto"
         self.pipes.limit = splice_pipes
-        sooner = idle_timeout > 0 and not 0 < self.idle_timeout <= idle_timeout
+        sooner = _sooner(idle_timeout, self.idle_timeout) or _sooner(
+            half_close_timeout, self.half_close_timeout
+        )
         self.idle_timeout = idle_timeout
+        self.half_close_timeout = half_close_timeout
         self.close_grace = close_grace
         if sooner:
             # Open tunnels are looked at by their old deadline: bring it forward.
@@ -314,6 +346,7 @@ class Engine:
         to_backend: bytes = b"",
         websocket: bool = False,
         lifetime: float = 0.0,
+        expires_at: float | None = None,
     ) -> Tunnel:
         """Take ownership of two connected non-blocking connections and relay between them.
 
@@ -321,7 +354,9 @@ class Engine:
         the bytes each handshake read past its head. ``websocket`` tracks frame boundaries, so
         that a close the tunnel decides sends each side a Close frame (``close``);
         ``lifetime`` > 0 closes the tunnel that many seconds from now (reason
-        ``max_lifetime``). ``on_close`` runs once, after both sockets are closed, with
+        ``max_lifetime``), and ``expires_at`` (trio's clock) when the client's credential
+        expires (reason ``credential_expired``; the Close frames say 1008, policy violation,
+        to both sides). ``on_close`` runs once, after both sockets are closed, with
         ``stats.close_reason`` set. Registering sockets that already hold data reports them
         at once, so nothing is lost in the hand-over.
         """
@@ -360,6 +395,8 @@ class Engine:
                 self._again.append(flow)
         if lifetime > 0:
             tunnel.expires_at = now + lifetime
+        if expires_at is not None:
+            tunnel.credential_at = expires_at
         if self._draining is not None:
             reason, last, end = self._draining
             self._drain_one(tunnel, reason, max(now, last), end)
@@ -666,6 +703,8 @@ class Engine:
         tunnel = flow.tunnel
         if tunnel is None:
             return
+        if self.half_close_timeout > 0:
+            self._schedule(tunnel)
         if flow.tls_dst is not None and flow.tls_dst.has_buffered_input:
             # close_notify made the TLS end decrypt what it held: no socket event will say so.
             reverse = tunnel.down if flow.upstream else tunnel.up
@@ -686,11 +725,12 @@ class Engine:
     def close(self, tunnel: Tunnel, reason: CloseReason) -> None:
         """End an open tunnel for ``reason`` (admin, drain, lifetime...); its callback runs as
         for any other close. A WebSocket tunnel closes politely when ``reason`` is one the
-        tunnel decided (``POLITE``): each side gets a Close frame (1001, the reason as text)
-        once the frame it is receiving has ended, toward the backend masked as a client's; the
-        sockets close when both sides have answered with their own Close (or their EOF), or
-        ``close_grace`` after the frames went out. Any other tunnel closes at once. A tunnel
-        already closed, or closing, is left alone."""
+        tunnel decided (``POLITE``): each side gets a Close frame (1001, or the reason's
+        ``CLOSE_CODES`` entry; the reason as text) once the frame it is receiving has ended,
+        toward the backend masked as a client's; the sockets close when both sides have
+        answered with their own Close (or their EOF), or ``close_grace`` after the frames went
+        out. Any other tunnel closes at once. A tunnel already closed, or closing, is left
+        alone."""
         if tunnel.closed or tunnel.closing is not None:
             return
         if reason in POLITE and tunnel.websocket and self.close_grace > 0:
@@ -704,8 +744,9 @@ class Engine:
     def _begin_close(self, tunnel: Tunnel, reason: CloseReason) -> None:
         tunnel.closing = tunnel.stats.close_reason = reason
         tunnel.deadline = min(tunnel.hard_at, trio.current_time() + self.close_grace)
-        tunnel.up.closing = _Closing(close_frame(reason.value, os.urandom(4)))
-        tunnel.down.closing = _Closing(close_frame(reason.value))
+        code = CLOSE_CODES.get(reason, GOING_AWAY)
+        tunnel.up.closing = _Closing(close_frame(reason.value, os.urandom(4), code))
+        tunnel.down.closing = _Closing(close_frame(reason.value, code=code))
         self._schedule(tunnel)
         for flow in (tunnel.up, tunnel.down):
             self._advance_close(flow)
@@ -881,7 +922,9 @@ class Engine:
         if tunnel.closing is None:
             if self.idle_timeout > 0:
                 due = min(due, tunnel.stats.last_activity + self.idle_timeout)
-            due = min(due, tunnel.expires_at, tunnel.drain_at)
+            if self.half_close_timeout > 0 and (tunnel.up.shut or tunnel.down.shut):
+                due = min(due, tunnel.stats.last_activity + self.half_close_timeout)
+            due = min(due, tunnel.expires_at, tunnel.credential_at, tunnel.drain_at)
         return due
 
     def _schedule(self, tunnel: Tunnel) -> None:
@@ -897,7 +940,8 @@ class Engine:
             self._rearm.set()
 
     async def _run_timers(self) -> None:
-        """Idle timeouts, lifetimes, drains and close graces: one heap, one timer for all."""
+        """Idle and half-close timeouts, lifetimes, credential expiries, drains and close
+        graces: one heap, one timer for all."""
         timers = self._timers
         while True:
             self._rearm = trio.Event()
@@ -922,7 +966,15 @@ class Engine:
             return
         elif self.idle_timeout > 0 and tunnel.stats.last_activity + self.idle_timeout <= now:
             self.close(tunnel, CloseReason.IDLE_TIMEOUT)
+        elif (
+            self.half_close_timeout > 0
+            and (tunnel.up.shut or tunnel.down.shut)
+            and tunnel.stats.last_activity + self.half_close_timeout <= now
+        ):
+            self.close(tunnel, CloseReason.HALF_CLOSE_TIMEOUT)
         elif tunnel.expires_at <= now:
             self.close(tunnel, CloseReason.MAX_LIFETIME)
+        elif tunnel.credential_at <= now:
+            self.close(tunnel, CloseReason.CREDENTIAL_EXPIRED)
         elif tunnel.drain_at <= now:
             self.close(tunnel, tunnel.drain_reason)
