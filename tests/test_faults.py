@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -35,6 +36,7 @@ from faultpeers import (
     Peer,
     Rig,
     abort,
+    accept,
     byte_by_byte,
     closed_reasons,
     fd_count,
@@ -67,11 +69,15 @@ from test_lifecycle_e2e import (
     BINARY,
     CLOSE,
     TEXT,
+    Closed,
     client_frame,
     config_text,
     frame_head,
     parse_frames,
+    server_frame,
     tunnel_run,
+    wait_closed,
+    ws_open,
 )
 
 RELAYS = ["splice", "copy"]
@@ -437,6 +443,49 @@ async def test_close_then_a_frame_that_never_ends_then_an_admin_close_ends_withi
     assert backend_end_at - closing_at < 1.0 + SLACK
     assert kept.startswith(client_frame_prefix()), "the client's Close went through first"
     assert closed_reasons(caplog, "fault") == ["admin"]
+
+
+async def test_close_then_garbage_from_a_backend_ends_a_websockets_clients_tunnel(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other way: a raw backend sends a Close and 4 KiB of noise in one write, then
+    hangs up once the client's Close reply arrives. The real ``websockets`` client sees the
+    Close (1000) and its connection ends promptly; nothing hangs on the noise."""
+    noise = random.Random(3).randbytes(4096)
+    replies: list[bytes] = []
+
+    async def close_then_noise(peer: Peer, stream: trio.SocketStream) -> None:
+        rest = await accept(stream)
+        peer.arrived.set()
+        await stream.send_all(server_frame(CLOSE, NORMAL.to_bytes(2, "big")) + noise)
+        kept = bytearray(rest)
+        with trio.fail_after(WAIT_SECONDS), suppress(trio.BrokenResourceError):
+            while not parse_frames(bytes(kept))[0]:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                kept += chunk
+        replies.append(bytes(kept))
+
+    peer = Peer(close_then_noise)
+    rig = await start_rig(nursery, caplog, await peer.serve(nursery))
+    with trio.fail_after(TEST_SECONDS):
+        async with watched(rig):
+            started = time.monotonic()
+            closed = await trio.to_thread.run_sync(until_closed, rig.port)
+            await ended(peer, WAIT_SECONDS)
+    assert closed.code == NORMAL
+    assert closed.at - started < PROMPT + 1.0
+    [reply] = replies
+    frames, _ = parse_frames(reply)
+    assert [(f.opcode, f.masked, f.close_code) for f in frames] == [(CLOSE, True, NORMAL)]
+    assert closed_reasons(caplog, "fault") in (["backend_eof"], ["client_eof"])
+
+
+def until_closed(port: int) -> Closed:
+    """A real ``websockets`` client through route ``fault``, until its connection ends."""
+    with ws_open(port, FAULT_HOST) as ws:
+        return wait_closed(ws, WAIT_SECONDS)
 
 
 def client_frame_prefix() -> bytes:
