@@ -204,7 +204,7 @@ def test_bad_sizes_in_a_file_name_their_key(value: str, message: str) -> None:
 BAD = [
     # (id, file text, dotted key, message substring)
     ("not-toml", "[server\n", "(file)", "not valid TOML"),
-    ("unknown-top-level", doc(top='[limits]\nstore = "memory"'), "limits", "unknown key"),
+    ("unknown-top-level", doc(top='[limit]\nstore = "memory"'), "limit", "unknown key"),
     ("server-not-table", doc(top="server = 5").replace("[server]\n", ""), "server", "table"),
     (
         "duration-no-unit",
@@ -405,7 +405,7 @@ BAD = [
         "routes[0].backends[0].url",
         "percent-encode it",
     ),
-    ("route-unknown-key", doc(route='auth = "x"'), "routes[0].auth", "unknown key"),
+    ("route-unknown-key", doc(route='authz = "x"'), "routes[0].authz", "unknown key"),
     (
         "route-wildcard-host",
         doc(route='hosts = ["a.*.example.com"]'),

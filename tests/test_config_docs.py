@@ -64,4 +64,4 @@ def test_main_rewrites_a_stale_table_and_keeps_the_prose(
 
 def test_a_marker_for_no_table_is_refused() -> None:
     with pytest.raises(ValueError, match="no such table"):
-        rewrite("<!-- keys: routes.auth -->\n")
+        rewrite("<!-- keys: routes.authz -->\n")

@@ -11,6 +11,7 @@ from typing import Any
 
 from tunnel.config.hosts import Address, check_listen_together
 from tunnel.config.kinds import Context, declare, setting
+from tunnel.config.limits import LimitsConfig
 from tunnel.config.listeners import CertPair, ListenerConfig, ListenerTLS
 from tunnel.config.routes import BackendConfig, BackendTLS, RouteConfig
 from tunnel.config.server import AdminConfig, ServerConfig
@@ -38,6 +39,10 @@ class Config:
     )
     admin: AdminConfig = field(
         default=AdminConfig(), metadata=declare(Table(AdminConfig), "The admin listener.")
+    )
+    limits: LimitsConfig = field(
+        default=LimitsConfig(),
+        metadata=declare(Table(LimitsConfig), "Where per-client limits are counted."),
     )
 
     @classmethod
@@ -200,6 +205,8 @@ class Config:
             ("server.workers", running.server.workers, self.server.workers),
             ("admin.listen", running.admin.listen, self.admin.listen),
             ("server.log_format", running.server.log_format, self.server.log_format),
+            ("limits.store", running.limits.store, self.limits.store),
+            ("limits.on_store_error", running.limits.on_store_error, self.limits.on_store_error),
         ):
             if old != new:
                 shown = "off" if old is None else old

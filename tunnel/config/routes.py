@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from tunnel.config.access import RouteAccess
+from tunnel.config.auth import RouteAuth
 from tunnel.config.hosts import (
     _name_problem,
     check_backend_host,
@@ -34,6 +35,7 @@ from tunnel.config.kinds import (
     declare,
     setting,
 )
+from tunnel.config.limits import RouteLimits
 from tunnel.config.tables import Table, TableList
 from tunnel.config.units import format_duration
 from tunnel.errors import ConfigError
@@ -453,6 +455,22 @@ class RouteConfig:
             shown="anyone",
         ),
     )
+    limits: RouteLimits = field(
+        default=RouteLimits(),
+        metadata=declare(
+            Table(RouteLimits),
+            "Per-client caps and rates: the `[routes.limits]` table below.",
+            shown="none",
+        ),
+    )
+    auth: RouteAuth = field(
+        default=RouteAuth(),
+        metadata=declare(
+            Table(RouteAuth),
+            "A credential checked before the upgrade: the `[routes.auth]` table below.",
+            shown="none",
+        ),
+    )
 
     @classmethod
     def from_keys(cls, values: dict[str, Any], key: str) -> RouteConfig:
@@ -473,6 +491,12 @@ class RouteConfig:
                 f"{key}.hash_key",
                 f'hash_key applies to balance = "hash", and this route has balance = '
                 f'"{route.balance}"; remove hash_key or set balance = "hash"',
+            )
+        if route.limits.per_identity_tunnels and route.auth.kind == "none":
+            raise ConfigError(
+                f"{key}.limits.per_identity_tunnels",
+                "counts tunnels per verified identity, and this route has no [routes.auth]; "
+                'set auth kind = "bearer" or "jwt", or use per_ip_tunnels',
             )
         if cookie != StickyCookie() and route.balance != "cookie":
             raise ConfigError(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tunnel.config.hosts import Address
 from tunnel.config.kinds import (
+    RATE_OFF,
     Choice,
     CIDRList,
     Duration,
@@ -14,6 +15,8 @@ from tunnel.config.kinds import (
     Integer,
     IPNetwork,
     ListenAddress,
+    Rate,
+    RateKind,
     Size,
     declare,
     setting,
@@ -170,6 +173,18 @@ class ServerConfig:
         "Accept a bare LF as a line end in request heads, as nginx, HAProxy and Caddy do (RFC "
         "9112 allows it). `false` answers such a head with 400: `X-A: 1\\nX-B: 2` is one "
         "field to some parsers and two to others, which is how requests get smuggled.",
+    )
+    admission_rate: Rate = field(
+        default=RATE_OFF,
+        metadata=declare(
+            RateKind(allow_zero=True),
+            'New upgrades this process lets through, `"500/s"` or `"30000/m"`, so a fleet of '
+            "clients reconnecting at once (after a deploy or an outage) reaches the backends at "
+            "a pace they can take; beyond it gets 503 with a `Retry-After` spread over the next "
+            'seconds, so refused clients do not all come back together. `"0/s"` = off. Per '
+            "process (with `workers = N` the fleet's pace is N times this). nginx `limit_req` on "
+            "a constant key, HAProxy `rate-limit sessions`.",
+        ),
     )
 
 
