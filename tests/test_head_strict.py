@@ -193,3 +193,12 @@ def test_a_head_read_a_byte_at_a_time_costs_its_size_not_its_square() -> None:
     assert time.process_time() - started < BYTEWISE_SECONDS
     assert request is not None
     assert len(request.headers) == 5001
+
+
+@pytest.mark.parametrize("start", [b"\n", b"\r\n", b" GET", b"\x00"])
+def test_bytes_no_request_line_starts_with_are_refused_at_once_by_h11(start: bytes) -> None:
+    # Before any bare LF or field count: h11 refuses them without waiting for the head's end.
+    with pytest.raises(HandshakeError) as raised:
+        RequestHead(LIMIT).feed(start)
+    assert type(raised.value) is HandshakeError
+    assert "bare LF" not in raised.value.message
