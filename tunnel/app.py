@@ -230,7 +230,9 @@ class _Runtime:
         )
         for door in doors:
             door.entry = Entry(
-                tls=door.tls, redirect_port=https_port if door.config.redirect_https else None
+                tls=door.tls,
+                redirect_port=https_port if door.config.redirect_https else None,
+                proxy_protocol=door.config.proxy_protocol,
             )
             door.handler = self.generation.handler
 
@@ -451,6 +453,7 @@ async def _serve(
         async with trio.open_nursery() as services:
             await services.start(generation.engine.run)
             services.start_soon(run_health_checks, lambda: generation.upstreams.values())
+            await services.start(generation.guarding.run)
             for admin_listener, view in admin:
                 source: AdminSource = _LocalAdmin(control) if view is None else view
                 if worker_admin is not None and view is None:
@@ -477,6 +480,7 @@ async def _serve(
                 ),
             )
             services.cancel_scope.cancel()
+        await generation.guarding.aclose()
     finally:
         with trio.CancelScope(shield=True):
             for door in doors:

@@ -29,6 +29,7 @@ from tunnel.logs import LOGGER_NAME, fields
 from tunnel.metrics import Exposition
 from tunnel.net.admin import ReloadRefused
 from tunnel.net.engine import Engine
+from tunnel.net.guard import Guarding
 from tunnel.net.handler import Handler, Tally
 from tunnel.net.tls import backend_contexts
 from tunnel.net.upstream import TunnelRecord, Upstream
@@ -62,7 +63,15 @@ class Generation:
         self.removed: list[Upstream] = []
         """Routes a reload removed, shown (draining) until their last tunnel ends."""
         self.tally = Tally()
-        self.handler = Handler(config, self.engine, self.upstreams, self.tally)
+        self.guarding = Guarding(config)
+        self.handler = Handler(
+            config,
+            self.engine,
+            self.upstreams,
+            self.tally,
+            self.guarding,
+            self.guarding.guards(config),
+        )
         self.started_at = trio.current_time()
         self.draining = False
         """Set by a drain: ``/healthz`` then answers 503."""
@@ -84,6 +93,7 @@ class Generation:
         way finish with the configuration they started with. Raises ``ConfigError`` (nothing
         changed) when a route's ``backend_tls`` files cannot be loaded."""
         contexts = backend_contexts(config)
+        guards = self.guarding.guards(config)
         before = set(self.upstreams)
         upstreams: dict[str, Upstream] = {}
         leaving: list[TunnelRecord] = []
@@ -110,7 +120,7 @@ class Generation:
         )
         self.config = config
         self.upstreams = upstreams
-        self.handler = Handler(config, self.engine, upstreams, self.tally)
+        self.handler = Handler(config, self.engine, upstreams, self.tally, self.guarding, guards)
         if listeners is not None:
             self.listeners = listeners
         handles = [record.handle for record in leaving if record.handle is not None]

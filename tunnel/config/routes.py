@@ -125,7 +125,8 @@ class BackendConfig:
         '`"v1"` (text) or `"v2"` (binary): open each connection to the backend with a PROXY '
         "protocol header naming the client's address and port and the address and port it "
         "connected to, for backends that read it (HAProxy `send-proxy`/`send-proxy-v2`, nginx "
-        '`proxy_protocol on`); `""` = none. Health checks do not send it.',
+        '`proxy_protocol on`); `""` = none. `"websocket"` health checks send one that names '
+        "no client (v1 `UNKNOWN`, v2 `LOCAL`), as HAProxy's `check-send-proxy` does.",
         omit_default=True,
     )
 

@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,13 +39,15 @@ from tunnel.core.handshake import (
 )
 from tunnel.core.hashkey import hash_key
 from tunnel.core.headers import values
+from tunnel.core.proxy_protocol import build as proxy_header
 from tunnel.core.redirect import https_redirect
 from tunnel.core.response import error_response, with_header
-from tunnel.core.rewrite import Forwarding, ForwardRequest, client_ip, rewrite_request
+from tunnel.core.rewrite import Forwarding, ForwardRequest, client_ip, is_trusted, rewrite_request
 from tunnel.core.session import BackendReply, ClientClosed, ReplyProgress, RequestHead
 from tunnel.errors import (
     BackendTimeout,
     BackendUnreachable,
+    BadProxyHeader,
     HandshakeError,
     NoRoute,
     Overloaded,
@@ -55,6 +58,8 @@ from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.metrics import LatencyHistogram
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
+from tunnel.net.guard import Guarding, Pass, Refused, RouteGuard
+from tunnel.net.proxy_header import read_proxy_header
 from tunnel.net.sockio import Conn, drain, receive_some, send_all
 from tunnel.net.tls import ServerTLS, handshake, peer_subject, tls_failure
 from tunnel.net.tlsconn import TLSConn
@@ -82,6 +87,8 @@ class Entry:
     tls: ServerTLS | None = None
     redirect_port: int | None = None
     """Set for ``redirect_https``: the port of the https:// URLs clients are sent to."""
+    proxy_protocol: bool = False
+    """Connections start with a PROXY header (believed only from ``trusted_proxies``)."""
 
     @property
     def scheme(self) -> str:
@@ -102,6 +109,18 @@ class _Client:
     added: tuple[tuple[bytes, bytes], ...]
     """Headers the proxy vouches for (a verified client certificate's subject)."""
     accepted_at: float
+    port: int = 0
+    local: tuple[str, int] | None = None
+    """The address the client connected to, when a PROXY header named it."""
+    sock: socket.socket | None = None
+    """The client's socket, for its local address (``send_proxy_protocol``)."""
+
+    def destination(self) -> tuple[str, int]:
+        """Where the client connected to: the PROXY header's word, else the socket's."""
+        if self.local is None and self.sock is not None:
+            name = self.sock.getsockname()
+            return str(name[0]), int(name[1])
+        return self.local or ("0.0.0.0", 0)
 
 
 @dataclass(slots=True)
@@ -128,13 +147,23 @@ class Handler:
     """
 
     def __init__(
-        self, config: Config, engine: Engine, upstreams: Mapping[str, Upstream], tally: Tally
+        self,
+        config: Config,
+        engine: Engine,
+        upstreams: Mapping[str, Upstream],
+        tally: Tally,
+        guarding: Guarding | None = None,
+        guards: Mapping[str, RouteGuard] | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.upstreams = upstreams
         self.tally = tally
         self.routes = RouteTable.build(config.routes)
+        self.guarding = guarding
+        self.guards: Mapping[str, RouteGuard] = guards or {}
+        """Routes with access rules, limits or auth (``Guarding.guards``); the others skip the
+        guard."""
 
     async def __call__(
         self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
@@ -144,7 +173,15 @@ class Handler:
         client = join_host_port(peer[0], peer[1])
         handed_off = False
         try:
-            handed_off = await self._serve(sock, peer[0], client, entry, trio.current_time())
+            accepted_at = trio.current_time()
+            local: tuple[str, int] | None = None
+            if entry.proxy_protocol:
+                said = await self._proxy_header(sock, peer, client, accepted_at)
+                if said is None:
+                    return
+                peer, local = said
+                client = join_host_port(peer[0], peer[1])
+            handed_off = await self._serve(sock, peer, local, client, entry, accepted_at)
         except ClientClosed as closed:
             log.debug(
                 "client left before completing its request; nothing answered",
@@ -159,12 +196,44 @@ class Handler:
             if not handed_off:
                 sock.close()
 
+    async def _proxy_header(
+        self, sock: socket.socket, peer: tuple[str, int], client: str, accepted_at: float
+    ) -> tuple[tuple[str, int], tuple[str, int] | None] | None:
+        """The client's and the local address as a trusted PROXY header names them (the
+        peer's own where it says UNKNOWN or LOCAL); None, logged, when the connection must be
+        closed unanswered."""
+        server = self.config.server
+        try:
+            if not is_trusted(peer[0], server.trusted_proxies):
+                raise BadProxyHeader(
+                    f"{peer[0]} is not in trusted_proxies, so its PROXY header cannot be "
+                    "believed; add the load balancer's address to [server] trusted_proxies"
+                )
+            header = await read_proxy_header(sock, accepted_at + server.handshake_timeout)
+        except BadProxyHeader as error:
+            self.tally.proxy_refused += 1
+            log.warning(
+                "PROXY header refused; connection closed",
+                extra=fields(client=client, reason=error.message),
+            )
+            return None
+        except OSError:
+            return None
+        return header.source or peer, header.destination
+
     async def _serve(
-        self, sock: socket.socket, peer_ip: str, client: str, entry: Entry, accepted_at: float
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        local: tuple[str, int] | None,
+        client: str,
+        entry: Entry,
+        accepted_at: float,
     ) -> bool:
+        peer_ip = peer[0]
         server = self.config.server
         tally = self.tally
-        head = RequestHead(server.max_header_bytes)
+        head = RequestHead(server.max_header_bytes, server.max_headers, server.allow_bare_lf)
         deadline = accepted_at + server.handshake_timeout
         conn: Conn = sock
         added: tuple[tuple[bytes, bytes], ...] = ()
@@ -194,24 +263,43 @@ class Handler:
             key = check_websocket(request) if token == "websocket" else None
             if tally.active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
+            guarding = self.guarding
+            if guarding is not None and guarding.admission is not None:
+                guarding.admit(upstream)
         except TunnelError as error:
             await self._refuse(conn, client, error, upstream)
             return False
+        admitted: Pass | None = None
+        guard = self.guards.get(route.name)
+        if guard is not None:
+            try:
+                admitted = await guard.admit(
+                    upgrade, client_ip(peer_ip, upgrade.fields, server.trusted_proxies)
+                )
+            except Refused as refused:
+                upstream.refused(refused.rule)
+                await self._refuse(conn, client, refused.error, upstream, rule=refused.rule)
+                return False
+            upgrade = admitted.request
         tally.active += 1
         handed_off = False
         try:
             handed_off = await self._forward(
                 conn,
-                _Client(peer_ip, client, entry, added, accepted_at),
+                _Client(peer_ip, client, entry, added, accepted_at, peer[1], local, sock),
                 upstream,
                 upgrade,
                 token,
                 key,
                 head.leftover,
+                guard,
+                admitted,
             )
         finally:
             if not handed_off:
                 tally.active -= 1
+                if guard is not None and admitted is not None:
+                    guard.release(admitted)
         return handed_off
 
     async def _forward(
@@ -223,11 +311,17 @@ class Handler:
         token: str,
         websocket_key: str | None,
         leftover: bytes,
+        guard: RouteGuard | None = None,
+        admitted: Pass | None = None,
     ) -> bool:
-        """Returns True when the tunnel was handed to the engine, which now owns both sockets
-        and the ``max_tunnels`` slot."""
+        """Returns True when the tunnel was handed to the engine, which now owns both sockets,
+        the ``max_tunnels`` slot and the guard's slots."""
         server = self.config.server
         route = upstream.route
+        vouched = client.added
+        if admitted is not None and admitted.identity is not None:
+            header = route.auth.identity_header.encode("latin-1")
+            vouched += ((header, admitted.identity.subject.encode("latin-1")),)
         replies: list[BackendReply] = []
         key: bytes | None = None
         preferred: str | None = None
@@ -249,12 +343,21 @@ class Handler:
                 backend_host=None if route.preserve_host else _host_header(backend),
                 path_prefix=route.path_prefix,
                 backend_path=backend.path,
-                added=client.added,
+                added=vouched,
             )
             forward = rewrite_request(upgrade, token, hop)
             if route.sticky_cookie.strip:
                 forward = _without_cookie(forward, route.sticky_cookie.name)
+            if guard is not None:
+                forward = guard.access.strip_headers(forward)
             replies.append(BackendReply(forward, token, websocket_key, MAX_REPLY_HEAD))
+            if backend.send_proxy_protocol:
+                return (
+                    proxy_header(
+                        backend.send_proxy_protocol, (client.ip, client.port), client.destination()
+                    )
+                    + replies[-1].request_bytes
+                )
             return replies[-1].request_bytes
 
         def failed(backend: BackendConfig) -> None:
@@ -302,6 +405,8 @@ class Handler:
                 upstream,
                 backend,
                 websocket_key is not None,
+                guard,
+                admitted,
             )
             handed_off = True
             return True
@@ -320,6 +425,8 @@ class Handler:
         upstream: Upstream,
         backend: BackendConfig,
         websocket: bool,
+        guard: RouteGuard | None,
+        admitted: Pass | None,
     ) -> None:
         """Give both sockets to the engine: from here on no task serves this tunnel."""
         now = trio.current_time()
@@ -344,6 +451,8 @@ class Handler:
 
         def closed(tunnel: Tunnel) -> None:
             self.tally.active -= 1
+            if guard is not None and admitted is not None:
+                guard.release(admitted)
             upstream.closed(record)
             stats = tunnel.stats
             log.info(
@@ -361,6 +470,14 @@ class Handler:
             )
 
         server = self.config.server
+        expires_at: float | None = None
+        identity = None if admitted is None else admitted.identity
+        if (
+            identity is not None
+            and identity.expires_at is not None
+            and upstream.route.auth.close_on_expiry
+        ):
+            expires_at = now + max(0.0, identity.expires_at - time.time())
         record.handle = self.engine.adopt(
             sock,
             backend_sock,
@@ -371,6 +488,7 @@ class Handler:
             to_backend=leftover,
             websocket=websocket,
             lifetime=tunnel_lifetime(server.max_lifetime, server.lifetime_jitter, random.random()),
+            expires_at=expires_at,
         )
         if not upstream.serves(backend):
             # A reload removed this route or backend while the handshake ran.

@@ -28,6 +28,7 @@ import trio
 
 from tunnel.config import format_duration, join_host_port
 from tunnel.core import headers
+from tunnel.core.proxy_protocol import build as build_proxy_header
 from tunnel.core.response import check_switch_headers, websocket_accept
 from tunnel.core.wsframes import close_frame
 from tunnel.errors import BadBackendResponse
@@ -143,7 +144,11 @@ async def _handshake(stream: trio.abc.Stream, backend: Any, path: str) -> str | 
     key = base64.b64encode(os.urandom(16)).decode("ascii")
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
     request = _upgrade_request(backend, path, key)
-    await stream.send_all(conn.send(request) or b"")
+    # A backend that expects a PROXY header gets one naming no client (v1 UNKNOWN, v2 LOCAL),
+    # as HAProxy's check-send-proxy does: the check is the proxy's own connection.
+    version = getattr(backend, "send_proxy_protocol", "")
+    local = build_proxy_header(version, ("local", 0), ("local", 0)) if version else b""
+    await stream.send_all(local + (conn.send(request) or b""))
     answer = await _read_answer(stream, conn)
     if isinstance(answer, str):
         return answer
