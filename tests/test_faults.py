@@ -537,10 +537,6 @@ async def test_a_client_leaving_before_the_101_closes_the_backend_connection_at_
 # --- 9. a half-closed tunnel --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14: the engine does not end half-closed tunnels at half_close_timeout yet",
-)
 async def test_a_half_closed_tunnel_with_a_silent_backend_ends_at_half_close_timeout(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
