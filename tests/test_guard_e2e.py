@@ -177,16 +177,15 @@ async def knock(
     return answer
 
 
-async def knock_together(tunnel: Running, count: int, path: str = "/") -> list[Answer]:
-    """``count`` upgrades sent as nearly at once as loopback allows: every connection is open
-    before any head is sent."""
-    host = f"{tunnel.host}:{tunnel.port}"
-    streams = [await trio.open_tcp_stream(tunnel.host, tunnel.port) for _ in range(count)]
-    answers: list[Answer | None] = [None] * count
+async def knock_together(targets: Sequence[Running], path: str = "/") -> list[Answer]:
+    """One upgrade to each of ``targets``, sent as nearly at once as loopback allows: every
+    connection is open before any head is sent."""
+    streams = [await trio.open_tcp_stream(t.host, t.port) for t in targets]
+    answers: list[Answer | None] = [None] * len(targets)
 
     async def one(index: int) -> None:
-        stream = streams[index]
-        await stream.send_all(request_head(host, path, ()))
+        stream, target = streams[index], targets[index]
+        await stream.send_all(request_head(f"{target.host}:{target.port}", path, ()))
         head, rest = await read_head(stream)
         answer = Answer(int(head.split(b" ", 2)[1]), head, rest)
         if answer.status == 101:
@@ -197,7 +196,7 @@ async def knock_together(tunnel: Running, count: int, path: str = "/") -> list[A
         answers[index] = answer
 
     async with trio.open_nursery() as nursery:
-        for index in range(count):
+        for index in range(len(targets)):
             nursery.start_soon(one, index)
     return [answer for answer in answers if answer is not None]
 
@@ -514,7 +513,7 @@ async def test_per_ip_rate_passes_the_burst_refuses_the_next_and_refills(
     limits = {"per_ip_rate": "2/s", "per_ip_burst": 2}
     with trio.fail_after(TEST_SECONDS):
         tunnel = await start(nursery, caplog, [route("paced", backend, limits=limits)])
-        burst = await knock_together(tunnel, 3)
+        burst = await knock_together([tunnel] * 3)
         await close_all(burst)
         statuses = sorted(answer.status for answer in burst)
         assert statuses == [101, 101, 429], statuses
@@ -548,7 +547,7 @@ async def test_admission_rate_lets_one_through_and_spreads_the_retry_after_of_th
         tunnel = await start(
             nursery, caplog, [route("storm", backend)], server={"admission_rate": "1/s"}
         )
-        answers = await knock_together(tunnel, STORM)
+        answers = await knock_together([tunnel] * STORM)
         await close_all(answers)
         counted = await counters(tunnel.admin)
 
