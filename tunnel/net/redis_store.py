@@ -232,7 +232,7 @@ class RedisStore:
             except StoreUnavailable as error:
                 log.warning(
                     "could not keep tunnel slots alive in the limit store",
-                    extra=fields(store=self.url, error=str(error), holders=len(self._live)),
+                    extra=fields(store=self.url, error=str(error), tunnels=len(self._live)),
                 )
 
     async def aclose(self) -> None:
