@@ -505,7 +505,6 @@ async def kept_by(peer: Peer, size: int) -> list[bytearray]:
 # --- 8. a client that leaves while the tunnel waits for the backend's reply ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: client leaving before the 101 is not noticed yet")
 @pytest.mark.parametrize("leave", ["fin", "rst"])
 async def test_a_client_leaving_before_the_101_closes_the_backend_connection_at_once(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, leave: str

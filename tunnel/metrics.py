@@ -100,6 +100,24 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
         "Connections closed unanswered for a missing, malformed or untrusted PROXY header.",
     )
     proxy_refused.add_metric([], snapshot.proxy_refused)
+    handshakes = GaugeMetricFamily(
+        "tunnel_handshakes",
+        "Connections accepted and not yet tunnels (TLS handshake, request head, backend "
+        "answer), bounded by max_handshakes.",
+        value=snapshot.handshakes_open,
+    )
+    shed = CounterMetricFamily(
+        "tunnel_handshakes_shed",
+        "Connections closed to stay within max_handshakes (the one waiting longest for its "
+        "client, or the new one).",
+        value=snapshot.handshakes_shed,
+    )
+    left_early = CounterMetricFamily(
+        "tunnel_clients_left_early",
+        "Clients that closed while their backend was answering the upgrade (the backend "
+        "connection is closed at once).",
+        value=snapshot.left_early,
+    )
     for route in snapshot.routes:
         for backend in route.backends:
             labels = [route.name, backend.name]
@@ -121,7 +139,7 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
         upgrades.add_metric(["", str(status)], count)
     yield from (open_tunnels, bytes_total, tunnels_total, backend_up, connect_failures)
     yield health_changes
-    yield from (upgrades, closed, refusals, proxy_refused)
+    yield from (upgrades, closed, refusals, proxy_refused, handshakes, shed, left_early)
     yield _histogram(snapshot.handshake_seconds)
 
 

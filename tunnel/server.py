@@ -181,6 +181,9 @@ class Generation:
             unrouted_answers=tuple(sorted(self.tally.unrouted.items())),
             handshake_seconds=self.tally.handshake.statistics(),
             proxy_refused=self.tally.proxy_refused,
+            handshakes_open=self.tally.handshakes.open,
+            handshakes_shed=self.tally.handshakes.shed,
+            left_early=self.tally.left_early,
         )
 
     # The admin listener's view (tunnel.net.admin.AdminSource).

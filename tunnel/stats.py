@@ -97,3 +97,9 @@ class ServerStatistics:
     """From accept to the 101 sent on, for every tunnel opened."""
     proxy_refused: int = 0
     """Connections closed for a missing, malformed or untrusted PROXY header."""
+    handshakes_open: int = 0
+    """Connections accepted and not yet tunnels, now."""
+    handshakes_shed: int = 0
+    """Connections closed to stay within max_handshakes."""
+    left_early: int = 0
+    """Clients that left while their backend was answering the upgrade."""

@@ -174,6 +174,18 @@ class ServerConfig:
         "9112 allows it). `false` answers such a head with 400: `X-A: 1\\nX-B: 2` is one "
         "field to some parsers and two to others, which is how requests get smuggled.",
     )
+    max_handshakes: int = setting(
+        0,
+        Integer(0, zero="a quarter of the descriptor limit"),
+        "Connections accepted and not yet tunnels (TLS handshake, request head, backend "
+        "answer) at once. At the bound, the one that has waited longest for its client is "
+        "closed to make room (slow clients are old by then; a real client sends its head "
+        "within milliseconds), or the new one when every handshake is past its head; counted "
+        "in `tunnel_handshakes_shed_total`. 0 = a quarter of the process's descriptor limit "
+        "(at least 16), which leaves three quarters to tunnels and their backend connects "
+        "(HAProxy `maxconn` counts both; nginx `worker_connections`).",
+        shown="a quarter of `ulimit -n`",
+    )
     admission_rate: Rate = field(
         default=RATE_OFF,
         metadata=declare(

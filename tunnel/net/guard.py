@@ -26,7 +26,7 @@ from tunnel.config import Config, RouteConfig
 from tunnel.config.kinds import RATE_OFF
 from tunnel.core.handshake import UpgradeRequest
 from tunnel.core.headers import values
-from tunnel.errors import ServiceUnavailable, TooManyRequests, TunnelError
+from tunnel.errors import ConfigError, ServiceUnavailable, TooManyRequests, TunnelError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.auth_files import TokenFile, auth_rules
 from tunnel.net.upstream import Upstream
@@ -147,6 +147,7 @@ class RouteGuard:
             self.access.checks_address
             or self.access.origins is not None
             or not self.access.allow_missing_origin
+            or self.access.strip
             or self._rate is not None
             or self.counts
             or auth is not None
@@ -250,7 +251,8 @@ class Guarding:
 
     def __init__(self, config: Config, *, instance: str = "") -> None:
         limits = config.limits
-        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        """Unique among the processes sharing a store (two ``serve`` in one process too)."""
         self.store: LimitStore = open_store(limits.store, self.instance)
         self.health = StoreHealth(limits.store, limits.on_store_error)
         self.admission: Admission | None = None
@@ -358,6 +360,12 @@ def open_store(url: str, instance: str) -> LimitStore:
     """The ``[limits] store``: this process's memory, or a Redis server shared by a fleet."""
     if url == "memory":
         return MemoryStore()
-    from tunnel.net.redis_store import RedisStore
-
+    try:
+        from tunnel.net.redis_store import RedisStore
+    except ImportError as error:
+        raise ConfigError(
+            "limits.store",
+            f"names a Redis server and the redis package cannot be imported ({error}); "
+            "pip install 'tunnel[redis]'",
+        ) from error
     return RedisStore(url, instance=instance)

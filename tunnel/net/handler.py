@@ -59,6 +59,7 @@ from tunnel.metrics import LatencyHistogram
 from tunnel.net import backend as backends
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.guard import Guarding, Pass, Refused, RouteGuard
+from tunnel.net.handshakes import Handshakes, Ticket
 from tunnel.net.proxy_header import read_proxy_header
 from tunnel.net.sockio import Conn, drain, receive_some, send_all
 from tunnel.net.tls import ServerTLS, handshake, peer_subject, tls_failure
@@ -137,6 +138,10 @@ class Tally:
     """Tunnel ids, unique within the process."""
     proxy_refused: int = 0
     """Connections closed for a missing, malformed or untrusted PROXY header."""
+    handshakes: Handshakes = field(default_factory=Handshakes)
+    """Connections not yet tunnels, bounded by max_handshakes."""
+    left_early: int = 0
+    """Clients that left while their backend was still answering the upgrade."""
 
 
 class Handler:
@@ -161,6 +166,7 @@ class Handler:
         self.tally = tally
         self.routes = RouteTable.build(config.routes)
         self.guarding = guarding
+        tally.handshakes.configure(config.server.max_handshakes)
         self.guards: Mapping[str, RouteGuard] = guards or {}
         """Routes with access rules, limits or auth (``Guarding.guards``); the others skip the
         guard."""
@@ -172,16 +178,24 @@ class Handler:
         tunnel was handed to the engine."""
         client = join_host_port(peer[0], peer[1])
         handed_off = False
+        handshakes = self.tally.handshakes
+        ticket = handshakes.enter()
+        if ticket is None:
+            sock.close()
+            return
         try:
-            accepted_at = trio.current_time()
-            local: tuple[str, int] | None = None
-            if entry.proxy_protocol:
-                said = await self._proxy_header(sock, peer, client, accepted_at)
-                if said is None:
-                    return
-                peer, local = said
-                client = join_host_port(peer[0], peer[1])
-            handed_off = await self._serve(sock, peer, local, client, entry, accepted_at)
+            with ticket.scope:
+                accepted_at = trio.current_time()
+                local: tuple[str, int] | None = None
+                if entry.proxy_protocol:
+                    said = await self._proxy_header(sock, peer, client, accepted_at)
+                    if said is None:
+                        return
+                    peer, local = said
+                    client = join_host_port(peer[0], peer[1])
+                handed_off = await self._serve(
+                    sock, peer, local, client, entry, accepted_at, ticket
+                )
         except ClientClosed as closed:
             log.debug(
                 "client left before completing its request; nothing answered",
@@ -193,6 +207,7 @@ class Handler:
                 extra=fields(client=client),
             )
         finally:
+            handshakes.leave(ticket)
             if not handed_off:
                 sock.close()
 
@@ -229,6 +244,7 @@ class Handler:
         client: str,
         entry: Entry,
         accepted_at: float,
+        ticket: Ticket,
     ) -> bool:
         peer_ip = peer[0]
         server = self.config.server
@@ -249,6 +265,7 @@ class Handler:
         upstream: Upstream | None = None
         try:
             request = await _read_request(conn, head, server.handshake_timeout, deadline)
+            ticket.waiting_on_client = False
             if entry.redirect_port is not None:
                 await self._refuse(
                     conn, client, https_redirect(request, entry.redirect_port), None, redirect=True
@@ -381,10 +398,22 @@ class Handler:
         try:
             reply = replies[-1]
             try:
-                progress = await _read_reply(backend_sock, reply, server.response_timeout, backend)
+                waited = await _reply_unless_client_leaves(
+                    sock, backend_sock, reply, server.response_timeout, backend
+                )
             except TunnelError as error:
                 await self._refuse(sock, client.address, error, upstream, backend=backend.name)
                 return False
+            if waited is None:
+                self.tally.left_early += 1
+                log.info(
+                    "client left while the backend was answering the upgrade; backend "
+                    "connection closed",
+                    extra=fields(client=client.address, route=upstream.name, backend=backend.name),
+                )
+                return False
+            progress, sent_meanwhile = waited
+            leftover += sent_meanwhile
             if not progress.switched:
                 await self._relay_refusal(
                     sock, backend_sock, reply, progress, client.address, upstream, backend
@@ -636,6 +665,52 @@ async def _read_reply(
             "response_timeout "
             f"({format_duration(response_timeout)})"
         ) from None
+
+
+WATCHED_BYTES = 64 * KiB
+"""Client bytes read (and kept for the backend) while its reply is awaited; past this the
+client is no longer watched, and a client that sends that much before a 101 is not idle."""
+
+
+async def _reply_unless_client_leaves(
+    sock: Conn,
+    backend_sock: Conn,
+    reply: BackendReply,
+    response_timeout: float,
+    backend: BackendConfig,
+) -> tuple[ReplyProgress, bytes] | None:
+    """The backend's reply, with what the client sent meanwhile (bytes for the backend once
+    the tunnel opens); None when the client closed or reset first, so that its slot and the
+    backend connection are freed at once rather than at ``response_timeout``."""
+    sent = bytearray()
+    failure: TunnelError | None = None
+    progress: ReplyProgress | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch_client() -> None:
+            try:
+                while len(sent) < WATCHED_BYTES:
+                    data = await receive_some(sock, READ_SIZE)
+                    if not data:
+                        break
+                    sent.extend(data)
+                else:
+                    return
+            except OSError:
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_client)
+        try:
+            progress = await _read_reply(backend_sock, reply, response_timeout, backend)
+        except TunnelError as error:
+            failure = error
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if progress is None:
+        return None
+    return progress, bytes(sent)
 
 
 async def _linger(sock: Conn) -> None:
