@@ -526,7 +526,7 @@ async def test_a_client_leaving_before_the_101_closes_the_backend_connection_at_
             with trio.move_on_after(PROMPT + 1):
                 await peer.ended.wait()
             noticed = peer.ended.is_set()
-            # Let response_timeout pass, so that the descriptors can settle either way.
+            # The end, at once or (before issue 14) at response_timeout: descriptors settle.
             await ended(peer, WAIT_SECONDS)
     assert noticed, "the backend connection was kept after the client left"
     [end] = peer.endings
