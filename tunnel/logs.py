@@ -19,8 +19,9 @@ LOGGER_NAME = "tunnel"
 
 
 def fields(**values: Any) -> dict[str, Any]:
-    """Wrap structured fields for the ``extra=`` argument of a logging call."""
-    return {"fields": values}
+    """Wrap structured fields for the ``extra=`` argument of a logging call; a field whose
+    value is None is left out (it does not apply to this line)."""
+    return {"fields": {name: value for name, value in values.items() if value is not None}}
 
 
 class Seconds(float):

@@ -564,6 +564,7 @@ class Handler:
         upstream: Upstream | None,
         *,
         redirect: bool = False,
+        rule: str | None = None,
         **context: str,
     ) -> None:
         """Answer ``error`` and close; counted on ``upstream``, or as unrouted before a route
@@ -582,7 +583,13 @@ class Handler:
         else:
             log.warning(
                 "request refused",
-                extra=fields(client=client, status=error.status, reason=error.message, **context),
+                extra=fields(
+                    client=client,
+                    status=error.status,
+                    reason=error.message,
+                    rule=rule,
+                    **context,
+                ),
             )
         try:
             with trio.fail_after(LINGER_SECONDS):
