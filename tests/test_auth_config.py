@@ -19,12 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.test_jwt import ec_key, rsa_key
+from tunnel.config import Config
 from tunnel.config.auth import RouteAuth, parse_tokens
 from tunnel.config.kinds import Context
 from tunnel.config.tables import dump_table, parse_table, render_table
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME
-from tunnel.net.auth_files import TokenFile, auth_rules
+from tunnel.net.auth_files import TokenFile, auth_rules, check_auth
 from tunnel.policy.auth import BearerTokens, JwtVerifier
 
 KEY = "routes[0].auth"
@@ -177,18 +178,67 @@ def _certificate() -> bytes:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (lambda: pem(rsa.generate_private_key(65537, 1024).public_key()), "1024 bits is too weak"),
-        (lambda: pem(ec.generate_private_key(ec.SECP384R1()).public_key()), "only RSA (RS256)"),
-        (lambda: pem(ed25519.Ed25519PrivateKey.generate().public_key()), "only RSA (RS256)"),
         (lambda: b"not a key", "is not a PEM public key (BEGIN PUBLIC KEY)"),
+        (lambda: b"-----BEGIN PUBLIC KEY-----\nAAAA\n", "is not a PEM public key"),
         (_certificate, "extract its key with `openssl x509 -pubkey -noout`"),
     ],
 )
-def test_unusable_public_keys_refused(tmp_path: Path, content: Any, message: str) -> None:
+def test_files_that_are_no_public_key_refused_at_load(
+    tmp_path: Path, content: Any, message: str
+) -> None:
     (tmp_path / "key.pem").write_bytes(content())
     key, text = problem({"kind": "jwt", "public_key": "key.pem"}, tmp_path)
     assert key == f"{KEY}.public_key"
     assert message in text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda: pem(rsa.generate_private_key(65537, 1024).public_key()), "1024 bits is too weak"),
+        (lambda: pem(ec.generate_private_key(ec.SECP384R1()).public_key()), "only RSA (RS256)"),
+        (lambda: pem(ed25519.Ed25519PrivateKey.generate().public_key()), "only RSA (RS256)"),
+        (
+            lambda: b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+            "is not a PEM public key",
+        ),
+    ],
+)
+def test_unusable_public_keys_refused_when_loaded(
+    tmp_path: Path, content: Any, message: str
+) -> None:
+    """Reading the configuration uses the standard library only; the key's kind is checked
+    where it is loaded, at start, reload and ``tunnel check`` (``check_auth``)."""
+    (tmp_path / "key.pem").write_bytes(content())
+    auth = parse({"kind": "jwt", "public_key": "key.pem"}, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        auth_rules(auth, key="routes[3].auth")
+    assert caught.value.key == "routes[3].auth.public_key"
+    assert message in caught.value.problem
+    config = Config.from_mapping(
+        {
+            "listeners": [{"listen": "127.0.0.1:0"}],
+            "routes": [
+                {"backends": [{"url": "ws://127.0.0.1:9"}]},
+                {
+                    "backends": [{"url": "ws://127.0.0.1:9"}],
+                    "auth": {"kind": "jwt", "public_key": str(tmp_path / "key.pem")},
+                },
+            ],
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_auth(config)
+    assert caught.value.key == "routes[1].auth.public_key"
+
+
+def test_check_auth_passes_good_routes(tokens_file: Path) -> None:
+    route = {"backends": [{"url": "ws://127.0.0.1:9"}]}
+    auth = {"kind": "bearer", "tokens_file": str(tokens_file)}
+    config = Config.from_mapping(
+        {"listeners": [{"listen": "127.0.0.1:0"}], "routes": [route, {**route, "auth": auth}]}
+    )
+    check_auth(config)
 
 
 def test_a_missing_public_key_file_refused(tmp_path: Path) -> None:

@@ -7,13 +7,18 @@ import logging
 import os
 
 import trio
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from tunnel.config.auth import RouteAuth, read_public_key, read_secret, read_tokens_file
+from tunnel.config import Config
+from tunnel.config.auth import RouteAuth, read_pem, read_secret, read_tokens_file
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
-from tunnel.policy.auth import AuthRules
+from tunnel.policy.auth import AuthRules, PublicKey
 
 log = logging.getLogger(LOGGER_NAME)
+MIN_RSA_BITS = 2048
 
 Stamp = tuple[int, int, int, int]
 """(device, inode, size, mtime in ns): a change in any of them means the file may have changed,
@@ -104,17 +109,58 @@ class TokenFile:
             await trio.to_thread.run_sync(self.reload)
 
 
-def auth_rules(settings: RouteAuth, tokens: TokenFile | None = None) -> AuthRules:
-    """A route's auth compiled with what its files and variable hold now; ``tokens`` is the
-    bearer tokens file when it is already loaded (and watched), else it is loaded here.
+def read_public_key(path: str, key: str) -> PublicKey:
+    """The JWT verification key in PEM file ``path``: RSA (2048 bits or more) or EC P-256.
 
     Raises:
-        ConfigError: naming the key, when a file or the variable cannot be read.
+        ConfigError: the file cannot be read, is not a PEM public key, or holds another kind
+            of key.
+    """
+    data = read_pem(path, key)
+    try:
+        public = load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(key, f"{path} is not a PEM public key (BEGIN PUBLIC KEY)") from exc
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < MIN_RSA_BITS:
+            raise ConfigError(
+                key, f"{path}: an RSA key of {public.key_size} bits is too weak; use 2048 or more"
+            )
+        return public
+    if isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, ec.SECP256R1):
+        return public
+    raise ConfigError(key, f"{path}: only RSA (RS256) and EC P-256 (ES256) keys verify JWTs here")
+
+
+def auth_rules(
+    settings: RouteAuth, tokens: TokenFile | None = None, *, key: str = "auth"
+) -> AuthRules:
+    """A route's auth compiled with what its files and variable hold now; ``tokens`` is the
+    bearer tokens file when it is already loaded (and watched), else it is loaded here.
+    ``key`` names the table in errors (``routes[0].auth``).
+
+    Raises:
+        ConfigError: naming the key, when a file or the variable cannot be read, or the public
+            key is not one JWTs are verified with here.
     """
     if settings.kind == "bearer":
         if tokens is None:
-            tokens = TokenFile.load(settings.tokens_file)
+            tokens = TokenFile.load(settings.tokens_file, f"{key}.tokens_file")
         return AuthRules.build(settings, tokens=tokens)
     if settings.secret_env:
-        return AuthRules.build(settings, key=read_secret(settings.secret_env, "secret_env"))
-    return AuthRules.build(settings, key=read_public_key(settings.public_key, "public_key"))
+        secret = read_secret(settings.secret_env, f"{key}.secret_env")
+        return AuthRules.build(settings, key=secret)
+    public = read_public_key(settings.public_key, f"{key}.public_key")
+    return AuthRules.build(settings, key=public)
+
+
+def check_auth(config: Config) -> None:
+    """Load every route's credentials as a start would (the key's kind and size too, which
+    reading the configuration does not check); for ``tunnel check``.
+
+    Raises:
+        ConfigError: naming the route's key and the file or variable.
+    """
+    for i, route in enumerate(config.routes):
+        if route.auth.kind != "none":
+            auth_rules(route.auth, key=f"routes[{i}].auth")

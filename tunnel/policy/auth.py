@@ -33,8 +33,9 @@ from tunnel.core.hashkey import cookie_pairs
 from tunnel.errors import Unauthorized
 
 if TYPE_CHECKING:
-    from tunnel.config.auth import PublicKey, RouteAuth
+    from tunnel.config.auth import RouteAuth
 
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 MAX_TOKEN = 8 * 1024
 """Longer credentials are refused unread: no honest JWT is this large."""
 MAX_SUBPROTOCOL_TRIES = 4
@@ -120,7 +121,7 @@ class JwtVerifier:
     """
 
     alg: str
-    key: bytes | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    key: bytes | PublicKey
     issuer: str = ""
     audience: str = ""
     leeway: float = 0.0
