@@ -21,6 +21,7 @@ from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
+from tunnel.net.auth_files import check_auth
 from tunnel.net.handler import Entry
 from tunnel.net.health_probe import run_health_checks
 from tunnel.net.listener import (
@@ -156,10 +157,12 @@ class WorkerAdmin:
 
 
 def check_tls(config: Config) -> None:
-    """Load every certificate, key and CA file the configuration names, as ``serve`` would;
+    """Load every certificate, key and CA file, and every route's auth key, secret and tokens
+    file the configuration names, as ``serve`` would;
     ``tunnel check`` calls it. Raises ``ConfigError`` naming the key and the file."""
     listener_tls(config)
     backend_contexts(config)
+    check_auth(config)
 
 
 def _check_relay(config: Config) -> None:

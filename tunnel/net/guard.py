@@ -293,13 +293,15 @@ class Guarding:
         self.configure(config)
         guards: dict[str, RouteGuard] = {}
         files: dict[str, TokenFile] = {}
-        for route in config.routes:
+        for i, route in enumerate(config.routes):
             auth: AuthRules | None = None
             if route.auth.kind != "none":
+                key = f"routes[{i}].auth"
                 path = route.auth.tokens_file
                 if path:
-                    files[path] = self._token_files.get(path) or TokenFile.load(path)
-                auth = auth_rules(route.auth, files.get(path))
+                    known = self._token_files.get(path)
+                    files[path] = known or TokenFile.load(path, f"{key}.tokens_file")
+                auth = auth_rules(route.auth, files.get(path), key=key)
             guard = RouteGuard(
                 route, self.store, self.health, auth, self._queue_release, self.instance
             )
