@@ -193,12 +193,6 @@ async def test_two_instances_enforce_one_per_ip_cap_and_one_per_ip_rate(
     assert sum(len(refusal_lines(process, "per_ip_rate")) for process in fleet) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tunnel/net/guard.py Guarding.__init__ names every instance of one process "
-    "f'{hostname}:{pid}' and numbers holders from 1, so two serve() calls in one process "
-    "write the same holder names to a shared store and each other's tunnels count once",
-)
 async def test_two_serves_in_one_process_enforce_one_per_ip_cap(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, redis_url: str
 ) -> None:
