@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +107,60 @@ def test_a_5000_field_head_is_refused_before_any_per_field_work(
     print(f"\nCPU per 5,000-field head: {bounded:.2f} ms bounded, {lifted:.2f} ms lifted")
     assert bounded < FLOOD_CPU_MS_BOUND
     assert lifted > FLOOD_COST_RATIO * bounded
+
+
+EMFILE_NOFILE = 64
+FD_WAIT_SECONDS = 10.0
+
+
+def _descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _wait_descriptors(pid: int, count: int) -> None:
+    deadline = time.monotonic() + FD_WAIT_SECONDS
+    while _descriptors(pid) != count:
+        assert time.monotonic() < deadline, f"{_descriptors(pid)} descriptors, not {count}"
+        time.sleep(0.01)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a backend socket that cannot be created (EMFILE, the tunnel's own limit) "
+    "counts as the backend's connect failure: passive_failures of them mark a healthy backend "
+    "down, and every client gets 503 for health.interval after descriptors are free again",
+)
+def test_running_out_of_descriptors_does_not_mark_the_backend_down(
+    tmp_path: Path, backend_port: int
+) -> None:
+    """Idle connections hold all but one descriptor: each upgrade's accept takes the last
+    one and its backend socket cannot be made (502). Once one descriptor is free, the next
+    upgrade must get its 101: the backend never failed."""
+    running = hostile.start_tunnel(
+        REPO_DIR,
+        tmp_path,
+        backend_port,
+        'handshake_timeout = "60s"\nmax_handshakes = 100000',
+        nofile=EMFILE_NOFILE,
+    )
+    pid = running.tunnel.pid
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(EMFILE_NOFILE):
+            held = _descriptors(pid)
+            if held >= EMFILE_NOFILE - 1:
+                break
+            idle.append(socket.create_connection((procs.LOOPBACK, running.port), 5.0))
+            _wait_descriptors(pid, held + 1)
+        assert _descriptors(pid) == EMFILE_NOFILE - 1
+        starved = [trio.run(hostile.upgrade, running.port) for _ in range(3)]
+        idle.pop().close()
+        _wait_descriptors(pid, EMFILE_NOFILE - 2)
+        freed = trio.run(hostile.upgrade, running.port)
+    finally:
+        for sock in idle:
+            sock.close()
+        running.tunnel.stop()
+    assert [attempt.outcome for attempt in starved] == ["HTTP/1.1 502 Bad Gateway"] * 3
+    assert freed.ok, freed.outcome
+    assert "backend marked down" not in running.tunnel.log_path.read_text()
