@@ -564,12 +564,6 @@ async def test_admission_rate_lets_one_through_and_spreads_the_retry_after_of_th
     assert counted["storm", "status", "503"] == len(refused)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tunnel/net/handler.py answers Guarding.admit's ServiceUnavailable through the "
-    "generic TunnelError path, so its request refused line has no rule field, where "
-    "docs/operations.md lists rule = admission_rate",
-)
 async def test_an_admission_refusal_names_its_rule_in_the_log_line(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:

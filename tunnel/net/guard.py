@@ -29,7 +29,6 @@ from tunnel.core.headers import values
 from tunnel.errors import ConfigError, ServiceUnavailable, TooManyRequests, TunnelError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.auth_files import TokenFile, auth_rules
-from tunnel.net.upstream import Upstream
 from tunnel.policy.access import AccessRules
 from tunnel.policy.auth import AuthRules, Identity, authenticate
 from tunnel.policy.limits import (
@@ -271,19 +270,21 @@ class Guarding:
             self.admission = None if rate.off else Admission(rate, trio.current_time())
         self._interval = config.server.cert_check_interval
 
-    def admit(self, upstream: Upstream) -> None:
+    def admit(self) -> None:
         """The global pace of new upgrades (``admission_rate``).
 
         Raises:
-            ServiceUnavailable: 503 with a ``Retry-After`` spread over clients.
+            Refused: 503 with a ``Retry-After`` spread over clients.
         """
         assert self.admission is not None
         retry_after = self.admission.admit(trio.current_time(), random.random())
         if retry_after is not None:
-            upstream.refused(Rule.ADMISSION)
-            raise ServiceUnavailable(
-                f"new upgrades are over admission_rate ({self._admission_rate}); paced",
-                retry_after=retry_after,
+            raise Refused(
+                ServiceUnavailable(
+                    f"new upgrades are over admission_rate ({self._admission_rate}); paced",
+                    retry_after=retry_after,
+                ),
+                Rule.ADMISSION,
             )
 
     def guards(self, config: Config) -> dict[str, RouteGuard]:

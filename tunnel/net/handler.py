@@ -280,24 +280,26 @@ class Handler:
             key = check_websocket(request) if token == "websocket" else None
             if tally.active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
-            guarding = self.guarding
-            if guarding is not None and guarding.admission is not None:
-                guarding.admit(upstream)
         except TunnelError as error:
             await self._refuse(conn, client, error, upstream)
             return False
         admitted: Pass | None = None
         guard = self.guards.get(route.name)
-        if guard is not None:
+        guarding = self.guarding
+        if guard is not None or (guarding is not None and guarding.admission is not None):
             try:
-                admitted = await guard.admit(
-                    upgrade, client_ip(peer_ip, upgrade.fields, server.trusted_proxies)
-                )
+                if guarding is not None and guarding.admission is not None:
+                    guarding.admit()
+                if guard is not None:
+                    admitted = await guard.admit(
+                        upgrade, client_ip(peer_ip, upgrade.fields, server.trusted_proxies)
+                    )
             except Refused as refused:
                 upstream.refused(refused.rule)
                 await self._refuse(conn, client, refused.error, upstream, rule=refused.rule)
                 return False
-            upgrade = admitted.request
+            if admitted is not None:
+                upgrade = admitted.request
         tally.active += 1
         handed_off = False
         try:
@@ -391,6 +393,7 @@ class Handler:
                 failed=failed,
             )
         except TunnelError as error:
+            _give_back(guard, admitted)
             await self._refuse(sock, client.address, error, upstream)
             return False
         upstream.connected(backend, trio.current_time())
@@ -402,6 +405,7 @@ class Handler:
                     sock, backend_sock, reply, server.response_timeout, backend
                 )
             except TunnelError as error:
+                _give_back(guard, admitted)
                 await self._refuse(sock, client.address, error, upstream, backend=backend.name)
                 return False
             if waited is None:
@@ -415,6 +419,7 @@ class Handler:
             progress, sent_meanwhile = waited
             leftover += sent_meanwhile
             if not progress.switched:
+                _give_back(guard, admitted)
                 await self._relay_refusal(
                     sock, backend_sock, reply, progress, client.address, upstream, backend
                 )
@@ -750,6 +755,13 @@ async def _linger(sock: Conn) -> None:
                 discarded += len(data)
     except OSError:
         return
+
+
+def _give_back(guard: RouteGuard | None, admitted: Pass | None) -> None:
+    """Free the guard's slots before a refusal lingers (giving them back twice, as the
+    handshake's end does again, is harmless)."""
+    if guard is not None and admitted is not None:
+        guard.release(admitted)
 
 
 def _sticky_backend(upgrade: UpgradeRequest, route: RouteConfig) -> str | None:
