@@ -13,6 +13,8 @@ and a liar only misplaces its own Close frame.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 GOING_AWAY = 1001
 """RFC 6455 close code: the endpoint is going away (server shutdown, drain, lifetime...)."""
 CLOSE_OPCODE = 0x8
@@ -187,6 +189,40 @@ class FrameTracker:
     def skip(self, moved: int) -> None:
         """``moved`` bytes of the frame in flight passed without being read (spliced)."""
         self.left -= moved
+
+    def position(self) -> FramePosition:
+        """Where the stream stands, for a tracker in another process to carry on from
+        (``resume``): a tunnel handed off keeps its frame boundaries."""
+        return FramePosition(self.left, self._head, self.close_seen)
+
+    @classmethod
+    def resume(cls, position: FramePosition) -> FrameTracker:
+        """A tracker standing where ``position`` says, as if it had read the same bytes.
+
+        Raises:
+            ValueError: the position cannot come from a tracker (``left`` negative, a held
+                header that is complete or too long, or both ``left`` and a header).
+        """
+        left, head, close_seen = position.left, position.head, position.close_seen
+        if left < 0 or len(head) >= MAX_HEADER or (head and left):
+            raise ValueError(f"not a frame position: {position!r}")
+        if head and _parse(head, 0, len(head)) is not None:
+            raise ValueError(f"not a frame position (the held header is whole): {position!r}")
+        tracker = cls()
+        tracker.left = left
+        tracker._head = head
+        tracker.close_seen = close_seen
+        return tracker
+
+
+@dataclass(frozen=True, slots=True)
+class FramePosition:
+    """A ``FrameTracker``'s whole state: bytes of the frame in flight still to come, the
+    start of a header a read cut short, and whether a Close header has passed."""
+
+    left: int = 0
+    head: bytes = b""
+    close_seen: bool = False
 
 
 def close_frame(reason: str, mask: bytes | None = None, code: int = GOING_AWAY) -> bytes:

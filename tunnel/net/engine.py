@@ -28,7 +28,7 @@ import math
 import os
 import select
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import count
 from typing import cast
@@ -37,6 +37,7 @@ import trio
 
 from tunnel.core.wsframes import GOING_AWAY, MAX_HEADER, FrameTracker, TooManyFrames, close_frame
 from tunnel.logs import fields
+from tunnel.net.handoff import FlowState, TunnelState
 from tunnel.net.pipes import Pipe, PipePool, splice_available
 from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn
@@ -193,6 +194,7 @@ class Tunnel:
         "expires_at",
         "hard_at",
         "on_close",
+        "opened_at",
         "stats",
         "timer_at",
         "up",
@@ -228,6 +230,8 @@ class Tunnel:
         """Closed at once then: ``hard_at``, or the end of a polite close's grace."""
         self.timer_at = NEVER
         """When the engine's timer looks at this tunnel next."""
+        self.opened_at = 0.0
+        """When ``adopt`` took it (``adopt_state``: that long ago in the first process)."""
 
     @property
     def websocket(self) -> bool:
@@ -238,6 +242,16 @@ def _sooner(timeout: float, before: float) -> bool:
     """Whether a new timeout (0 = none) may fall before the one open tunnels were scheduled
     by, so that they must be looked at again."""
     return timeout > 0 and not 0 < before <= timeout
+
+
+def _left(at: float, now: float) -> float | None:
+    """A deadline as the seconds left until it (None: never)."""
+    return None if at == NEVER else at - now
+
+
+def _at(left: float | None, now: float) -> float:
+    """``_left`` undone on this engine's clock."""
+    return NEVER if left is None else now + left
 
 
 def _closed_already(tunnel: Tunnel) -> None:
@@ -272,6 +286,10 @@ class Engine:
         the admin listener asked for), so that the loop wakes for it."""
         self._epoll.register(self._wake_fd, select.EPOLLIN | select.EPOLLET)
         self._by_fd: dict[int, tuple[_Flow, _Flow, Tunnel]] = {}
+        self._arriving: dict[int, tuple[_Flow, _Flow, Tunnel]] = {}
+        """Sockets of tunnels taken over (``adopt_state``) until their first event: being
+        writable, which registering reports, is not activity, so it must not reset their
+        idle clock (``_arrived``)."""
         self._tunnels: set[Tunnel] = set()
         self._again: list[_Flow] = []
         self._timers: list[tuple[float, int, Tunnel]] = []
@@ -377,30 +395,163 @@ class Engine:
             except TooManyFrames:
                 self._untrack(tunnel.up)
         tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
-        now = stats.last_activity = trio.current_time()
-        self._by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
-        self._by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
+        now = stats.last_activity = tunnel.opened_at = trio.current_time()
+        if lifetime > 0:
+            tunnel.expires_at = now + lifetime
+        if expires_at is not None:
+            tunnel.credential_at = expires_at
+        self._start(tunnel, now)
+        return tunnel
+
+    def _start(self, tunnel: Tunnel, now: float, *, arriving: bool = False) -> None:
+        """Register a tunnel whose state is set: its events and deadlines begin."""
+        by_fd = self._arriving if arriving else self._by_fd
+        by_fd[tunnel.up.src_fd] = (tunnel.up, tunnel.down, tunnel)
+        by_fd[tunnel.down.src_fd] = (tunnel.down, tunnel.up, tunnel)
         self._tunnels.add(tunnel)
         try:
             self._epoll.register(tunnel.up.src_fd, _INTEREST)
             self._epoll.register(tunnel.down.src_fd, _INTEREST)
         except OSError:
             self._close(tunnel, CloseReason.CLIENT_RESET)
-            return tunnel
+            return
         for flow in (tunnel.up, tunnel.down):
             if isinstance(flow.src, TLSConn) and flow.src.has_buffered_input:
                 # Already out of the socket, so no event will come for it. Registering the
                 # (writable) sockets wakes the engine, which then retries this flow.
                 flow.ready = True
                 self._again.append(flow)
-        if lifetime > 0:
-            tunnel.expires_at = now + lifetime
-        if expires_at is not None:
-            tunnel.credential_at = expires_at
         if self._draining is not None:
             reason, last, end = self._draining
             self._drain_one(tunnel, reason, max(now, last), end)
         self._schedule(tunnel)
+
+    def export(
+        self, tunnel: Tunnel, meta: Mapping[str, str] | None = None
+    ) -> tuple[socket.socket, socket.socket, TunnelState] | None:
+        """Detach an open tunnel for another engine (``adopt_state``, maybe in another process):
+        its sockets leave this engine open, with what they need in a ``TunnelState`` (``meta``
+        is carried untouched). Bytes in a splice pipe are read out into the state.
+
+        The tunnel is gone from this engine as if closed, but its sockets are not closed and
+        ``on_close`` never runs: the caller asked, and updates its own records (a tunnel
+        handed off is not a close reason). The caller closes its copies of the sockets once
+        the other process holds them, or adopts them back (``adopt_state``) if that failed.
+
+        Returns None, leaving the tunnel as it was, when it cannot move: a TLS end (its
+        session lives in this process), a polite close under way (Close frames owed or
+        awaited), or already closed. Call it from a trio task of the engine's thread (between
+        two of the engine's batches, as every other call)."""
+        client, backend = tunnel.client, tunnel.backend
+        if tunnel.closed or tunnel.closing is not None:
+            return None
+        if isinstance(client, TLSConn) or isinstance(backend, TLSConn):
+            return None
+        try:
+            up, down = self._flow_state(tunnel.up), self._flow_state(tunnel.down)
+        except OSError:
+            # Bytes of a pipe could not be read back: they are lost, and so is the tunnel.
+            log.exception("a splice pipe could not be read back for a hand-off")
+            self._close(tunnel, CloseReason.ERROR)
+            return None
+        now = trio.current_time()
+        stats = tunnel.stats
+        state = TunnelState(
+            up=up,
+            down=down,
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            close_reason=None if stats.close_reason is None else stats.close_reason.value,
+            age=now - tunnel.opened_at,
+            idle=now - stats.last_activity,
+            lifetime=_left(tunnel.expires_at, now),
+            credential=_left(tunnel.credential_at, now),
+            drain=_left(tunnel.drain_at, now),
+            drain_reason=tunnel.drain_reason.value,
+            hard_stop=_left(tunnel.hard_at, now),
+            meta=dict(meta or {}),
+        )
+        tunnel.closed = True
+        tunnel.on_close = _closed_already
+        for flow in (tunnel.up, tunnel.down):
+            flow.tunnel = None
+            self._by_fd.pop(flow.src_fd, None)
+            self._arriving.pop(flow.src_fd, None)
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(flow.src_fd)
+        self._tunnels.discard(tunnel)
+        if not self._tunnels:
+            self.pipes.trim()
+            self._emptied.set()
+        self._drop_closed_timers()
+        return client, backend, state
+
+    def _flow_state(self, flow: _Flow) -> FlowState:
+        """What a flow holds and where it stands; its pipe, read empty, goes back to the pool."""
+        pending = flow.parked
+        pipe = flow.pipe
+        if pipe is not None:
+            chunks = [pending]
+            left = flow.piped
+            while left:
+                chunk = os.read(pipe[0], left)
+                if not chunk:
+                    raise OSError(f"splice pipe held {left} bytes fewer than counted")
+                chunks.append(chunk)
+                left -= len(chunk)
+            pending = b"".join(chunks)
+            flow.parked, flow.piped, flow.pipe = pending, 0, None
+            self.pipes.release(pipe)
+        frames = None if flow.frames is None else flow.frames.position()
+        return FlowState(pending, flow.eof, flow.shut, frames)
+
+    def adopt_state(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        state: TunnelState,
+        on_close: Callable[[Tunnel], None],
+        stats: RelayStats,
+    ) -> Tunnel:
+        """Take over a tunnel another engine exported (``export``): the bytes it had read are
+        written first, in order; counters go on from the state's (into ``stats``); its age,
+        idle clock and deadlines are set from the state's durations on this engine's clock;
+        frame trackers stand where they stood; a direction already shut stays shut. From here
+        on it is a tunnel like any ``adopt`` gave, ``on_close`` included."""
+        tunnel = Tunnel(client, backend, stats, on_close)
+        if self._epoll.closed:
+            self._close(tunnel, CloseReason.SHUTDOWN)
+            return tunnel
+        client.setblocking(False)
+        backend.setblocking(False)
+        now = trio.current_time()
+        stats.bytes_up = state.bytes_up
+        stats.bytes_down = state.bytes_down
+        stats.close_reason = None if state.close_reason is None else CloseReason(state.close_reason)
+        stats.last_activity = now - state.idle
+        tunnel.opened_at = now - state.age
+        for flow, moved in ((tunnel.up, state.up), (tunnel.down, state.down)):
+            flow.parked = moved.pending
+            flow.eof = moved.eof
+            flow.shut = moved.shut
+            if moved.frames is not None:
+                flow.frames = FrameTracker.resume(moved.frames)
+        if tunnel.up.frames is None or tunnel.down.frames is None:
+            tunnel.up.frames = tunnel.down.frames = None
+        tunnel.up.splicing = tunnel.down.splicing = self.splice_always and tunnel.up.can_splice
+        tunnel.expires_at = _at(state.lifetime, now)
+        tunnel.credential_at = _at(state.credential, now)
+        tunnel.drain_at = _at(state.drain, now)
+        tunnel.drain_reason = CloseReason(state.drain_reason)
+        tunnel.hard_at = tunnel.deadline = _at(state.hard_stop, now)
+        self._start(tunnel, now, arriving=True)
+        for flow in (tunnel.up, tunnel.down):
+            if flow.eof and not flow.parked and not flow.shut and not tunnel.closed:
+                # Exported between its EOF and the shutdown: no event will pass the EOF on.
+                try:
+                    self._shut(flow)
+                except _TunnelEnded as ended:
+                    self._close(tunnel, ended.reason)
         return tunnel
 
     def drain(
@@ -482,6 +633,8 @@ class Engine:
                 if fd == self._wake_fd:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
+                elif self._arriving:
+                    self._arrived(fd, mask)
                 continue
             out_flow, in_flow, tunnel = entry
             tunnel.stats.last_activity = now
@@ -505,6 +658,20 @@ class Engine:
                         self._pump(out_flow)
             except _TunnelEnded as ended:
                 self._close(tunnel, ended.reason)
+
+    def _arrived(self, fd: int, mask: int) -> None:
+        """The first event of a socket taken over by ``adopt_state``: from now on it is served
+        as any other; the event counts as activity only if it brought input (bytes or a FIN
+        that came during the hand-off), not for the writability that registering reports."""
+        entry = self._arriving.pop(fd, None)
+        if entry is None:
+            return
+        out_flow, _, tunnel = entry
+        self._by_fd[fd] = entry
+        idle_since = tunnel.stats.last_activity
+        self._dispatch([(fd, mask)])
+        if not (mask & _IN and not out_flow.eof):
+            tunnel.stats.last_activity = idle_since
 
     def _retry(self) -> None:
         again, self._again = self._again, []
@@ -890,6 +1057,8 @@ class Engine:
                 flow.pipe = None
                 flow.piped = 0
             self._by_fd.pop(flow.src_fd, None)
+            if self._arriving:
+                self._arriving.pop(flow.src_fd, None)
         self._tunnels.discard(tunnel)
         tunnel.client.close()
         tunnel.backend.close()
