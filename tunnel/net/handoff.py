@@ -21,6 +21,7 @@ hand-off by the descriptor limit (each brings one or two, and running out is ``M
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import json
@@ -49,6 +50,7 @@ MAX_BODY = 16 * 1024 * 1024
 BATCH_BODY = 1024 * 1024
 """A batch stops growing past this many body bytes (one record always goes)."""
 RECV_CHUNK = 256 * 1024
+_FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 STALL = 10.0
 """Seconds a peer may take over one message before the hand-off fails."""
 
@@ -523,18 +525,21 @@ class _Reader:
     async def _fill(self, size: int) -> None:
         while len(self.data) < size:
             try:
-                data, fds, flags, _ = socket.recv_fds(
-                    self.sock,
-                    min(size - len(self.data), RECV_CHUNK),
-                    MAX_FDS,
-                    socket.MSG_CMSG_CLOEXEC,
+                # Not socket.recv_fds: it drops its flags argument (3.11), so descriptors
+                # would arrive without close-on-exec.
+                data, ancillary, flags, _ = self.sock.recvmsg(
+                    min(size - len(self.data), RECV_CHUNK), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
             except OSError as exc:
                 raise HandoffError(f"hand-off socket failed while receiving: {exc}") from None
-            self.fds.extend(fds)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self.fds.extend(fds)
             if flags & socket.MSG_CTRUNC:
                 raise HandoffError("descriptors were cut off (MSG_CTRUNC)")
             if not data:
