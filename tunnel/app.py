@@ -23,6 +23,7 @@ from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
 from tunnel.net.auth_files import check_auth
 from tunnel.net.handler import Entry
+from tunnel.net.handshakes import Ticket
 from tunnel.net.health_probe import run_health_checks
 from tunnel.net.listener import (
     ListenError,
@@ -182,9 +183,9 @@ class _Door:
     handler: Any = None
     scopes: list[trio.CancelScope] = field(default_factory=list)
 
-    def serve(self, sock: socket.socket, peer: tuple[str, int]) -> Any:
+    def serve(self, sock: socket.socket, peer: tuple[str, int], ticket: Ticket | None) -> Any:
         """What the accept loop calls: the current handler, with this listener's entry."""
-        return self.handler(sock, peer, self.entry)
+        return self.handler(sock, peer, self.entry, ticket)
 
     async def close(self) -> None:
         for scope in self.scopes:
@@ -256,7 +257,9 @@ class _Runtime:
         self, listener: trio.SocketListener, door: _Door, scope: trio.CancelScope
     ) -> None:
         with scope:
-            await accept_loop(listener, door.serve, self.handshakes)
+            await accept_loop(
+                listener, door.serve, self.handshakes, self.generation.tally.handshakes
+            )
 
     async def reload(self, config: Config) -> Reloaded:
         """Serve ``config`` from now on.

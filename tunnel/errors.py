@@ -20,7 +20,8 @@ formats its own message, so the handler needs one ``except TunnelError`` and one
     │   └── BadProxyHeader (400)          PROXY protocol: missing, malformed or untrusted; never
     │                                     answered (the connection is closed)
     ├── ServiceUnavailable (503)          answered with Retry-After
-    │   └── Overloaded (503)              max_tunnels reached
+    │   ├── Overloaded (503)              max_tunnels reached
+    │   └── OutOfResources (503)          the proxy could not make a socket (EMFILE, ENOBUFS)
     ├── BackendError (502)                the backend side failed
     │   ├── NoHealthyBackend (503)
     │   ├── BackendUnreachable (502)
@@ -195,6 +196,18 @@ class Overloaded(ServiceUnavailable):
             retry_after=retry_after_seconds,
         )
         self.limit = limit
+
+
+class OutOfResources(ServiceUnavailable):
+    """The proxy itself ran out of descriptors or buffers: not the backend's failure, so it
+    does not count toward marking the backend down."""
+
+    def __init__(self, doing: str, error: OSError) -> None:
+        super().__init__(
+            f"cannot {doing}: {error.strerror or error}; raise the descriptor limit "
+            "(ulimit -n, LimitNOFILE=) or lower max_handshakes",
+            retry_after=1,
+        )
 
 
 class BackendError(TunnelError):

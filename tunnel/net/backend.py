@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from tunnel.config import BackendConfig, is_ip_address, join_host_port
-from tunnel.errors import BackendTimeout, BackendUnreachable
+from tunnel.errors import BackendTimeout, BackendUnreachable, OutOfResources
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.sockio import Conn, send_all, stream_socket
 from tunnel.net.tls import handshake, tls_failure
@@ -30,6 +30,10 @@ def describe(backend: BackendConfig) -> str:
     """``name (host:port)``, or just ``host:port`` when the name is the address."""
     address = join_host_port(backend.host, backend.port)
     return address if backend.name == address else f"{backend.name} ({address})"
+
+
+LOCAL_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors that are this process's shortage, not the backend's refusal."""
 
 
 async def connect(
@@ -52,6 +56,7 @@ async def connect(
         BackendTimeout: 504, no connection within the timeout.
         BackendUnreachable: 502, refused, unreachable or unresolvable, or its TLS handshake
             failed (the message says why, such as the certificate's verification error).
+        OutOfResources: 503, this process could not make the socket (out of descriptors).
     """
     deadline = trio.current_time() + connect_timeout
     failure: OSError | None = None
@@ -64,6 +69,8 @@ async def connect(
                     )
                 return await _connect_and_send(address, first_bytes, deadline)
             except OSError as exc:
+                if exc.errno in LOCAL_SHORTAGE:
+                    raise OutOfResources(f"open a connection to {describe(backend)}", exc) from exc
                 failure = exc
     except trio.TooSlowError:
         raise BackendTimeout(

@@ -172,17 +172,22 @@ class Handler:
         guard."""
 
     async def __call__(
-        self, sock: socket.socket, peer: tuple[str, int], entry: Entry = PLAIN
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        entry: Entry = PLAIN,
+        ticket: Ticket | None = None,
     ) -> None:
         """Serve one accepted, prepared (non-blocking) client socket; closes it unless the
         tunnel was handed to the engine."""
         client = join_host_port(peer[0], peer[1])
         handed_off = False
         handshakes = self.tally.handshakes
-        ticket = handshakes.enter()
         if ticket is None:
-            sock.close()
-            return
+            ticket = handshakes.enter(sock)
+            if ticket is None:
+                sock.close()
+                return
         try:
             with ticket.scope:
                 accepted_at = trio.current_time()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 from collections import OrderedDict
 from itertools import count
 
@@ -45,11 +46,14 @@ class Ticket:
     """One connection in its handshake: its cancel scope, and whether it waits for its
     client (sheddable) or for the tunnel's own work (not)."""
 
-    __slots__ = ("id", "scope", "waiting_on_client")
+    __slots__ = ("id", "scope", "sock", "waiting_on_client")
 
-    def __init__(self, ticket_id: int) -> None:
+    def __init__(self, ticket_id: int, sock: socket.socket | None = None) -> None:
         self.id = ticket_id
         self.scope = trio.CancelScope()
+        self.sock = sock
+        """Closed at once when the ticket is shed, so its descriptor is free for the
+        connection that made room, not when the cancelled task next runs."""
         self.waiting_on_client = True
 
 
@@ -72,13 +76,15 @@ class Handshakes:
     def open(self) -> int:
         return len(self._open)
 
-    def enter(self) -> Ticket | None:
+    def enter(self, sock: socket.socket | None = None) -> Ticket | None:
         """A ticket for a new connection, or None when it must be closed at once (the bound is
-        reached and no older connection is waiting for its client)."""
+        reached and no older connection is waiting for its client). The accept loop asks for
+        one before it starts the connection's task, so that descriptors, not just tasks, stay
+        within the bound."""
         if len(self._open) >= self.limit and not self._shed_oldest():
             self._count_shed("new connection closed: every handshake is past its head")
             return None
-        ticket = Ticket(next(self._ids))
+        ticket = Ticket(next(self._ids), sock)
         self._open[ticket.id] = ticket
         return ticket
 
@@ -90,6 +96,9 @@ class Handshakes:
             if ticket.waiting_on_client:
                 ticket.scope.cancel()
                 del self._open[ticket.id]
+                if ticket.sock is not None:
+                    trio.lowlevel.notify_closing(ticket.sock)
+                    ticket.sock.close()
                 self._count_shed("the connection waiting longest for its client was closed")
                 return True
         return False

@@ -14,6 +14,7 @@ from tunnel.config import Address, ListenerConfig
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net import activation
 from tunnel.net.activation import ActivationError, Inherited, InheritedSocket
+from tunnel.net.handshakes import Handshakes, Ticket
 from tunnel.net.sockio import no_delay
 
 log = logging.getLogger(LOGGER_NAME)
@@ -204,15 +205,19 @@ def bound_address(listener: trio.SocketListener) -> str:
 
 async def accept_loop(
     listener: trio.SocketListener,
-    handler: Callable[[socket.socket, tuple[str, int]], Awaitable[None]],
+    handler: Callable[[socket.socket, tuple[str, int], Ticket | None], Awaitable[None]],
     nursery: trio.Nursery,
+    handshakes: Handshakes | None = None,
 ) -> None:
     """Accept forever, starting one handler task per connection in ``nursery``.
 
     Accepts run on a duplicate of the listening descriptor as a plain socket: one wake-up
     accepts every pending connection, and each arrives as the non-blocking ``socket.socket``
     the handler and the relay engine work with, with no stream object built and thrown away.
-    Accepted sockets inherit ``TCP_NODELAY`` from the listening socket.
+    Accepted sockets inherit ``TCP_NODELAY`` from the listening socket. With ``handshakes``,
+    each connection gets its ticket here, before its task exists: one over the bound is closed
+    at once, or the oldest slow one is, so a flood of connections cannot hold more descriptors
+    than the bound however many one wake-up accepts.
     """
     trio_socket = listener.socket
     accepting = socket.socket(
@@ -244,7 +249,13 @@ async def accept_loop(
                 except OSError:
                     sock.close()
                     continue
-                nursery.start_soon(handler, sock, peer)
+                ticket = None
+                if handshakes is not None:
+                    ticket = handshakes.enter(sock)
+                    if ticket is None:
+                        sock.close()
+                        continue
+                nursery.start_soon(handler, sock, peer, ticket)
     finally:
         trio.lowlevel.notify_closing(accepting)
         accepting.close()
