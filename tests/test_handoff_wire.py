@@ -447,6 +447,8 @@ async def test_a_wrong_acknowledgement_is_an_error() -> None:
         .to_json()
         .replace('"frames":{"left":0,"head":"","close_seen":false}', '"frames":null'),
         state_for(1).to_json().replace('"head":""', '"head":"gg=="', 1),
+        state_for(1).to_json().replace('"drain_reason":"drain"', '"drain_reason":"bored"'),
+        state_for(1).to_json().replace('"close_reason":null', '"close_reason":"bored"'),
     ],
     ids=[
         "empty",
@@ -460,6 +462,8 @@ async def test_a_wrong_acknowledgement_is_an_error() -> None:
         "negative-left",
         "frames-one-way",
         "whole-header-held",
+        "unknown-drain-reason",
+        "unknown-close-reason",
     ],
 )
 def test_a_state_that_is_not_one_is_refused(text: str) -> None:

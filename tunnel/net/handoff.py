@@ -38,6 +38,7 @@ import trio
 
 from tunnel.core.wsframes import FramePosition, FrameTracker
 from tunnel.errors import TunnelError
+from tunnel.reasons import CloseReason
 
 MAGIC = b"TNHO"
 VERSION = 1
@@ -199,6 +200,13 @@ def _seconds(data: Any, key: str, where: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _reason(data: Any, key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    value = _get(data, key, kind, where)
+    if value is not None and value not in CloseReason.__members__.values():
+        raise HandoffError(f"{where}: {key} {value!r} is not a close reason")
+    return value
+
+
 def _frames_from_dict(data: Any, where: str) -> FramePosition | None:
     if data is None:
         return None
@@ -241,13 +249,13 @@ def _state_from_dict(data: Any) -> TunnelState:
         down=down,
         bytes_up=_count(data, "bytes_up", where),
         bytes_down=_count(data, "bytes_down", where),
-        close_reason=_get(data, "close_reason", (str, type(None)), where),
+        close_reason=_reason(data, "close_reason", where, (str, type(None))),
         age=age,
         idle=idle,
         lifetime=_seconds(data, "lifetime", where),
         credential=_seconds(data, "credential", where),
         drain=_seconds(data, "drain", where),
-        drain_reason=_get(data, "drain_reason", str, where),
+        drain_reason=_reason(data, "drain_reason", where, str),
         hard_stop=_seconds(data, "hard_stop", where),
         meta=meta,
     )
