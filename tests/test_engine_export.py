@@ -194,6 +194,28 @@ async def test_a_tunnel_with_nothing_in_flight_moves_and_keeps_relaying() -> Non
         assert conn.stats.close_reason == CloseReason.CLIENT_EOF
 
 
+@pytest.mark.parametrize("relay", PLAIN_MODES)
+async def test_a_tunnel_moved_back_before_its_first_event_still_relays(relay: str) -> None:
+    # A to B, and at once back to A: B never saw an event of it, and must forget it wholly.
+    async with two_engines(relay=relay) as pair:
+        conn = pair.open()
+        await conn.client.send_all(b"one")
+        assert await read_exactly(conn.backend, 3) == b"one"
+        pair.move(conn)
+        assert conn.tunnel is not None
+        exported = pair.b.export(conn.tunnel)
+        assert exported is not None
+        client, backend, state = exported
+        conn.tunnel = pair.a.adopt_state(client, backend, state, conn.on_close, conn.stats)
+        assert pair.b.statistics().tunnels == 0
+        await conn.backend.send_all(b"two")
+        assert await read_exactly(conn.client, 3) == b"two"
+        assert (conn.stats.bytes_up, conn.stats.bytes_down) == (3, 3)
+        await conn.client.send_eof()
+        await conn.backend.send_eof()
+        await conn.closed.wait()
+
+
 # --- half-closes ---------------------------------------------------------------------------------
 
 
