@@ -421,6 +421,34 @@ async def test_a_stalled_receiver_or_sender_is_an_error_not_a_hang(
     assert open_fds() == baseline
 
 
+async def test_a_record_the_receiver_refuses_is_never_acknowledged() -> None:
+    # The sender must not believe a hand-off the receiver threw away: it keeps its tunnels.
+    baseline = open_fds()
+    with trio.fail_after(GUARD_SECONDS), tunnels(300) as (items, far):
+        bad = TunnelState(FlowState(), FlowState(), drain_reason="bored", meta={"id": "299"})
+        items[299] = (items[299][0], items[299][1], bad)
+        old, new = socket.socketpair()
+        with old:
+            errors: list[str] = []
+
+            async def receive() -> None:
+                with new:
+                    try:
+                        await receive_tunnels(new)
+                    except HandoffError as exc:
+                        errors.append(str(exc))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                with pytest.raises(HandoffError, match="hand-off socket"):
+                    await send_tunnels(old, items)
+        assert errors == ["tunnel state: drain_reason 'bored' is not a close reason"]
+        client_far, _ = far[0]
+        client_far.send(b"still mine")
+        assert items[0][0].recv(64) == b"still mine"
+    assert open_fds() == baseline
+
+
 async def test_a_wrong_acknowledgement_is_an_error() -> None:
     with trio.fail_after(GUARD_SECONDS), tunnels(2) as (items, _):
         old, new = socket.socketpair()

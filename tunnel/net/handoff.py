@@ -30,9 +30,9 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -56,6 +56,7 @@ STALL = 10.0
 """Seconds a peer may take over one message before the hand-off fails."""
 
 _TUNNELS, _LISTENERS, _END, _ACK = 1, 2, 3, 4
+_Item = TypeVar("_Item")
 _KINDS = {_TUNNELS: "tunnels", _LISTENERS: "listeners", _END: "end", _ACK: "ack"}
 
 
@@ -288,27 +289,25 @@ async def send_tunnels(
 
 
 async def receive_tunnels(sock: socket.socket, *, stall: float = STALL) -> list[TunnelItem]:
-    """Receive what ``send_tunnels`` sends, up to its end, and acknowledge it. The sockets are
-    new descriptors of this process, non-blocking and close-on-exec, each with its own state.
+    """Receive what ``send_tunnels`` sends, up to its end, and acknowledge it once every record
+    is checked. The sockets are new descriptors of this process, non-blocking and
+    close-on-exec, each with its own state.
 
     Raises:
-        HandoffError: see the module; nothing received is left open then.
+        HandoffError: see the module; nothing received is left open then, and no
+            acknowledgement was sent (the sender still owns every tunnel).
     """
-    received = await _receive_all(sock, _TUNNELS, 2, stall)
-    items: list[TunnelItem] = []
-    try:
-        for record, fds in received:
-            state = _state_from_dict(record)
-            client, backend = _sockets(fds)
-            items.append((client, backend, state))
-    except BaseException:
-        for client, backend, _ in items:
-            client.close()
-            backend.close()
-        for _, fds in received[len(items) :]:
-            _close_fds(fds)
-        raise
-    return items
+
+    def build(record: Any, fds: list[int]) -> TunnelItem:
+        state = _state_from_dict(record)
+        client, backend = _sockets(fds)
+        return client, backend, state
+
+    def discard(item: TunnelItem) -> None:
+        item[0].close()
+        item[1].close()
+
+    return await _receive_all(sock, _TUNNELS, 2, stall, build, discard)
 
 
 async def send_listeners(
@@ -328,26 +327,22 @@ async def receive_listeners(
         HandoffError: see the module; also a description that is not strings to strings, or
             a descriptor that is not a listening stream socket.
     """
-    received = await _receive_all(sock, _LISTENERS, 1, stall)
-    items: list[tuple[socket.socket, dict[str, str]]] = []
-    try:
-        for record, fds in received:
-            if not isinstance(record, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in record.items()
-            ):
-                raise HandoffError("listener description is not a table of strings")
-            (listener,) = _sockets(fds)
-            if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                listener.detach()
-                raise HandoffError("a listener descriptor is not listening")
-            items.append((listener, record))
-    except BaseException:
-        for listener, _ in items:
-            listener.close()
-        for _, fds in received[len(items) :]:
-            _close_fds(fds)
-        raise
-    return items
+
+    def build(record: Any, fds: list[int]) -> tuple[socket.socket, dict[str, str]]:
+        if not isinstance(record, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in record.items()
+        ):
+            raise HandoffError("listener description is not a table of strings")
+        (listener,) = _sockets(fds)
+        if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            listener.detach()
+            raise HandoffError("a listener descriptor is not listening")
+        return listener, record
+
+    def discard(item: tuple[socket.socket, dict[str, str]]) -> None:
+        item[0].close()
+
+    return await _receive_all(sock, _LISTENERS, 1, stall, build, discard)
 
 
 def _sockets(fds: Sequence[int]) -> list[socket.socket]:
@@ -449,20 +444,27 @@ def _json(body: bytes, what: str) -> Any:
 
 
 async def _receive_all(
-    sock: socket.socket, kind: int, per_record: int, stall: float
-) -> list[tuple[Any, list[int]]]:
-    """Every record up to the end message, each with its ``per_record`` descriptors; the ack
-    is sent once all are here."""
+    sock: socket.socket,
+    kind: int,
+    per_record: int,
+    stall: float,
+    build: Callable[[Any, list[int]], _Item],
+    discard: Callable[[_Item], None],
+) -> list[_Item]:
+    """Every record up to the end message, each made into an item with its ``per_record``
+    descriptors by ``build`` (which leaves them open when it raises); the ack is sent once
+    all are built. On an error every item is ``discard``ed and every other descriptor closed."""
     sock.setblocking(False)
     reader = _Reader(sock, stall)
-    received: list[tuple[Any, list[int]]] = []
+    items: list[_Item] = []
+    unbuilt: list[list[int]] = []
     try:
         while True:
             got, body = await reader.message(expect=(kind, _END))
             if got == _END:
                 count = _get(_json(body, "end"), "count", int, "end")
-                if count != len(received):
-                    raise HandoffError(f"the peer sent {len(received)} records but counted {count}")
+                if count != len(items):
+                    raise HandoffError(f"the peer sent {len(items)} records but counted {count}")
                 reader.finish()
                 break
             records = _json(body, _KINDS[kind])
@@ -473,15 +475,20 @@ async def _receive_all(
                     f"{_KINDS[kind]} message: {len(fds)} descriptors for "
                     f"{len(records) if isinstance(records, list) else 'no'} records"
                 )
+            unbuilt = [fds[i : i + per_record] for i in range(0, len(fds), per_record)]
             for i, record in enumerate(records):
-                received.append((record, fds[i * per_record : (i + 1) * per_record]))
-        await _send(sock, _ACK, json.dumps({"count": len(received)}).encode(), (), stall)
+                items.append(build(record, unbuilt[i]))
+                unbuilt[i] = []
+            unbuilt = []
+        await _send(sock, _ACK, json.dumps({"count": len(items)}).encode(), (), stall)
     except BaseException:
         reader.close()
-        for _, fds in received:
+        for item in items:
+            discard(item)
+        for fds in unbuilt:
             _close_fds(fds)
         raise
-    return received
+    return items
 
 
 class _Reader:
