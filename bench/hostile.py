@@ -79,6 +79,7 @@ MAX_IN_FLIGHT = 500
 """Flood requests outstanding at once; a request due beyond that is counted as not sent."""
 LIFTED_HEADERS = 10_000
 START_SECONDS = 20.0
+START_TRIES = 3
 SUITES = ("slowloris", "headers")
 
 
@@ -137,31 +138,35 @@ def start_tunnel(
     tree: Path, work: Path, backend_port: int, server: str = "", nofile: int | None = None
 ) -> Running:
     """``python -m tunnel run`` from ``tree`` (its own ``tunnel`` package first on the path),
-    with ``server`` lines in ``[server]`` and, given ``nofile``, that soft descriptor limit."""
-    port, admin_port = procs.free_port(), procs.free_port()
-    work = Path(tempfile.mkdtemp(prefix="tunnel-", dir=work))  # a log of its own
-    config = work / "tunnel.toml"
-    config.write_text(tunnel_config(port, admin_port, backend_port, server))
-    log_path = work / "tunnel.log"
-    with log_path.open("ab") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "tunnel", "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-            preexec_fn=None if nofile is None else _limit_nofile(nofile),
-        )
-    tunnel = procs.Managed("tunnel", popen, log_path)
-    try:
-        for probe in (port, admin_port):
-            procs.wait_until(tunnel, partial(procs.port_accepts, probe), START_SECONDS, "port")
-    except procs.ProcessError:
-        tunnel.stop()
-        raise
-    return Running(tunnel, port, admin_port)
+    with ``server`` lines in ``[server]`` and, given ``nofile``, that soft descriptor limit.
+    A port taken between ``free_port`` and the bind is picked again (``START_TRIES`` times)."""
+    for tries_left in reversed(range(START_TRIES)):
+        port, admin_port = procs.free_port(), procs.free_port()
+        home = Path(tempfile.mkdtemp(prefix="tunnel-", dir=work))  # a log of its own
+        config = home / "tunnel.toml"
+        config.write_text(tunnel_config(port, admin_port, backend_port, server))
+        with (home / "tunnel.log").open("ab") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "tunnel", "run", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=tree,
+                env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+                preexec_fn=None if nofile is None else _limit_nofile(nofile),
+            )
+        tunnel = procs.Managed("tunnel", popen, home / "tunnel.log")
+        try:
+            for probe in (port, admin_port):
+                procs.wait_until(tunnel, partial(procs.port_accepts, probe), START_SECONDS, "port")
+        except procs.ProcessError as error:
+            tunnel.stop()
+            if tries_left and "Address already in use" in str(error):
+                continue
+            raise
+        return Running(tunnel, port, admin_port)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 def metric(admin_port: int, name: str) -> float:
