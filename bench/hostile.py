@@ -1,7 +1,8 @@
 """``python -m bench.hostile``: two hostile loads against a tunnel process, with figures.
 
-Both are the hardening issue's (14) measurements, run over loopback against ``python -m tunnel
-run`` in front of the C echo backend, driven from one trio run in this process.
+Both run over loopback against ``python -m tunnel run`` in front of the C echo backend, driven
+by trio: the slow clients from a child process of their own (so that their event loop does not
+delay the normal client's), everything else from this one.
 
 - **slowloris**: the tunnel runs with a soft ``RLIMIT_NOFILE`` of ``NOFILE``; ``SLOW_CLIENTS``
   clients connect, send a request head a few bytes a second that never ends, and reconnect as

@@ -1,5 +1,5 @@
-"""Hostile clients against a tunnel process: the hardening issue's bounds on connections still
-in their handshake (``[server] max_handshakes``) and on the fields of a request head
+"""Hostile clients against a tunnel process: the bounds on connections still in their
+handshake (``[server] max_handshakes``) and on the fields of a request head
 (``[server] max_headers``).
 
 The tunnel runs as ``python -m tunnel run`` in front of the C echo backend of bench/; the
