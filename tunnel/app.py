@@ -4,6 +4,7 @@ graceful stop and swap configurations on a reload."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Config, ListenerConfig
+from tunnel.config import Address, Config, ListenerConfig
 from tunnel.core.redirect import HTTPS_PORT
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, Seconds, fields
@@ -34,14 +35,16 @@ from tunnel.net.listener import (
 from tunnel.net.pipes import splice_available
 from tunnel.net.tls import ServerTLS, backend_contexts, listener_tls
 from tunnel.net.worker_admin import WorkersView, socket_path
+from tunnel.pidfile import remove_pid_file, write_pid_file
 from tunnel.server import Generation, Reloaded
 from tunnel.stats import ListenerStatistics
+from tunnel.successor import HandoffRefused, Successor, hand_off
 
 log = logging.getLogger(LOGGER_NAME)
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
 """What ``serve_until_signal`` handles: the first two stop it gracefully (a second one at
-once), SIGHUP reloads the configuration."""
+once), SIGHUP reloads the configuration, SIGUSR2 hands everything to a new process."""
 STOP_MARGIN_SECONDS = 2.0
 """After a drain's end, how long a stop waits for the last closes to finish."""
 
@@ -66,6 +69,15 @@ class Control:
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._runtime: _Runtime | None = None
+        self.argv: list[str] | None = None
+        """``tunnel run``'s arguments, set by the command line: what a hand-off starts again
+        (without them, as under the Python API, there is nothing to hand off to)."""
+        self.successor: Successor | None = None
+        """Set in a process started by a hand-off: where its tunnels come from."""
+        self.pid_file = ""
+        self._handing_off = False
+        self.admin: list[tuple[Address | None, trio.SocketListener, trio.CancelScope]] = []
+        """This process's admin listener: handed to a new process with the others."""
 
     @property
     def has_tls(self) -> bool:
@@ -103,6 +115,44 @@ class Control:
         if self._runtime is None:
             raise ReloadRefused(503, "the tunnel is not running")
         return await self._runtime.reload(config)
+
+    async def hand_off(self, by: str) -> dict[str, Any]:
+        """Start the installed tunnel again as a new process and give it the listeners and
+        every plain tunnel (``tunnel.successor``); then stop as on SIGTERM, serving the
+        tunnels that stay (TLS ones, handshakes under way) until they end or
+        ``drain_timeout`` passes. The configuration file is checked first, as a reload would.
+
+        Raises:
+            ReloadRefused: with the HTTP status for ``POST /upgrade``; nothing changed.
+        """
+        runtime, generation = self._runtime, self.generation
+        if self.stopping or self._handing_off:
+            raise ReloadRefused(503, "the tunnel is stopping or already handing off")
+        if runtime is None or generation is None or self.argv is None:
+            raise ReloadRefused(409, "a hand-off needs a process started by `tunnel run`")
+        if runtime.config.server.workers > 1:
+            raise ReloadRefused(409, "a hand-off with workers > 1 is not supported yet")
+        if self.loader is not None:
+            try:
+                await trio.to_thread.run_sync(self.loader)
+            except ConfigError as error:
+                log.error(
+                    "hand-off refused; the configuration does not load and this process keeps "
+                    "serving",
+                    extra=fields(error=str(error), by=by),
+                )
+                raise ReloadRefused(400, str(error)) from error
+        self._handing_off = True
+        try:
+            outcome = await hand_off(
+                generation, self.argv, runtime.listening_sockets(), runtime.stop_accepting, by=by
+            )
+        except HandoffRefused as refused:
+            raise ReloadRefused(refused.status, refused.message) from refused
+        finally:
+            self._handing_off = False
+        self.stop()
+        return outcome.to_json()
 
     async def reload_from_source(self) -> dict[str, Any]:
         """Read the configuration again with ``loader`` and apply it (SIGHUP, ``POST
@@ -334,6 +384,32 @@ class _Runtime:
             )
             return outcome
 
+    def listening_sockets(self) -> list[tuple[str, Address, trio.socket.SocketType]]:
+        """Every listening socket (``"listen"``, or ``"admin"`` for the admin listener) with
+        the address it serves, for a hand-off."""
+        found = [
+            ("listen", door.config.listen, sock.socket)
+            for door in self.doors
+            for sock in door.sockets
+        ]
+        found += [
+            ("admin", address, listener.socket)
+            for address, listener, _ in self.control.admin
+            if address is not None
+        ]
+        return found
+
+    async def stop_accepting(self) -> None:
+        """A hand-off's new process accepts now: close this one's listening sockets, the
+        admin listener's too (the new process holds its own descriptors of them, so the
+        sockets stay open); admin requests under way finish."""
+        async with self._lock:
+            for door in self.doors:
+                await door.close()
+            for _, _, accepting in self.control.admin:
+                accepting.cancel()
+            log.info("no longer accepting connections; the new process does")
+
     async def stop(self) -> float:
         """Begin a graceful stop; returns the drain's end (trio's clock)."""
         async with self._lock:
@@ -402,6 +478,9 @@ class _LocalAdmin:
     async def reload_config(self) -> dict[str, Any]:
         return await self.control.reload_from_source()
 
+    async def upgrade(self) -> dict[str, Any]:
+        return await self.control.hand_off("POST /upgrade")
+
 
 async def serve(
     config: Config,
@@ -451,11 +530,17 @@ async def _serve(
     ]
     admin: list[tuple[trio.SocketListener, WorkersView | None]] = []
     try:
-        admin = await _admin_listeners(config, worker_admin)
+        admin = await _admin_listeners(
+            config,
+            worker_admin,
+            None if control.successor is None else control.successor.admin,
+        )
         generation = Generation(
             config, _listener_statistics((d.config, d.tls, d.sockets) for d in doors)
         )
         control.generation = generation
+        if control.successor is not None:
+            generation.tally.ids = itertools.count(control.successor.next_id)
         async with trio.open_nursery() as services:
             await services.start(generation.engine.run)
             services.start_soon(run_health_checks, lambda: generation.upstreams.values())
@@ -464,13 +549,20 @@ async def _serve(
                 source: AdminSource = _LocalAdmin(control) if view is None else view
                 if worker_admin is not None and view is None:
                     source = generation
-                services.start_soon(serve_admin, admin_listener, source)
+                accepting = trio.CancelScope()
+                if view is None and worker_admin is None:
+                    control.admin.append((config.admin.listen, admin_listener, accepting))
+                services.start_soon(serve_admin, admin_listener, source, accepting)
             async with trio.open_nursery() as handshakes:
                 runtime = _Runtime(config, generation, control, reuse_port, handshakes)
                 runtime.open(doors)
                 control._runtime = runtime
                 services.start_soon(runtime.watch_certificates)
                 task_status.started(control.listeners)
+                if control.pid_file:
+                    write_pid_file(control.pid_file)
+                if control.successor is not None:
+                    services.start_soon(control.successor.take_over, generation)
                 await control._stop.wait()
                 end = await runtime.stop()
                 # Handshakes under way may still become tunnels (drained like the others),
@@ -487,6 +579,8 @@ async def _serve(
             )
             services.cancel_scope.cancel()
         await generation.guarding.aclose()
+        if control.pid_file:
+            remove_pid_file(control.pid_file)
     finally:
         with trio.CancelScope(shield=True):
             for door in doors:
@@ -499,7 +593,9 @@ async def _serve(
 
 
 async def _admin_listeners(
-    config: Config, worker_admin: WorkerAdmin | None
+    config: Config,
+    worker_admin: WorkerAdmin | None,
+    inherited: tuple[Address, socket.socket] | None = None,
 ) -> list[tuple[trio.SocketListener, WorkersView | None]]:
     """The admin listeners to serve, each with the view it shows (None: this process's
     generation)."""
@@ -516,6 +612,11 @@ async def _admin_listeners(
             found.append((trio.SocketListener(public), view))
         return found
     address = config.admin.listen
+    if inherited is not None:
+        handed, sock = inherited
+        if handed == address:
+            return [(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), None)]
+        sock.close()
     if address is None:
         return []
     return [(await open_admin_listener(address), None)]
@@ -575,6 +676,11 @@ async def _obey_signals(signals: Any, control: Control, scope: trio.CancelScope)
             log.info("SIGHUP received; reloading")
             with contextlib.suppress(ReloadRefused):
                 await control.reload_from_source()
+            continue
+        if signum == signal.SIGUSR2:
+            log.info("SIGUSR2 received; handing off to a new process")
+            with contextlib.suppress(ReloadRefused):
+                await control.hand_off("SIGUSR2")
             continue
         name = signal.Signals(signum).name
         if control.stopping:

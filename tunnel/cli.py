@@ -29,6 +29,8 @@ from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
 from tunnel.net.activation import WORKER_OPTION, take_from_supervisor
 from tunnel.net.listener import ListenError
+from tunnel.pidfile import remove_pid_file, write_pid_file
+from tunnel.successor import HANDOFF_OPTION, Successor
 from tunnel.supervisor import run_workers
 from tunnel.worker import WORKER_COMMAND, SupervisorLink, tag_logs, wait_for_supervisor_exit
 
@@ -127,6 +129,7 @@ def main() -> None:
     help="host:port of the admin listener (/healthz, /metrics, /stats); replaces the file's "
     "[admin] listen. Bind it to 127.0.0.1: it has no authentication.",
 )
+@click.option(HANDOFF_OPTION, "handoff_fd", type=click.IntRange(0), default=None, hidden=True)
 def run(
     config_file: Path | None,
     listen: tuple[str, ...],
@@ -136,13 +139,15 @@ def run(
     tls_cert: Path | None,
     tls_key: Path | None,
     admin: str | None,
+    handoff_fd: int | None,
 ) -> None:
     """Run the tunnel until interrupted (Ctrl-C or SIGTERM), then drain the open tunnels
     (server.drain_timeout; a second signal closes them at once).
 
     SIGHUP reads the configuration file again and applies it without dropping the tunnels of
-    unchanged routes (without a file: reloads TLS files); it never stops the tunnel. With more
-    than one worker this process supervises the workers (see docs/operations.md).
+    unchanged routes (without a file: reloads TLS files); it never stops the tunnel. SIGUSR2
+    starts the installed tunnel again and hands it the listeners and the open tunnels. With
+    more than one worker this process supervises the workers (see docs/operations.md).
     """
     overrides = partial(
         Config.with_overrides,
@@ -169,17 +174,51 @@ def run(
         return
     setup_logging(config.server.log_format)
     if config.server.workers > 1:
-        try:
-            check_tls(config)  # here, once, rather than in every worker it would stop
-            status = run_workers(config, loader)
-        except ConfigError as error:
-            _fail(f"configuration error: {error}")
-            return
-        except ListenError as error:
-            _fail(error.strerror or str(error))
-            return
+        with _pid_file(config.server.pid_file):
+            status = 0
+            try:
+                check_tls(config)  # here, once, rather than in every worker it would stop
+                status = run_workers(config, loader)
+            except ConfigError as error:
+                _fail(f"configuration error: {error}")
+            except ListenError as error:
+                _fail(error.strerror or str(error))
         sys.exit(status)
-    _serve_in_this_process(config, loader=loader)
+    control = Control(loader)
+    control.argv = _handoff_argv(sys.argv[1:])
+    control.pid_file = config.server.pid_file
+    if handoff_fd is not None:
+        successor, listen_fds = trio.run(Successor.connect, handoff_fd)
+        take_from_supervisor(listen_fds)
+        control.successor = successor
+    _serve_in_this_process(config, loader=loader, control=control)
+
+
+def _handoff_argv(argv: list[str]) -> list[str]:
+    """This process's arguments without a hand-off descriptor of its own."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == HANDOFF_OPTION:
+            skip = True
+        elif not arg.startswith(HANDOFF_OPTION + "="):
+            kept.append(arg)
+    return kept
+
+
+@contextmanager
+def _pid_file(path: str) -> Iterator[None]:
+    """The supervisor's PID in ``path`` while it runs (a single process writes its own once
+    it listens: ``serve``)."""
+    if path:
+        write_pid_file(path)
+    try:
+        yield
+    finally:
+        if path:
+            remove_pid_file(path)
 
 
 def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
@@ -246,6 +285,7 @@ def _serve_in_this_process(
     worker_admin: WorkerAdmin | None = None,
     loader: Loader | None = None,
     link: int | None = None,
+    control: Control | None = None,
 ) -> None:
     with _exit_on_startup_errors():
         trio.run(
@@ -257,6 +297,7 @@ def _serve_in_this_process(
                 worker_admin=worker_admin,
                 loader=loader,
                 link=link,
+                control=control,
             )
         )
 
@@ -283,9 +324,10 @@ async def _run_until_signal(
     worker_admin: WorkerAdmin | None,
     loader: Loader | None,
     link: int | None = None,
+    control: Control | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone)."""
-    control = Control(loader)
+    control = control if control is not None else Control(loader)
     async with trio.open_nursery() as nursery:
         if lifeline is not None:
             nursery.start_soon(_stop_when_supervisor_exits, lifeline, nursery.cancel_scope)

@@ -14,9 +14,10 @@ tunnels of those that are gone are drained (``Engine.drain``, reason ``drain``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +26,13 @@ import trio
 from tunnel._version import __version__
 from tunnel.config import Config
 from tunnel.errors import ConfigError
-from tunnel.logs import LOGGER_NAME, fields
+from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.metrics import Exposition
 from tunnel.net.admin import ReloadRefused
-from tunnel.net.engine import Engine
+from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.guard import Guarding
 from tunnel.net.handler import Handler, Tally
+from tunnel.net.handoff import TunnelItem
 from tunnel.net.tls import backend_contexts
 from tunnel.net.upstream import TunnelRecord, Upstream
 from tunnel.reasons import CloseReason
@@ -202,6 +204,10 @@ class Generation:
         """A generation alone has no file to read: ``serve`` answers ``POST /reload``."""
         raise ReloadRefused(409, "reload through the tunnel's admin listener")
 
+    async def upgrade(self) -> dict[str, Any]:
+        """A generation alone cannot start a process: ``serve`` answers ``POST /upgrade``."""
+        raise ReloadRefused(409, "hand off through the tunnel's admin listener")
+
     async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None:
         """An operator's drain: the backend takes no new tunnels and keeps its open ones."""
         return self._set_draining(route, backend, draining=True)
@@ -224,6 +230,99 @@ class Generation:
             "state": entry.state,
             "open_tunnels": len(entry.open),
         }
+
+    # Live hand-off (tunnel.successor).
+
+    def reserve_ids(self) -> int:
+        """The first tunnel id the next process may use: past every id this process has
+        given or may still give (its handshakes under way each become one tunnel at most)."""
+        ids = self.tally.ids
+        first = next(ids)
+        self.tally.ids = itertools.count(first)
+        return first + self.tally.handshakes.limit + 1
+
+    def export_tunnels(self) -> tuple[list[TunnelItem], int]:
+        """Take every tunnel that can move out of the engine (plain at both ends, not closing
+        politely), with the names the next process needs; and how many stay."""
+        items: list[TunnelItem] = []
+        kept = 0
+        for upstream in (*self.upstreams.values(), *self.removed):
+            for record in upstream.records():
+                if record.handle is None:
+                    continue
+                home = record.home
+                meta = {
+                    "id": record.id,
+                    "client": record.client,
+                    "route": record.route,
+                    "backend": record.backend,
+                    "url": "" if home is None else home.config.url,
+                }
+                exported = self.engine.export(record.handle, meta)
+                if exported is None:
+                    kept += 1
+                    continue
+                items.append(exported)
+                if record.on_leave is not None:
+                    record.on_leave()
+                upstream.left(record)
+        return items, kept
+
+    def adopt_tunnels(self, items: Iterable[TunnelItem]) -> None:
+        """Serve tunnels another process exported (or ours, back after a failed hand-off):
+        each joins its route and backend by name, keeping its id and counters; one whose route
+        or backend this configuration lacks is drained (reason ``drain``)."""
+        now = trio.current_time()
+        leaving = []
+        for client, backend_sock, state in items:
+            meta = state.meta
+            upstream = self.upstreams.get(meta.get("route", ""))
+            backend = None if upstream is None else upstream.backend_named(meta.get("backend", ""))
+            record = TunnelRecord(
+                meta.get("id") or str(next(self.tally.ids)),
+                meta.get("client", "?"),
+                meta.get("route", "?"),
+                meta.get("backend", "?"),
+                now - state.age,
+            )
+            self.tally.active += 1
+            record.on_leave = self._give_back_slot
+            record.handle = self.engine.adopt_state(
+                client, backend_sock, state, self._adopted_closed(record, upstream), record.stats
+            )
+            if upstream is not None and backend is not None:
+                upstream.opened(record, backend)
+            else:
+                leaving.append(record.handle)
+        if leaving:
+            self.engine.drain(leaving, CloseReason.DRAIN, self.config.server.drain_timeout)
+
+    def _give_back_slot(self) -> None:
+        self.tally.active -= 1
+
+    def _adopted_closed(
+        self, record: TunnelRecord, upstream: Upstream | None
+    ) -> Callable[[Tunnel], None]:
+        def closed(tunnel: Tunnel) -> None:
+            self.tally.active -= 1
+            if upstream is not None:
+                upstream.closed(record)
+            stats = tunnel.stats
+            log.info(
+                "tunnel closed",
+                extra=fields(
+                    client=record.client,
+                    route=record.route,
+                    backend=record.backend,
+                    tunnel=record.id,
+                    bytes_up=stats.bytes_up,
+                    bytes_down=stats.bytes_down,
+                    duration=Seconds(trio.current_time() - record.opened_at),
+                    reason=stats.close_reason,
+                ),
+            )
+
+        return closed
 
     async def close_tunnel(self, tunnel_id: str) -> bool:
         """Close one open tunnel with reason ``admin``; False when no tunnel has that id."""

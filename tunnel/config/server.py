@@ -11,6 +11,7 @@ from tunnel.config.kinds import (
     Choice,
     CIDRList,
     Duration,
+    FilePath,
     Flag,
     Integer,
     IPNetwork,
@@ -185,6 +186,13 @@ class ServerConfig:
         "(at least 16), which leaves three quarters to tunnels and their backend connects "
         "(HAProxy `maxconn` counts both; nginx `worker_connections`).",
         shown="a quarter of `ulimit -n`",
+    )
+    pid_file: str = setting(
+        "",
+        FilePath(),
+        "File that holds the serving process's PID (nginx `pid`, HAProxy `-p`): written once "
+        "it listens, replaced by the new process of a live hand-off (SIGUSR2), removed at a "
+        'clean exit. `""` = none.',
     )
     admission_rate: Rate = field(
         default=RATE_OFF,

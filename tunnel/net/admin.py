@@ -19,6 +19,8 @@ snapshots. Endpoints::
     POST /backends/<route>/<backend>/enable
                                the same, and the backend takes new tunnels again
     POST /reload               200 {"reloaded": true, ...}; 400 {"error": ...} for a bad file
+    POST /upgrade              200 {"handed_off": true, "pid", ...}: live hand-off to a new
+                               process; 400 for a bad file, 409 when it cannot be done
                                (the running configuration stays), 409 without a file, 503
                                while stopping
 
@@ -98,6 +100,7 @@ class AdminSource(Protocol):
     async def metrics(self) -> tuple[bytes, str]: ...
     async def close_tunnel(self, tunnel_id: str) -> bool: ...
     async def reload_config(self) -> dict[str, Any]: ...
+    async def upgrade(self) -> dict[str, Any]: ...
     async def drain_backend(self, route: str, backend: str) -> dict[str, Any] | None: ...
     async def enable_backend(self, route: str, backend: str) -> dict[str, Any] | None: ...
 
@@ -159,6 +162,13 @@ async def _reload(source: AdminSource) -> Reply:
         return _json(refused.status, {"error": refused.message})
 
 
+async def _upgrade(source: AdminSource) -> Reply:
+    try:
+        return _json(200, await source.upgrade())
+    except ReloadRefused as refused:
+        return _json(refused.status, {"error": refused.message})
+
+
 Handler = Callable[[AdminSource], Awaitable[Reply]]
 _PAGE = Reply(200, stats_page.PAGE, "text/html; charset=utf-8", stats_page.HEADERS)
 
@@ -205,6 +215,8 @@ def resolve(method: str, path: str) -> Handler | Reply:
         handler = partial(_backend, route=route, backend=backend, action=match[3])
     elif path == "/reload":
         allowed, handler = ("POST",), _reload
+    elif path == "/upgrade":
+        allowed, handler = ("POST",), _upgrade
     elif path in _PAGES:
         allowed, handler = ("GET", "HEAD"), _PAGES[path]
     else:
@@ -425,10 +437,17 @@ def _peer(stream: trio.SocketStream) -> str:
     return join_host_port(name[0], name[1])
 
 
-async def serve_admin(listener: trio.SocketListener, source: AdminSource) -> None:
+async def serve_admin(
+    listener: trio.SocketListener,
+    source: AdminSource,
+    accepting: trio.CancelScope | None = None,
+) -> None:
     """Accept admin connections on ``listener`` until cancelled, one task each, at most
-    ``MAX_CONNECTIONS`` at once; the listener is closed on the way out."""
+    ``MAX_CONNECTIONS`` at once; the listener is closed on the way out. Cancelling
+    ``accepting`` stops the accepts and closes the listener, and the connections under way
+    finish (a live hand-off's ``POST /upgrade`` among them)."""
     slots = trio.Semaphore(MAX_CONNECTIONS)
+    accepting = accepting if accepting is not None else trio.CancelScope()
 
     async def serve_one(stream: trio.SocketStream) -> None:
         try:
@@ -437,18 +456,20 @@ async def serve_admin(listener: trio.SocketListener, source: AdminSource) -> Non
             slots.release()
 
     async with listener, trio.open_nursery() as nursery:
-        while True:
-            await slots.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                slots.release()
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                log.error("admin accept failed, retrying shortly", extra=fields(error=str(exc)))
-                await trio.sleep(ACCEPT_BACKOFF_SECONDS)
-                continue
-            nursery.start_soon(serve_one, stream)
+        with accepting:
+            while True:
+                await slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    slots.release()
+                    if exc.errno not in _RESOURCE_ERRNOS:
+                        raise
+                    log.error("admin accept failed, retrying shortly", extra=fields(error=str(exc)))
+                    await trio.sleep(ACCEPT_BACKOFF_SECONDS)
+                    continue
+                nursery.start_soon(serve_one, stream)
+        await listener.aclose()
 
 
 async def open_admin_listener(address: str | Address) -> trio.SocketListener:

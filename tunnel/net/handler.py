@@ -488,10 +488,15 @@ class Handler:
             ),
         )
 
-        def closed(tunnel: Tunnel) -> None:
+        def give_back() -> None:
             self.tally.active -= 1
             if guard is not None and admitted is not None:
                 guard.release(admitted)
+
+        record.on_leave = give_back
+
+        def closed(tunnel: Tunnel) -> None:
+            give_back()
             upstream.closed(record)
             stats = tunnel.stats
             log.info(

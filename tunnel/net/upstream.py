@@ -54,6 +54,9 @@ class TunnelRecord:
     """The engine's tunnel, set once adopted: what ``Engine.close`` takes."""
     home: _Backend | None = None
     """The backend entry that counts this tunnel (set by ``Upstream.opened``)."""
+    on_leave: Callable[[], None] | None = None
+    """Gives back what the tunnel held in this process (its ``max_tunnels`` slot, the
+    guard's slots) when it is handed to another process instead of closing."""
 
 
 class _Backend:
@@ -142,6 +145,8 @@ class Upstream:
         self.removed = False
         """The route itself was removed by a reload; its tunnels are draining."""
         self.answers: Counter[int] = Counter()
+        self.handed_off = 0
+        """Tunnels given to a new process by a live hand-off."""
         self.refusals: Counter[str] = Counter()
         """Upgrades the guard refused, by rule (``net.guard.Rule``)."""
         self.closes: Counter[CloseReason] = Counter()
@@ -363,6 +368,21 @@ class Upstream:
         self.closes[stats.close_reason or CloseReason.ERROR] += 1
         if backend.retired and not backend.open and backend in self._retired:
             self._retired.remove(backend)
+
+    def left(self, record: TunnelRecord) -> None:
+        """``record``'s tunnel moved to another process: no longer counted here, and not a
+        close (its bytes go on being counted there)."""
+        backend = record.home
+        if backend is None or backend.open.pop(record.id, None) is None:
+            return
+        self.handed_off += 1
+        if backend.retired and not backend.open and backend in self._retired:
+            self._retired.remove(backend)
+
+    def backend_named(self, name: str) -> BackendConfig | None:
+        """The configuration of the backend called ``name``, if the route still has it."""
+        entry = None if self.removed else self._backends.get(name)
+        return None if entry is None else entry.config
 
     def records(self) -> list[TunnelRecord]:
         """Every open tunnel of the route."""

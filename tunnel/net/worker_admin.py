@@ -118,6 +118,9 @@ class WorkersView:
         texts = {w: body.decode() for w, (status, body) in answers.items() if status == 200}
         return merge_metrics(texts), CONTENT_TYPE
 
+    async def upgrade(self) -> dict[str, Any]:
+        raise ReloadRefused(409, "a hand-off with workers > 1 is not supported yet")
+
     async def reload_config(self) -> dict[str, Any]:
         if self._reload is None:
             raise ReloadRefused(409, "this worker has no link to its supervisor")

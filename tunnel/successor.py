@@ -1,0 +1,281 @@
+"""Live hand-off: start the next process and give it the listeners and every plain tunnel.
+
+The running process (``hand_off``) checks the configuration as a reload would, starts
+``python -m tunnel run`` with the same arguments and a private socket, and passes over it:
+
+1. a hello (the next tunnel id, so ids stay unique across the two processes);
+2. the listening sockets (``SCM_RIGHTS``): both processes now hold them, so no connection is
+   refused at any moment; the new one starts accepting and says it is ready;
+3. once ready, the old process stops accepting and exports every plain tunnel from its engine
+   (``Engine.export``: the bytes read and not yet written, counters, deadlines, frame
+   positions) and sends them; the new process adopts them into its own engine.
+
+Handshakes under way finish in the old process, and their tunnels (and TLS tunnels, whose
+OpenSSL state cannot leave the process) stay there until they end or ``drain_timeout``
+passes: the old process then stops as on SIGTERM and exits 0. If the new process does not
+start, say it is ready or take the tunnels within a bound, it is stopped and the old process
+keeps serving everything (tunnels it had sent are adopted back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import trio
+
+from tunnel.config import Address
+from tunnel.errors import TunnelError
+from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.net.activation import listen_fd_argument
+from tunnel.net.handoff import (
+    HandoffError,
+    TunnelItem,
+    receive_listeners,
+    receive_tunnels,
+    send_listeners,
+    send_tunnels,
+)
+
+if TYPE_CHECKING:
+    from tunnel.server import Generation
+
+log = logging.getLogger(LOGGER_NAME)
+
+HANDOFF_OPTION = "--handoff-fd"
+START_SECONDS = 30.0
+"""The new process must say it is ready within this long (it loads its configuration, binds
+nothing, opens its admin listener)."""
+STOP_SECONDS = 5.0
+"""A new process that failed is given this long to exit after SIGTERM, then killed."""
+_LENGTH = struct.Struct("!I")
+MAX_MESSAGE = 64 * 1024
+
+
+class HandoffRefused(TunnelError):
+    """The hand-off did not happen; the running process keeps serving everything."""
+
+    status = 409
+    reason = "Conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOff:
+    """What a hand-off did, as ``POST /upgrade`` answers it."""
+
+    pid: int
+    tunnels_sent: int
+    tunnels_kept: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "handed_off": True,
+            "pid": self.pid,
+            "tunnels_sent": self.tunnels_sent,
+            "tunnels_kept": self.tunnels_kept,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def _send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    body = json.dumps(message).encode()
+    data = _LENGTH.pack(len(body)) + body
+    while data:
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        data = data[sent:]
+
+
+async def _receive_message(sock: socket.socket, within: float) -> dict[str, Any]:
+    """One length-prefixed JSON object; ``HandoffError`` on EOF, garbage or after ``within``
+    seconds."""
+    data = b""
+    try:
+        with trio.fail_after(within):
+            while True:
+                if len(data) >= _LENGTH.size:
+                    (size,) = _LENGTH.unpack_from(data)
+                    if size > MAX_MESSAGE:
+                        raise HandoffError(f"a hand-off message of {size} bytes is too long")
+                    if len(data) >= _LENGTH.size + size:
+                        break
+                # Read only what this message needs: the descriptors of the next one must
+                # stay in the socket for the SCM_RIGHTS reader.
+                want = (
+                    _LENGTH.size - len(data)
+                    if len(data) < _LENGTH.size
+                    else _LENGTH.size + size - len(data)
+                )
+                try:
+                    chunk = sock.recv(want)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                if not chunk:
+                    raise HandoffError("the other process closed the hand-off socket")
+                data += chunk
+    except trio.TooSlowError:
+        raise HandoffError(f"no hand-off message within {within:g}s") from None
+    try:
+        message = json.loads(data[_LENGTH.size :])
+    except ValueError as error:
+        raise HandoffError(f"a hand-off message is not JSON: {error}") from None
+    if not isinstance(message, dict):
+        raise HandoffError("a hand-off message is not a JSON object")
+    return message
+
+
+def successor_command(argv: Sequence[str], fd: int) -> list[str]:
+    """The installed tunnel run again with the same arguments, and the hand-off socket."""
+    return [sys.executable, "-m", "tunnel", *argv, HANDOFF_OPTION, str(fd)]
+
+
+async def hand_off(
+    generation: Generation,
+    argv: Sequence[str],
+    listeners: Sequence[tuple[str, Address, trio.socket.SocketType]],
+    stop_accepting: Any,
+    *,
+    by: str,
+) -> HandedOff:
+    """Start the next process and give it the listeners and the plain tunnels (see the
+    module). ``stop_accepting`` is awaited once the new process accepts.
+
+    Raises:
+        HandoffRefused: the new process could not be started or did not take over; the old
+            one keeps serving everything (one error line says why).
+    """
+    started = trio.current_time()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    command = successor_command(argv, theirs.fileno())
+    try:
+        process = await trio.lowlevel.open_process(command, pass_fds=(theirs.fileno(),))
+    except OSError as error:
+        ours.close()
+        theirs.close()
+        raise _refused(f"cannot start {command[0]}: {error}", by) from error
+    theirs.close()
+    try:
+        await _send_message(ours, {"next_id": generation.reserve_ids()})
+        await send_listeners(
+            ours,
+            [
+                (cast(socket.socket, sock), {kind: str(address)})
+                for kind, address, sock in listeners
+            ],
+        )
+        ready = await _receive_message(ours, START_SECONDS)
+        if ready.get("ready") is not True:
+            raise HandoffError(f"the new process answered {ready!r}")
+    except (HandoffError, OSError) as error:
+        ours.close()
+        await _stop(process)
+        raise _refused(f"the new process did not start: {error}", by) from error
+    await stop_accepting()
+    items, kept = generation.export_tunnels()
+    try:
+        sent = await send_tunnels(ours, items)
+    except (HandoffError, OSError) as error:
+        generation.adopt_tunnels(items)
+        ours.close()
+        log.error(
+            "hand-off of the open tunnels failed; they stay in this process, which stops "
+            "accepting (the new process serves new connections)",
+            extra=fields(error=str(error), pid=process.pid),
+        )
+        return HandedOff(process.pid, 0, kept + len(items), trio.current_time() - started)
+    for client, backend, _ in items:
+        client.close()
+        backend.close()
+    ours.close()
+    outcome = HandedOff(process.pid, sent, kept, trio.current_time() - started)
+    log.info(
+        "tunnels handed off to the new process",
+        extra=fields(
+            pid=process.pid,
+            tunnels=sent,
+            kept=kept,
+            duration=Seconds(outcome.seconds),
+            by=by,
+        ),
+    )
+    return outcome
+
+
+def _refused(reason: str, by: str) -> HandoffRefused:
+    log.error(
+        "hand-off failed; this process keeps serving everything",
+        extra=fields(error=reason, by=by),
+    )
+    return HandoffRefused(reason)
+
+
+async def _stop(process: trio.Process) -> None:
+    """Stop a successor that failed: SIGTERM, then SIGKILL after ``STOP_SECONDS``."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_SECONDS):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@dataclass
+class Successor:
+    """The new process's end of a hand-off: the socket, and what the old process said."""
+
+    sock: socket.socket
+    next_id: int = 1
+    admin: tuple[Address, socket.socket] | None = None
+    """The old process's admin listener, when it had one."""
+
+    @classmethod
+    async def connect(cls, fd: int) -> tuple[Successor, list[str]]:
+        """Before serving: the hello and the listeners, as ``--listen-fd`` values for
+        ``activation.take_from_supervisor``."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        successor = cls(sock)
+        hello = await _receive_message(sock, START_SECONDS)
+        successor.next_id = int(hello.get("next_id", 1))
+        values = []
+        for listener, meta in await receive_listeners(sock):
+            if "admin" in meta:
+                successor.admin = (Address.parse(meta["admin"], "hand-off admin"), listener)
+                continue
+            address = Address.parse(meta["listen"], "hand-off listener")
+            values.append(listen_fd_argument(address, listener.detach()))
+        return successor, values
+
+    async def take_over(self, generation: Generation) -> None:
+        """Say ready (we accept now), then adopt the tunnels the old process sends."""
+        await _send_message(self.sock, {"ready": True, "pid": os.getpid()})
+        try:
+            items = await receive_tunnels(self.sock)
+        except HandoffError as error:
+            log.error(
+                "no tunnels taken from the old process; it keeps them",
+                extra=fields(error=str(error)),
+            )
+            return
+        finally:
+            self.sock.close()
+        generation.adopt_tunnels(items)
+        log.info("tunnels taken over from the old process", extra=fields(tunnels=len(items)))
+
+
+__all__ = ["HandedOff", "HandoffRefused", "Successor", "TunnelItem", "hand_off"]
