@@ -44,6 +44,7 @@ from tunnel.net.handoff import (
     send_listeners,
     send_tunnels,
 )
+from tunnel.net.notify import notify
 
 if TYPE_CHECKING:
     from tunnel.server import Generation
@@ -262,7 +263,9 @@ class Successor:
         return successor, values
 
     async def take_over(self, generation: Generation) -> None:
-        """Say ready (we accept now), then adopt the tunnels the old process sends."""
+        """Say ready (we accept now; under systemd, this is the main process from now on),
+        then adopt the tunnels the old process sends."""
+        notify(f"MAINPID={os.getpid()}")
         await _send_message(self.sock, {"ready": True, "pid": os.getpid()})
         try:
             items = await receive_tunnels(self.sock)
