@@ -136,6 +136,7 @@ class Control:
             try:
                 await trio.to_thread.run_sync(self.loader)
             except ConfigError as error:
+                generation.handoffs["refused"] += 1
                 log.error(
                     "hand-off refused; the configuration does not load and this process keeps "
                     "serving",
@@ -148,9 +149,14 @@ class Control:
                 generation, self.argv, runtime.listening_sockets(), runtime.stop_accepting, by=by
             )
         except HandoffRefused as refused:
+            generation.handoffs["failed"] += 1
             raise ReloadRefused(refused.status, refused.message) from refused
         finally:
             self._handing_off = False
+        generation.handoffs["done"] += 1
+        generation.handoff_tunnels["sent"] += outcome.tunnels_sent
+        generation.handoff_tunnels["kept"] += outcome.tunnels_kept
+        generation.handoff_seconds = outcome.seconds
         self.stop()
         return outcome.to_json()
 

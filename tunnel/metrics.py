@@ -139,7 +139,29 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
         upgrades.add_metric(["", str(status)], count)
     yield from (open_tunnels, bytes_total, tunnels_total, backend_up, connect_failures)
     yield health_changes
+    handoffs = CounterMetricFamily(
+        "tunnel_handoffs",
+        "Live hand-offs this process began (SIGUSR2, POST /upgrade), by outcome: done, refused "
+        "(the configuration did not load), failed (the new process did not take over).",
+        labels=["outcome"],
+    )
+    for outcome, count in snapshot.handoffs:
+        handoffs.add_metric([outcome], count)
+    handoff_tunnels = CounterMetricFamily(
+        "tunnel_handoff_tunnels",
+        "Tunnels moved by live hand-offs: sent to a new process, received from an old one, or "
+        "kept (TLS or closing: they drain in the old process).",
+        labels=["direction"],
+    )
+    for direction, count in snapshot.handoff_tunnels:
+        handoff_tunnels.add_metric([direction], count)
+    handoff_seconds = GaugeMetricFamily(
+        "tunnel_handoff_last_duration_seconds",
+        "How long the last hand-off this process began took, to the last tunnel taken.",
+        value=snapshot.handoff_seconds,
+    )
     yield from (upgrades, closed, refusals, proxy_refused, handshakes, shed, left_early)
+    yield from (handoffs, handoff_tunnels, handoff_seconds)
     yield _histogram(snapshot.handshake_seconds)
 
 

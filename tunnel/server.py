@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,9 @@ class Generation:
         """Routes a reload removed, shown (draining) until their last tunnel ends."""
         self.tally = Tally()
         self.guarding = Guarding(config)
+        self.handoffs: Counter[str] = Counter()
+        self.handoff_tunnels: Counter[str] = Counter()
+        self.handoff_seconds = 0.0
         self.handler = Handler(
             config,
             self.engine,
@@ -186,6 +190,9 @@ class Generation:
             handshakes_open=self.tally.handshakes.open,
             handshakes_shed=self.tally.handshakes.shed,
             left_early=self.tally.left_early,
+            handoffs=tuple(sorted(self.handoffs.items())),
+            handoff_tunnels=tuple(sorted(self.handoff_tunnels.items())),
+            handoff_seconds=self.handoff_seconds,
         )
 
     # The admin listener's view (tunnel.net.admin.AdminSource).

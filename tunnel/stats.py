@@ -103,3 +103,11 @@ class ServerStatistics:
     """Connections closed to stay within max_handshakes."""
     left_early: int = 0
     """Clients that left while their backend was answering the upgrade."""
+    handoffs: tuple[tuple[str, int], ...] = ()
+    """(outcome, count) of live hand-offs this process began: ``done``, ``refused`` (the
+    configuration), ``failed`` (the new process)."""
+    handoff_tunnels: tuple[tuple[str, int], ...] = ()
+    """(direction, count): tunnels ``sent`` to a new process, ``received`` from an old one,
+    ``kept`` (could not move)."""
+    handoff_seconds: float = 0.0
+    """How long the last hand-off took, from the signal to the last tunnel taken."""

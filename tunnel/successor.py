@@ -278,6 +278,7 @@ class Successor:
         finally:
             self.sock.close()
         generation.adopt_tunnels(items)
+        generation.handoff_tunnels["received"] += len(items)
         log.info("tunnels taken over from the old process", extra=fields(tunnels=len(items)))
 
 
