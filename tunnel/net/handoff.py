@@ -130,10 +130,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _duration(value: float) -> float | None:
-    return None if math.isinf(value) else value
-
-
 def _frames_to_dict(position: FramePosition | None) -> dict[str, Any] | None:
     if position is None:
         return None
