@@ -70,10 +70,10 @@ KILL_WAIT_SECONDS = 5.0
 """Bound on waiting for a killed worker to be reaped (SIGKILL cannot be caught; this is slack)."""
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2})
 """Blocked while a worker is spawned: a signal sent before the worker's trio handlers exist stays
-pending instead of killing it (SIGHUP's default action) or raising KeyboardInterrupt; the worker
-unblocks them once it handles them."""
+pending instead of killing it (SIGHUP's and SIGUSR2's default action) or raising
+KeyboardInterrupt; the worker unblocks them once it handles them."""
 _WAKE_SIGNALS = (*WORKER_SIGNALS, signal.SIGCHLD)
 
 
@@ -244,6 +244,15 @@ class _Supervisor:
                         return 0
                     if signum == signal.SIGHUP:
                         self._hangup()
+                    if signum == signal.SIGUSR2:
+                        log.error(
+                            "hand-off refused; this process keeps serving",
+                            extra=fields(
+                                error="a live hand-off with workers > 1 is not supported yet; "
+                                "restart the service instead (open tunnels then drain)",
+                                by="SIGUSR2",
+                            ),
+                        )
                 self._reap_unexpected(time.monotonic())
                 if all(slot.process is None and slot.restarts.cannot_start for slot in self._slots):
                     log.error(
