@@ -323,11 +323,6 @@ def test_a_wss_tunnel_that_never_ends_is_closed_within_drain_timeout(
     stop_last(chain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tunnel/app.py _Runtime.listening_sockets sends each listener's configured "
-    "address; two listeners on port 0 both claim both sockets in the new process",
-)
 def test_two_listeners_on_port_0_keep_their_own_sockets_across_a_hand_off(
     start_chain: Callable[..., TunnelChain],
     start_ws_backend: Callable[..., WsBackend],

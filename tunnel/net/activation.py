@@ -266,10 +266,18 @@ class Inherited:
         with self._lock:
             if not self._settled:
                 self._settle(addresses)
-            return [
+            claimed = [
                 [inherited for assigned, inherited in self._assigned if assigned == address]
                 for address in addresses
             ]
+        # Two listeners may share an address only on port 0 (a hand-off passes each its own
+        # bound socket, in the listeners' order): the k-th of them takes the k-th socket.
+        seen: dict[Address, int] = {}
+        for i, address in enumerate(addresses):
+            if addresses.count(address) > 1:
+                k = seen[address] = seen.get(address, -1) + 1
+                claimed[i] = claimed[i][k : k + 1]
+        return claimed
 
     def assigned(self) -> list[tuple[Address, int]]:
         """Every (listener address, descriptor) pair in use: what a supervisor passes on."""
