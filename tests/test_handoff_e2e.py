@@ -481,3 +481,33 @@ def test_hand_off_duration_for_many_idle_tunnels(
             sock.close()
         backend.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+# --- per-client caps follow the tunnels they count ----------------------------------------------
+
+
+def test_a_moved_tunnel_still_counts_against_its_clients_cap(
+    start_chain: Callable[..., TunnelChain], start_ws_backend: Callable[..., WsBackend]
+) -> None:
+    """per_ip_tunnels = 1: the one tunnel is handed over, and the new process refuses the
+    same client a second one until it closes."""
+    backend = start_ws_backend()
+    text = config_text({"chat.test": backend.url})
+    text += "[routes.limits]\nper_ip_tunnels = 1\n"
+    chain = start_chain(text)
+    port = chain.port()
+    old = chain.serving_pid()
+    chatter = Chatter(ws_connect(port, "chat.test")).start()
+    chatter.wait_echoed(3)
+    assert upgrade_status(port, "chat.test") == 429
+    assert old is not None
+    chain.hand_off(1)
+    assert chain.wait_exit(old, DRAIN + EXIT_SLACK) == 0
+    chatter.wait_echoed(chatter.echoed + 5)
+    assert upgrade_status(port, "chat.test") == 429
+    chatter.finish()
+    deadline = time.monotonic() + 10
+    while upgrade_status(port, "chat.test") != 101:
+        assert time.monotonic() < deadline, "the moved tunnel's slot was never given back"
+        time.sleep(0.1)
+    stop_last(chain)

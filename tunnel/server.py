@@ -20,6 +20,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -264,6 +265,7 @@ class Generation:
                     "route": record.route,
                     "backend": record.backend,
                     "url": "" if home is None else home.config.url,
+                    "slots": "\n".join(record.slots),
                 }
                 exported = self.engine.export(record.handle, meta)
                 if exported is None:
@@ -293,7 +295,10 @@ class Generation:
                 now - state.age,
             )
             self.tally.active += 1
-            record.on_leave = self._give_back_slot
+            record.on_leave = partial(self._give_back, record)
+            if slots := meta.get("slots", ""):
+                record.slots = tuple(slots.split("\n"))
+                self.guarding.hold(self._holder(record), record.slots)
             record.handle = self.engine.adopt_state(
                 client, backend_sock, state, self._adopted_closed(record, upstream), record.stats
             )
@@ -304,14 +309,19 @@ class Generation:
         if leaving:
             self.engine.drain(leaving, CloseReason.DRAIN, self.config.server.drain_timeout)
 
-    def _give_back_slot(self) -> None:
+    def _give_back(self, record: TunnelRecord) -> None:
+        """What an adopted tunnel holds here, when it moves on again."""
         self.tally.active -= 1
+        self.guarding.release(self._holder(record), record.slots)
+
+    def _holder(self, record: TunnelRecord) -> str:
+        return f"{self.guarding.instance}:handed:{record.id}"
 
     def _adopted_closed(
         self, record: TunnelRecord, upstream: Upstream | None
     ) -> Callable[[Tunnel], None]:
         def closed(tunnel: Tunnel) -> None:
-            self.tally.active -= 1
+            self._give_back(record)
             if upstream is not None:
                 upstream.closed(record)
             stats = tunnel.stats

@@ -41,6 +41,9 @@ from tunnel.policy.limits import (
 
 log = logging.getLogger(LOGGER_NAME)
 
+HELD_ANYWAY = 1 << 62
+"""The cap a handed-over tunnel is counted under: it is open already, so it is never
+refused, but it counts against new ones."""
 STORE_ERROR_LOG_EVERY = 10.0
 """Seconds between two log lines about an unavailable limit store (one per refusal would
 flood the log exactly when it matters)."""
@@ -259,7 +262,9 @@ class Guarding:
         self._token_files: dict[str, TokenFile] = {}
         self._watching: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
-        self._send, self._receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](math.inf)
+        self._send, self._receive = trio.open_memory_channel[tuple[bool, str, tuple[str, ...]]](
+            math.inf
+        )
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -314,7 +319,17 @@ class Guarding:
         return guards
 
     def _queue_release(self, holder: str, keys: tuple[str, ...]) -> None:
-        self._send.send_nowait((holder, keys))
+        self._send.send_nowait((False, holder, keys))
+
+    def hold(self, holder: str, keys: tuple[str, ...]) -> None:
+        """Count a tunnel another process handed over against the caps it was counted
+        against there (never refused: it is open already); ``release`` gives it back."""
+        if keys:
+            self._send.send_nowait((True, holder, keys))
+
+    def release(self, holder: str, keys: tuple[str, ...]) -> None:
+        if keys:
+            self._queue_release(holder, keys)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Give back released slots, keep this instance's slots alive in a shared store, and
@@ -326,9 +341,12 @@ class Guarding:
                 nursery.start_soon(keep_alive)
             self._watch_files()
             task_status.started()
-            async for holder, keys in self._receive:
+            async for taking, holder, keys in self._receive:
                 try:
-                    await self.store.release(holder, keys)
+                    if taking:
+                        await self.store.acquire(holder, [(key, HELD_ANYWAY) for key in keys])
+                    else:
+                        await self.store.release(holder, keys)
                 except StoreUnavailable as error:
                     # The shared store's TTL frees the slot; nothing else can be done.
                     log.warning(

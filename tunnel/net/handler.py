@@ -494,6 +494,8 @@ class Handler:
                 guard.release(admitted)
 
         record.on_leave = give_back
+        if admitted is not None:
+            record.slots = admitted.keys
 
         def closed(tunnel: Tunnel) -> None:
             give_back()

@@ -54,6 +54,8 @@ class TunnelRecord:
     """The engine's tunnel, set once adopted: what ``Engine.close`` takes."""
     home: _Backend | None = None
     """The backend entry that counts this tunnel (set by ``Upstream.opened``)."""
+    slots: tuple[str, ...] = ()
+    """The guard's counters this tunnel holds (per-IP, per-identity keys)."""
     on_leave: Callable[[], None] | None = None
     """Gives back what the tunnel held in this process (its ``max_tunnels`` slot, the
     guard's slots) when it is handed to another process instead of closing."""
