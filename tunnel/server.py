@@ -28,12 +28,12 @@ import trio
 from tunnel._version import __version__
 from tunnel.config import Config
 from tunnel.errors import ConfigError
-from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.logs import LOGGER_NAME, fields
 from tunnel.metrics import Exposition
 from tunnel.net.admin import ReloadRefused
 from tunnel.net.engine import Engine, Tunnel
 from tunnel.net.guard import Guarding
-from tunnel.net.handler import Handler, Tally
+from tunnel.net.handler import Handler, Tally, log_closed
 from tunnel.net.handoff import TunnelItem
 from tunnel.net.tls import backend_contexts
 from tunnel.net.upstream import TunnelRecord, Upstream
@@ -324,20 +324,7 @@ class Generation:
             self._give_back(record)
             if upstream is not None:
                 upstream.closed(record)
-            stats = tunnel.stats
-            log.info(
-                "tunnel closed",
-                extra=fields(
-                    client=record.client,
-                    route=record.route,
-                    backend=record.backend,
-                    tunnel=record.id,
-                    bytes_up=stats.bytes_up,
-                    bytes_down=stats.bytes_down,
-                    duration=Seconds(trio.current_time() - record.opened_at),
-                    reason=stats.close_reason,
-                ),
-            )
+            log_closed(record, tunnel)
 
         return closed
 

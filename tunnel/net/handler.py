@@ -500,20 +500,7 @@ class Handler:
         def closed(tunnel: Tunnel) -> None:
             give_back()
             upstream.closed(record)
-            stats = tunnel.stats
-            log.info(
-                "tunnel closed",
-                extra=fields(
-                    client=client.address,
-                    route=upstream.name,
-                    backend=backend.name,
-                    tunnel=record.id,
-                    bytes_up=stats.bytes_up,
-                    bytes_down=stats.bytes_down,
-                    duration=Seconds(trio.current_time() - record.opened_at),
-                    reason=stats.close_reason,
-                ),
-            )
+            log_closed(record, tunnel)
 
         server = self.config.server
         expires_at: float | None = None
@@ -614,6 +601,25 @@ class Handler:
         except (OSError, trio.TooSlowError):
             return
         await _linger(sock)
+
+
+def log_closed(record: TunnelRecord, tunnel: Tunnel) -> None:
+    """The ``tunnel closed`` line: the record's names, the engine's counters, the whole
+    duration (since the 101, in whichever process it was)."""
+    stats = tunnel.stats
+    log.info(
+        "tunnel closed",
+        extra=fields(
+            client=record.client,
+            route=record.route,
+            backend=record.backend,
+            tunnel=record.id,
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            duration=Seconds(trio.current_time() - record.opened_at),
+            reason=stats.close_reason,
+        ),
+    )
 
 
 async def _tls_handshake(
