@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tunnel.logs import LOGGER_NAME, JsonFormatter, Seconds, TextFormatter, fields
+from tunnel.logs import LOGGER_NAME, JsonFormatter, Seconds, TextFormatter, Throttle, fields
 
 ROOT = Path(__file__).resolve().parent.parent
 AT = calendar.timegm((2026, 12, 3, 23, 40, 0)) + 0.125
@@ -119,3 +119,12 @@ def test_every_logged_field_is_documented_in_operations() -> None:
     assert logged_fields() >= {"client", "duration", "reason", "bytes_up"}, "the scan works"
     assert sorted((logged_fields() | LINE_FIELDS) - documented_fields()) == [], "undocumented"
     assert sorted(documented_fields() - logged_fields() - LINE_FIELDS) == [], "documented, unused"
+
+
+def test_a_throttled_line_comes_once_per_period_with_the_count_since_the_last() -> None:
+    throttle = Throttle(10.0)
+    assert throttle.count(100.0) == 1
+    assert [throttle.count(t) for t in (101.0, 105.0, 109.9)] == [None, None, None]
+    assert throttle.count(110.0) == 4
+    assert throttle.count(110.5) is None
+    assert throttle.count(500.0) == 2

@@ -24,6 +24,28 @@ def fields(**values: Any) -> dict[str, Any]:
     return {"fields": {name: value for name, value in values.items() if value is not None}}
 
 
+class Throttle:
+    """For a line that could come once per event under attack or outage: counts the events
+    and says when one may be logged (at most once per ``seconds``), with how many happened
+    since the last line. The clock is the caller's."""
+
+    __slots__ = ("_at", "_count", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._at = float("-inf")
+        self._count = 0
+
+    def count(self, now: float) -> int | None:
+        """Count one event; the number to log now, or None when it is not yet time."""
+        self._count += 1
+        if now - self._at < self.seconds:
+            return None
+        self._at = now
+        counted, self._count = self._count, 0
+        return counted
+
+
 class Seconds(float):
     """A duration in a log field: ``0.004s`` in text, the number ``0.004`` in JSON; both to the
     millisecond, finer than any figure an operator acts on."""

@@ -45,6 +45,7 @@ from tunnel.net.handoff import (
     send_tunnels,
 )
 from tunnel.net.notify import notify
+from tunnel.net.sockio import send_all
 
 if TYPE_CHECKING:
     from tunnel.server import Generation
@@ -89,14 +90,7 @@ class HandedOff:
 
 async def _send_message(sock: socket.socket, message: dict[str, Any]) -> None:
     body = json.dumps(message).encode()
-    data = _LENGTH.pack(len(body)) + body
-    while data:
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        data = data[sent:]
+    await send_all(sock, _LENGTH.pack(len(body)) + body)
 
 
 async def _receive_message(sock: socket.socket, within: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tunnel.config.kinds import RATE_OFF
 from tunnel.core.handshake import UpgradeRequest
 from tunnel.core.headers import values
 from tunnel.errors import ConfigError, ServiceUnavailable, TooManyRequests, TunnelError
-from tunnel.logs import LOGGER_NAME, fields
+from tunnel.logs import LOGGER_NAME, Throttle, fields
 from tunnel.net.auth_files import TokenFile, auth_rules
 from tunnel.policy.access import AccessRules
 from tunnel.policy.auth import AuthRules, Identity, authenticate
@@ -37,6 +37,7 @@ from tunnel.policy.limits import (
     MemoryStore,
     StoreUnavailable,
     client_key,
+    retry_after,
 )
 
 log = logging.getLogger(LOGGER_NAME)
@@ -88,14 +89,12 @@ class StoreHealth:
     def __init__(self, url: str, on_error: str) -> None:
         self.url = url
         self.on_error = on_error
-        self._logged_at = -math.inf
-        self._missed = 0
+        self._lines = Throttle(STORE_ERROR_LOG_EVERY)
 
     def failed(self, error: StoreUnavailable, route: str) -> None:
         """Raises ``Refused`` (503) when ``on_store_error = "closed"``; logs either way."""
-        now = trio.current_time()
-        self._missed += 1
-        if now - self._logged_at >= STORE_ERROR_LOG_EVERY:
+        missed = self._lines.count(trio.current_time())
+        if missed is not None:
             admitted = self.on_error == "open"
             log.error(
                 "limit store unavailable; "
@@ -105,10 +104,8 @@ class StoreHealth:
                     else "refusing limited upgrades with 503 (on_store_error = closed)"
                 )
                 + "; check the Redis server",
-                extra=fields(store=self.url, route=route, error=str(error), missed=self._missed),
+                extra=fields(store=self.url, route=route, error=str(error), missed=missed),
             )
-            self._logged_at = now
-            self._missed = 0
         if self.on_error == "closed":
             raise Refused(
                 ServiceUnavailable(
@@ -145,13 +142,13 @@ class RouteGuard:
         limits = route.limits
         self._rate = None if limits.per_ip_rate.off else limits.per_ip_rate
         self.counts = limits.per_ip_tunnels > 0 or limits.per_identity_tunnels > 0
+        """Caps are on: the tunnel takes slots in the store."""
         self.active = bool(
             self.access.checks_address
             or self.access.origins is not None
             or not self.access.allow_missing_origin
             or self.access.strip
-            or self._rate is not None
-            or self.counts
+            or limits.active
             or auth is not None
         )
 
@@ -168,13 +165,14 @@ class RouteGuard:
         except TunnelError as error:
             raise Refused(error, Rule.ORIGIN) from None
         limits = self.limits
-        key = client_key(ip, limits.ipv6_prefix) if self._rate or self.counts else ""
+        key = client_key(ip, limits.ipv6_prefix) if limits.active else ""
         if self._rate is not None:
             await self._take(key)
         identity: Identity | None = None
         if self.auth is not None:
             try:
-                upgrade, identity = authenticate(upgrade, self.auth, _wall_clock())
+                # Unix time, as JWT claims count it (trio's clock only measures intervals).
+                upgrade, identity = authenticate(upgrade, self.auth, time.time())
             except TunnelError as error:
                 raise Refused(error, Rule.AUTH) from None
         if not self.counts:
@@ -223,7 +221,7 @@ class RouteGuard:
                 TooManyRequests(
                     f"client {key} is over per_ip_rate ({rate}, burst {limits.burst}) "
                     "on this route",
-                    retry_after=max(1, math.ceil(wait)),
+                    retry_after=retry_after(wait),
                 ),
                 Rule.RATE,
             )
@@ -231,17 +229,11 @@ class RouteGuard:
     def release(self, admitted: Pass) -> None:
         """Give back the slots of a tunnel that ended, or of a handshake that failed after
         the guard let it through; queued, so the engine's close path never waits on a store."""
-        if admitted.keys:
-            self._release(admitted.holder, admitted.keys)
+        self._release(admitted.holder, admitted.keys)
 
 
 def _shown(identity: Identity | None) -> str:
     return "?" if identity is None else identity.subject[:80]
-
-
-def _wall_clock() -> float:
-    """Unix time, as JWT claims count it (trio's clock only measures intervals)."""
-    return time.time()
 
 
 class Guarding:
@@ -308,18 +300,13 @@ class Guarding:
                     known = self._token_files.get(path)
                     files[path] = known or TokenFile.load(path, f"{key}.tokens_file")
                 auth = auth_rules(route.auth, files.get(path), key=key)
-            guard = RouteGuard(
-                route, self.store, self.health, auth, self._queue_release, self.instance
-            )
+            guard = RouteGuard(route, self.store, self.health, auth, self.release, self.instance)
             if guard.active:
                 guards[route.name] = guard
         self._token_files = files
         if self._nursery is not None:
             self._watch_files()
         return guards
-
-    def _queue_release(self, holder: str, keys: tuple[str, ...]) -> None:
-        self._send.send_nowait((False, holder, keys))
 
     def hold(self, holder: str, keys: tuple[str, ...]) -> None:
         """Count a tunnel another process handed over against the caps it was counted
@@ -328,8 +315,9 @@ class Guarding:
             self._send.send_nowait((True, holder, keys))
 
     def release(self, holder: str, keys: tuple[str, ...]) -> None:
+        """Give ``holder``'s slots back; queued, so a close never waits on the store."""
         if keys:
-            self._queue_release(holder, keys)
+            self._send.send_nowait((False, holder, keys))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Give back released slots, keep this instance's slots alive in a shared store, and

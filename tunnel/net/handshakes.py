@@ -21,7 +21,7 @@ from itertools import count
 
 import trio
 
-from tunnel.logs import LOGGER_NAME, fields
+from tunnel.logs import LOGGER_NAME, Throttle, fields
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -66,8 +66,7 @@ class Handshakes:
         self._ids = count()
         self.shed = 0
         """Connections closed to stay within the bound, since start."""
-        self._logged_at = float("-inf")
-        self._unlogged = 0
+        self._shed_lines = Throttle(SHED_LOG_EVERY)
 
     def configure(self, limit: int) -> None:
         self.limit = limit or default_max_handshakes()
@@ -105,14 +104,11 @@ class Handshakes:
 
     def _count_shed(self, what: str) -> None:
         self.shed += 1
-        self._unlogged += 1
-        now = trio.current_time()
-        if now - self._logged_at >= SHED_LOG_EVERY:
+        shed = self._shed_lines.count(trio.current_time())
+        if shed is not None:
             log.warning(
                 "max_handshakes reached; shedding connections that have not sent their "
                 "request (slow clients or a flood); raise max_handshakes or the descriptor "
                 "limit if real clients are refused",
-                extra=fields(max_handshakes=self.limit, shed=self._unlogged, latest=what),
+                extra=fields(max_handshakes=self.limit, shed=shed, latest=what),
             )
-            self._logged_at = now
-            self._unlogged = 0
