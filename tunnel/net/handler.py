@@ -322,8 +322,7 @@ class Handler:
         finally:
             if not handed_off:
                 tally.active -= 1
-                if guard is not None and admitted is not None:
-                    guard.release(admitted)
+                _give_back(guard, admitted)
         return handed_off
 
     async def _forward(
@@ -490,8 +489,7 @@ class Handler:
 
         def give_back() -> None:
             self.tally.active -= 1
-            if guard is not None and admitted is not None:
-                guard.release(admitted)
+            _give_back(guard, admitted)
 
         record.on_leave = give_back
         if admitted is not None:
