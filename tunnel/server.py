@@ -258,13 +258,11 @@ class Generation:
             for record in upstream.records():
                 if record.handle is None:
                     continue
-                home = record.home
                 meta = {
                     "id": record.id,
                     "client": record.client,
                     "route": record.route,
                     "backend": record.backend,
-                    "url": "" if home is None else home.config.url,
                     "slots": "\n".join(record.slots),
                 }
                 exported = self.engine.export(record.handle, meta)
