@@ -14,7 +14,8 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -25,6 +26,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from tunnel import Config, serve
+
+if TYPE_CHECKING:
+    from handoffpeers import TunnelChain
 
 LOOPBACK = "127.0.0.1"
 THREAD_JOIN_SECONDS = 10.0
@@ -229,3 +233,23 @@ def fuzz_settings(examples: int) -> settings:
     enough for CI, or ``$TUNNEL_FUZZ_EXAMPLES`` when set."""
     count = int(os.environ.get(FUZZ_EXAMPLES) or examples)
     return settings(settings.get_profile("fuzz"), max_examples=count)
+
+
+@pytest.fixture
+def start_chain(tmp_path: Path) -> Iterator[Callable[..., TunnelChain]]:
+    """Factory: ``tunnel run`` on a config text and every process a hand-off starts from it
+    (``handoffpeers.TunnelChain``), serving; every process of it is killed and reaped at the
+    end."""
+    from handoffpeers import TunnelChain
+
+    chains: list[TunnelChain] = []
+
+    def start(config: str, raise_nofile: bool = False) -> TunnelChain:
+        chain = TunnelChain(tmp_path, config, raise_nofile)
+        chains.append(chain)
+        chain.wait_serving()
+        return chain
+
+    yield start
+    for chain in chains:
+        chain.close()

@@ -53,6 +53,9 @@ HANDED_OFF = re.compile(
     r"duration=([0-9.]+)s"
 )
 TAKEN_OVER = " info tunnels taken over from the old process"
+DRAIN = 10.0
+EXIT_SLACK = 10.0
+"""How long after its drain bound a loaded machine may take to exit."""
 
 
 def _prctl_subreaper(on: bool) -> None:
@@ -656,3 +659,56 @@ def open_idle_tunnels(port: int, host: str, count: int, batch: int = 200) -> lis
             sock.close()
         raise
     return opened
+
+
+# --- configuration and the chain's life ------------------------------------------------------
+
+
+def config_text(
+    routes: dict[str, str],
+    tls: tuple[Path, Path] | None = None,
+    tls_port: int = 0,
+    **server: str | int,
+) -> str:
+    """A config with a pid file, an admin listener, a plain listener on port 0 (and a TLS one
+    on ``tls_port``) and one route per ``host → backend url``."""
+    settings = {"pid_file": "@PID_FILE@", "drain_timeout": f"{DRAIN:g}s", **server}
+    lines = ["[server]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
+    lines += ["[admin]", 'listen = "127.0.0.1:0"', "[[listeners]]", 'listen = "127.0.0.1:0"']
+    if tls is not None:
+        cert, key = tls
+        lines += ["[[listeners]]", f'listen = "127.0.0.1:{tls_port}"', "[listeners.tls]"]
+        lines += [f'cert = "{cert}"', f'key = "{key}"']
+    for host, url in routes.items():
+        name = host.split(".")[0]
+        lines += ["[[routes]]", f'name = "{name}"', f'hosts = ["{host}"]']
+        lines.append(f'backends = [{{ name = "b-{name}", url = "{url}" }}]')
+    return "\n".join(lines) + "\n"
+
+
+def stop_last(chain: TunnelChain) -> None:
+    """SIGTERM to the serving process: it exits 0 and removes the pid file."""
+    pid = chain.serving_pid()
+    assert pid is not None
+    chain.signal(pid, signal.SIGTERM)
+    assert chain.wait_exit(pid, DRAIN + EXIT_SLACK) == 0
+    assert not chain.pid_path.exists()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def wait_until(what: str, ready: Callable[[], bool], seconds: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {seconds} s"
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now: a TLS listener's, so that its address
+    differs from the plain listener's ``127.0.0.1:0`` (see the xfail test below)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -15,24 +15,22 @@ only processes running ``tunnel run`` with its own config file).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import resource
 import signal
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 from conftest import WsBackend
 from handoffpeers import (
+    DRAIN,
+    EXIT_SLACK,
     TAKEN_OVER,
-    WAIT_SECONDS,
     BulkBackend,
     BulkClient,
     Chatter,
@@ -40,11 +38,16 @@ from handoffpeers import (
     Prober,
     TunnelChain,
     admin,
+    config_text,
     descriptors,
     error_lines,
+    free_port,
     open_idle_tunnels,
+    sha256,
+    stop_last,
     tunnels_by_route,
     upgrade_status,
+    wait_until,
     ws_connect,
 )
 
@@ -57,62 +60,11 @@ hand-off always lands in the middle of the stream, with bytes in flight both way
 BULK_BEFORE = 2 * 2**20
 """Bytes each bulk direction has delivered before the signal."""
 BULK_SECONDS = 60.0
-DRAIN = 10.0
-EXIT_SLACK = 10.0
-"""How long after its drain bound a loaded machine may take to exit."""
 FD_SLACK = 2
 """Descriptors the last process of a chain may hold beyond the first's: none is expected
 (the hand-off socket is closed once the tunnels are adopted); two allow for a descriptor the
 runtime opens lazily (an epoll set, a wake-up pipe) in one process and not yet in the other."""
 HAND_OFFS = 20
-
-
-def config_text(
-    routes: dict[str, str],
-    tls: tuple[Path, Path] | None = None,
-    tls_port: int = 0,
-    **server: str | int,
-) -> str:
-    """A config with a pid file, an admin listener, a plain listener on port 0 (and a TLS one
-    on ``tls_port``) and one route per ``host → backend url``."""
-    settings = {"pid_file": "@PID_FILE@", "drain_timeout": f"{DRAIN:g}s", **server}
-    lines = ["[server]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
-    lines += ["[admin]", 'listen = "127.0.0.1:0"', "[[listeners]]", 'listen = "127.0.0.1:0"']
-    if tls is not None:
-        cert, key = tls
-        lines += ["[[listeners]]", f'listen = "127.0.0.1:{tls_port}"', "[listeners.tls]"]
-        lines += [f'cert = "{cert}"', f'key = "{key}"']
-    for host, url in routes.items():
-        name = host.split(".")[0]
-        lines += ["[[routes]]", f'name = "{name}"', f'hosts = ["{host}"]']
-        lines.append(f'backends = [{{ name = "b-{name}", url = "{url}" }}]')
-    return "\n".join(lines) + "\n"
-
-
-@pytest.fixture
-def start_chain(tmp_path: Path) -> Iterator[Callable[..., TunnelChain]]:
-    """Factory: a tunnel chain on a config text, serving; every process of it is killed and
-    reaped at the end."""
-    chains: list[TunnelChain] = []
-
-    def start(config: str, raise_nofile: bool = False) -> TunnelChain:
-        chain = TunnelChain(tmp_path, config, raise_nofile)
-        chains.append(chain)
-        chain.wait_serving()
-        return chain
-
-    yield start
-    for chain in chains:
-        chain.close()
-
-
-def stop_last(chain: TunnelChain) -> None:
-    """SIGTERM to the serving process: it exits 0 and removes the pid file."""
-    pid = chain.serving_pid()
-    assert pid is not None
-    chain.signal(pid, signal.SIGTERM)
-    assert chain.wait_exit(pid, DRAIN + EXIT_SLACK) == 0
-    assert not chain.pid_path.exists()
 
 
 # --- 1. SIGUSR2 moves a chatty tunnel and a 64 MiB stream; new upgrades never fail ------------
@@ -189,17 +141,6 @@ def test_sigusr2_moves_live_tunnels_to_the_new_process(
     finally:
         fast.set()
         bulk_backend.close()
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def wait_until(what: str, ready: Callable[[], bool], seconds: float = WAIT_SECONDS) -> None:
-    deadline = time.monotonic() + seconds
-    while not ready():
-        assert time.monotonic() < deadline, f"gave up waiting for {what} after {seconds} s"
-        time.sleep(0.02)
 
 
 # --- 2. POST /upgrade does the same and says so ----------------------------------------------
@@ -352,14 +293,6 @@ def wss_works(port: int, context: ssl.SSLContext) -> bool:
             return bool(ws.recv(timeout=10) == "tls?")
     except (ssl.SSLError, OSError):
         return False
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now: a TLS listener's, so that its address
-    differs from the plain listener's ``127.0.0.1:0`` (see the xfail test below)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # --- 4. a broken config file refuses the hand-off ---------------------------------------------

@@ -24,6 +24,7 @@ from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
 from tunnel.net.auth_files import check_auth
 from tunnel.net.handler import Entry
+from tunnel.net.handoff import HandoffError
 from tunnel.net.handshakes import Ticket
 from tunnel.net.health_probe import run_health_checks
 from tunnel.net.listener import (
@@ -38,7 +39,7 @@ from tunnel.net.worker_admin import WorkersView, socket_path
 from tunnel.pidfile import remove_pid_file, write_pid_file
 from tunnel.server import Generation, Reloaded
 from tunnel.stats import ListenerStatistics
-from tunnel.successor import HandoffRefused, Successor, hand_off
+from tunnel.successor import HandoffRefused, Successor, hand_off, pass_over
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -131,10 +132,11 @@ class Control:
         if runtime is None or generation is None or self.argv is None:
             raise ReloadRefused(409, "a hand-off needs a process started by `tunnel run`")
         if runtime.config.server.workers > 1:
-            raise ReloadRefused(409, "a hand-off with workers > 1 is not supported yet")
+            raise ReloadRefused(409, "with workers > 1 the supervisor hands off (SIGUSR2 to it)")
         if self.loader is not None:
             try:
-                await trio.to_thread.run_sync(self.loader)
+                config = await trio.to_thread.run_sync(self.loader)
+                config.check_reload(runtime.config)
             except ConfigError as error:
                 generation.handoffs["refused"] += 1
                 log.error(
@@ -159,6 +161,46 @@ class Control:
         generation.handoff_seconds = outcome.seconds
         self.stop()
         return outcome.to_json()
+
+    async def hand_over(
+        self, sock: socket.socket, commit: Callable[[], Awaitable[bool]], by: str
+    ) -> dict[str, Any]:
+        """A worker's part in its supervisor's hand-off (``tunnel.supervisor``): pass the
+        listeners and the plain tunnels to the new worker at the other end of ``sock``
+        (``tunnel.successor.pass_over``; ``commit`` waits for the supervisor's go). Returns the
+        tunnels sent and kept and the seconds it took; the caller then stops this worker.
+
+        Raises:
+            HandoffError, OSError: before the go; nothing changed and this worker keeps
+                serving.
+            ReloadRefused: stopping, or already handing off.
+        """
+        runtime, generation = self._runtime, self.generation
+        if self.stopping or self._handing_off or runtime is None or generation is None:
+            sock.close()
+            raise ReloadRefused(503, "this worker is stopping or already handing off")
+        started = trio.current_time()
+        self._handing_off = True
+        try:
+            sent, kept = await pass_over(
+                sock, generation, runtime.listening_sockets(), runtime.stop_accepting, commit
+            )
+        except (HandoffError, OSError):
+            generation.handoffs["failed"] += 1
+            raise
+        finally:
+            self._handing_off = False
+            sock.close()
+        seconds = trio.current_time() - started
+        generation.handoffs["done"] += 1
+        generation.handoff_tunnels["sent"] += sent
+        generation.handoff_tunnels["kept"] += kept
+        generation.handoff_seconds = seconds
+        log.debug(
+            "this worker's tunnels handed to its successor",
+            extra=fields(tunnels=sent, kept=kept, duration=Seconds(seconds), by=by),
+        )
+        return {"sent": sent, "kept": kept, "seconds": seconds}
 
     async def reload_from_source(self) -> dict[str, Any]:
         """Read the configuration again with ``loader`` and apply it (SIGHUP, ``POST
@@ -211,6 +253,8 @@ class WorkerAdmin:
     public_fd: int | None = None
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
     """Asks the supervisor for a reload (``POST /reload`` on the public address)."""
+    upgrade: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """Asks the supervisor for a live hand-off (``POST /upgrade`` on the public address)."""
 
 
 def check_tls(config: Config) -> None:
@@ -551,6 +595,9 @@ async def _serve(
             await services.start(generation.engine.run)
             services.start_soon(run_health_checks, lambda: generation.upstreams.values())
             await services.start(generation.guarding.run)
+            if control.successor is not None:
+                # Everything is loaded: ready. Nothing is served before the old process's go.
+                await control.successor.wait_for_go()
             for admin_listener, view in admin:
                 source: AdminSource = _LocalAdmin(control) if view is None else view
                 if worker_admin is not None and view is None:
@@ -558,6 +605,10 @@ async def _serve(
                 accepting = trio.CancelScope()
                 if view is None and worker_admin is None:
                     control.admin.append((config.admin.listen, admin_listener, accepting))
+                elif view is not None:
+                    # Worker 1's public listener: the supervisor hands it over itself, but a
+                    # hand-off stops this worker accepting on it (``stop_accepting``).
+                    control.admin.append((None, admin_listener, accepting))
                 services.start_soon(serve_admin, admin_listener, source, accepting)
             async with trio.open_nursery() as handshakes:
                 runtime = _Runtime(config, generation, control, reuse_port, handshakes)
@@ -613,7 +664,10 @@ async def _admin_listeners(
             # and go, so admin clients wait in its backlog through a restart of worker 1.
             public = trio.socket.from_stdlib_socket(socket.socket(fileno=worker_admin.public_fd))
             view = WorkersView(
-                worker_admin.directory, worker_admin.workers, reload=worker_admin.reload
+                worker_admin.directory,
+                worker_admin.workers,
+                reload=worker_admin.reload,
+                upgrade=worker_admin.upgrade,
             )
             found.append((trio.SocketListener(public), view))
         return found

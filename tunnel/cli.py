@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import sys
 import time
 import urllib.parse
@@ -27,7 +28,8 @@ from tunnel.config import MAX_WORKERS, Address, Config, format_duration, parse_d
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
-from tunnel.net.activation import WORKER_OPTION, take_from_supervisor
+from tunnel.net.activation import WORKER_OPTION, parse_listen_fd, take_from_supervisor
+from tunnel.net.handoff import HandoffError
 from tunnel.net.listener import ListenError
 from tunnel.pidfile import remove_pid_file, write_pid_file
 from tunnel.successor import HANDOFF_OPTION, Successor
@@ -173,19 +175,21 @@ def run(
         _fail(f"configuration error: {error}")
         return
     setup_logging(config.server.log_format)
+    argv = _handoff_argv(sys.argv[1:])
     if config.server.workers > 1:
-        with _pid_file(config.server.pid_file):
+        # A supervisor started by a hand-off writes its PID once it has taken over.
+        with _pid_file(config.server.pid_file, write=handoff_fd is None):
             status = 0
             try:
                 check_tls(config)  # here, once, rather than in every worker it would stop
-                status = run_workers(config, loader)
+                status = run_workers(config, loader, argv=argv, handoff_fd=handoff_fd)
             except ConfigError as error:
                 _fail(f"configuration error: {error}")
             except ListenError as error:
                 _fail(error.strerror or str(error))
         sys.exit(status)
     control = Control(loader)
-    control.argv = _handoff_argv(sys.argv[1:])
+    control.argv = argv
     control.pid_file = config.server.pid_file
     if handoff_fd is not None:
         successor, listen_fds = trio.run(Successor.connect, handoff_fd)
@@ -209,10 +213,10 @@ def _handoff_argv(argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def _pid_file(path: str) -> Iterator[None]:
+def _pid_file(path: str, *, write: bool = True) -> Iterator[None]:
     """The supervisor's PID in ``path`` while it runs (a single process writes its own once
-    it listens: ``serve``)."""
-    if path:
+    it listens: ``serve``); removed at the end while it names this process."""
+    if path and write:
         write_pid_file(path)
     try:
         yield
@@ -241,6 +245,7 @@ def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
 @click.option("--admin-fd", type=click.IntRange(0), default=None)
 @click.option(WORKER_OPTION, "listen_fds", multiple=True, metavar="ADDR=FD")
 @click.option("--link", type=click.IntRange(0), default=None)
+@click.option(HANDOFF_OPTION, "handoff_fd", type=click.IntRange(0), default=None)
 def worker(
     number: int,
     lifeline: int | None,
@@ -249,6 +254,7 @@ def worker(
     admin_fd: int | None,
     listen_fds: tuple[str, ...],
     link: int | None,
+    handoff_fd: int | None,
 ) -> None:
     """One worker of ``tunnel run --workers N``, started by its supervisor.
 
@@ -259,8 +265,17 @@ def worker(
     ADDR=FD`` is a listening socket the supervisor inherited (systemd socket activation), which
     the listener ADDR accepts on instead of binding (see ``tunnel.net.activation``).
     ``--link`` is this worker's end of a socket pair to the supervisor, which hands over new
-    configurations on a reload (see ``tunnel.worker``).
+    configurations on a reload (see ``tunnel.worker``). ``--handoff-fd`` is this worker's end of
+    a hand-off from the same worker of the previous supervisor (see ``tunnel.successor``): its
+    listening sockets, with their accept queues, and then its tunnels come from there.
     """
+    control = None
+    if handoff_fd is not None:
+        with _exit_on_startup_errors():
+            successor, handed = trio.run(partial(Successor.connect, handoff_fd, main=False))
+        listen_fds = _merge_listen_fds(handed, listen_fds)
+        control = Control()
+        control.successor = successor
     take_from_supervisor(listen_fds)
     try:
         config = Config.from_toml(sys.stdin.buffer.read().decode("utf-8"))
@@ -273,8 +288,23 @@ def worker(
     if admin_dir is not None:
         admin = WorkerAdmin(admin_dir, number, workers, admin_fd)
     _serve_in_this_process(
-        config, reuse_port=True, lifeline=lifeline, worker_admin=admin, link=link
+        config, reuse_port=True, lifeline=lifeline, worker_admin=admin, link=link, control=control
     )
+
+
+def _merge_listen_fds(handed: list[str], inherited: tuple[str, ...]) -> tuple[str, ...]:
+    """The listening sockets a worker taken over accepts on: those its predecessor handed over,
+    and those the supervisor passes for addresses not among them (a systemd socket the
+    predecessor held is the same socket either way: the supervisor's copy is closed)."""
+    addresses = {parse_listen_fd(value)[0] for value in handed}
+    kept = list(handed)
+    for value in inherited:
+        address, fd = parse_listen_fd(value)
+        if address in addresses:
+            os.close(fd)
+        else:
+            kept.append(value)
+    return tuple(kept)
 
 
 def _serve_in_this_process(
@@ -312,6 +342,8 @@ def _exit_on_startup_errors() -> Iterator[None]:
         _fail(_listen_failure(group))
     except* ConfigError as group:
         _fail(f"configuration error: {_first(group)}")
+    except* HandoffError as group:
+        _fail(f"hand-off: {_first(group)}; the old process keeps serving and this one stops")
     except* KeyboardInterrupt:
         pass
 
@@ -335,7 +367,11 @@ async def _run_until_signal(
             supervisor = SupervisorLink(link)
             nursery.start_soon(supervisor.serve, control)
             if worker_admin is not None:
-                worker_admin = dataclasses.replace(worker_admin, reload=supervisor.request_reload)
+                worker_admin = dataclasses.replace(
+                    worker_admin,
+                    reload=supervisor.request_reload,
+                    upgrade=supervisor.request_upgrade,
+                )
         await serve_until_signal(
             config, reuse_port=reuse_port, worker_admin=worker_admin, control=control
         )

@@ -1,20 +1,24 @@
 """Live hand-off: start the next process and give it the listeners and every plain tunnel.
 
 The running process (``hand_off``) checks the configuration as a reload would, starts
-``python -m tunnel run`` with the same arguments and a private socket, and passes over it:
+``python -m tunnel run`` with the same arguments and a private socket, and passes over it
+(``pass_over``):
 
 1. a hello (the next tunnel id, so ids stay unique across the two processes);
 2. the listening sockets (``SCM_RIGHTS``): both processes now hold them, so no connection is
-   refused at any moment; the new one starts accepting and says it is ready;
-3. once ready, the old process stops accepting and exports every plain tunnel from its engine
+   refused at any moment (the kernel keeps one accept queue per socket, whoever holds it);
+3. the new process loads everything, says it is ready and waits for the go without
+   accepting; the old one says go, stops accepting, exports every plain tunnel from its engine
    (``Engine.export``: the bytes read and not yet written, counters, deadlines, frame
-   positions) and sends them; the new process adopts them into its own engine.
+   positions) and sends them; the new process accepts and adopts them into its own engine.
 
-Handshakes under way finish in the old process, and their tunnels (and TLS tunnels, whose
-OpenSSL state cannot leave the process) stay there until they end or ``drain_timeout``
-passes: the old process then stops as on SIGTERM and exits 0. If the new process does not
-start, say it is ready or take the tunnels within a bound, it is stopped and the old process
-keeps serving everything (tunnels it had sent are adopted back).
+The go is the point of no return: until then the new process has served nothing, so calling
+the hand-off off (a failure, or with ``workers = N`` another worker's successor not ready:
+``tunnel.supervisor``) only stops it. Handshakes under way finish in the old process, and their
+tunnels (and TLS tunnels, whose OpenSSL state cannot leave the process) stay there until they
+end or ``drain_timeout`` passes: the old process then stops as on SIGTERM and exits 0. If the
+new process does not start, say it is ready or take the tunnels within a bound, it is stopped
+and the old process keeps serving everything (tunnels it had sent are adopted back).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,6 +62,9 @@ START_SECONDS = 30.0
 nothing, opens its admin listener)."""
 STOP_SECONDS = 5.0
 """A new process that failed is given this long to exit after SIGTERM, then killed."""
+GO_SECONDS = START_SECONDS + 30.0
+"""A new process that said it is ready waits this long for the go, then gives up and exits
+(the old one, which may be waiting for its other workers' successors, keeps serving)."""
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 * 1024
 
@@ -141,12 +148,12 @@ async def hand_off(
     generation: Generation,
     argv: Sequence[str],
     listeners: Sequence[tuple[str, Address, trio.socket.SocketType]],
-    stop_accepting: Any,
+    stop_accepting: Callable[[], Awaitable[None]],
     *,
     by: str,
 ) -> HandedOff:
     """Start the next process and give it the listeners and the plain tunnels (see the
-    module). ``stop_accepting`` is awaited once the new process accepts.
+    module). ``stop_accepting`` is awaited once the new process may accept.
 
     Raises:
         HandoffRefused: the new process could not be started or did not take over; the old
@@ -164,38 +171,12 @@ async def hand_off(
         raise _refused(f"cannot start {command[0]}: {error}", by) from error
     theirs.close()
     try:
-        await _send_message(ours, {"next_id": generation.reserve_ids()})
-        await send_listeners(
-            ours,
-            [
-                (cast(socket.socket, sock), {kind: str(address)})
-                for kind, address, sock in listeners
-            ],
-        )
-        ready = await _receive_message(ours, START_SECONDS)
-        if ready.get("ready") is not True:
-            raise HandoffError(f"the new process answered {ready!r}")
+        sent, kept = await pass_over(ours, generation, listeners, stop_accepting)
     except (HandoffError, OSError) as error:
-        ours.close()
         await _stop(process)
         raise _refused(f"the new process did not start: {error}", by) from error
-    await stop_accepting()
-    items, kept = generation.export_tunnels()
-    try:
-        sent = await send_tunnels(ours, items)
-    except (HandoffError, OSError) as error:
-        generation.adopt_tunnels(items)
+    finally:
         ours.close()
-        log.error(
-            "hand-off of the open tunnels failed; they stay in this process, which stops "
-            "accepting (the new process serves new connections)",
-            extra=fields(error=str(error), pid=process.pid),
-        )
-        return HandedOff(process.pid, 0, kept + len(items), trio.current_time() - started)
-    for client, backend, _ in items:
-        client.close()
-        backend.close()
-    ours.close()
     outcome = HandedOff(process.pid, sent, kept, trio.current_time() - started)
     log.info(
         "tunnels handed off to the new process",
@@ -208,6 +189,55 @@ async def hand_off(
         ),
     )
     return outcome
+
+
+async def pass_over(
+    sock: socket.socket,
+    generation: Generation,
+    listeners: Sequence[tuple[str, Address, trio.socket.SocketType]],
+    stop_accepting: Callable[[], Awaitable[None]],
+    commit: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[int, int]:
+    """The old process's side of the exchange on ``sock`` (the caller closes it): the hello,
+    the listeners, the new process's ready; then ``commit`` (a supervisor waits there until
+    every worker's successor is ready: False calls the hand-off off); the go, after which
+    this process stops accepting and sends its plain tunnels. Returns the tunnels sent and
+    kept.
+
+    Raises:
+        HandoffError, OSError: before the go; nothing changed here (the new process, told
+            nothing, stops).
+    """
+    await _send_message(sock, {"next_id": generation.reserve_ids()})
+    await send_listeners(
+        sock,
+        [
+            (cast(socket.socket, listener), {kind: str(address)})
+            for kind, address, listener in listeners
+        ],
+    )
+    ready = await _receive_message(sock, START_SECONDS)
+    if ready.get("ready") is not True:
+        raise HandoffError(f"the new process answered {ready!r}")
+    if commit is not None and not await commit():
+        raise HandoffError("the hand-off was called off")
+    await _send_message(sock, {"go": True})
+    await stop_accepting()
+    items, kept = generation.export_tunnels()
+    try:
+        sent = await send_tunnels(sock, items)
+    except (HandoffError, OSError) as error:
+        generation.adopt_tunnels(items)
+        log.error(
+            "hand-off of the open tunnels failed; they stay in this process, which stops "
+            "accepting (the new process serves new connections)",
+            extra=fields(error=str(error)),
+        )
+        return 0, kept + len(items)
+    for client, backend, _ in items:
+        client.close()
+        backend.close()
+    return sent, kept
 
 
 def _refused(reason: str, by: str) -> HandoffRefused:
@@ -237,14 +267,17 @@ class Successor:
     next_id: int = 1
     admin: tuple[Address, socket.socket] | None = None
     """The old process's admin listener, when it had one."""
+    main: bool = True
+    """Whether this process becomes the service's main process (a worker does not: its
+    supervisor does)."""
 
     @classmethod
-    async def connect(cls, fd: int) -> tuple[Successor, list[str]]:
+    async def connect(cls, fd: int, *, main: bool = True) -> tuple[Successor, list[str]]:
         """Before serving: the hello and the listeners, as ``--listen-fd`` values for
         ``activation.take_from_supervisor``."""
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        successor = cls(sock)
+        successor = cls(sock, main=main)
         hello = await _receive_message(sock, START_SECONDS)
         successor.next_id = int(hello.get("next_id", 1))
         values = []
@@ -256,11 +289,23 @@ class Successor:
             values.append(listen_fd_argument(address, listener.detach()))
         return successor, values
 
-    async def take_over(self, generation: Generation) -> None:
-        """Say ready (we accept now; under systemd, this is the main process from now on),
-        then adopt the tunnels the old process sends."""
-        notify(f"MAINPID={os.getpid()}")
+    async def wait_for_go(self) -> None:
+        """Say ready (everything is loaded, nothing accepted yet) and wait for the old
+        process's go; from then on this process accepts (and, as the main process, tells
+        systemd so).
+
+        Raises:
+            HandoffError: no go within ``GO_SECONDS`` (the old process keeps serving).
+        """
         await _send_message(self.sock, {"ready": True, "pid": os.getpid()})
+        go = await _receive_message(self.sock, GO_SECONDS)
+        if go.get("go") is not True:
+            raise HandoffError(f"the old process answered {go!r}")
+        if self.main:
+            notify(f"MAINPID={os.getpid()}")
+
+    async def take_over(self, generation: Generation) -> None:
+        """Adopt the tunnels the old process sends (after the go)."""
         try:
             items = await receive_tunnels(self.sock)
         except HandoffError as error:
@@ -276,4 +321,4 @@ class Successor:
         log.info("tunnels taken over from the old process", extra=fields(tunnels=len(items)))
 
 
-__all__ = ["HandedOff", "HandoffRefused", "Successor", "TunnelItem", "hand_off"]
+__all__ = ["HandedOff", "HandoffRefused", "Successor", "TunnelItem", "hand_off", "pass_over"]

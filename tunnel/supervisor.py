@@ -31,6 +31,7 @@ restart, and nothing else runs in this process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -51,12 +52,29 @@ from typing import Any
 
 from tunnel.config import Address, AdminConfig, Config
 from tunnel.errors import ConfigError
+from tunnel.handover import receive_inheritance, receive_message, send_inheritance, send_message
 from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net import activation
 from tunnel.net.admin import bind_admin
+from tunnel.net.handoff import HandoffError
 from tunnel.net.listener import ListenError, bind_shared, take_inherited
+from tunnel.net.notify import notify
+from tunnel.pidfile import write_pid_file
 from tunnel.policy.restart import RestartPolicy
-from tunnel.worker import CONFIG, OUTCOME, RELOAD, WORKER_COMMAND, Messages, message
+from tunnel.successor import GO_SECONDS, HANDOFF_OPTION, HandedOff
+from tunnel.worker import (
+    CONFIG,
+    DONE,
+    GO,
+    HAND_OFF,
+    OUTCOME,
+    PREPARED,
+    RELOAD,
+    UPGRADE,
+    WORKER_COMMAND,
+    Messages,
+    message,
+)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -68,6 +86,11 @@ LINK_SEND_SECONDS = 5.0
 """Bound on handing one message to a worker (it reads its link all the time)."""
 KILL_WAIT_SECONDS = 5.0
 """Bound on waiting for a killed worker to be reaped (SIGKILL cannot be caught; this is slack)."""
+DONE_SECONDS = 300.0
+"""After the go, bound on waiting for every old worker to say how many tunnels it sent (10,000
+tunnels take a few seconds; each stalled message fails on its own after 10 s)."""
+HAND_OFF_POLL_SECONDS = 0.5
+"""How often a waiting hand-off looks at the new supervisor's process."""
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 WORKER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2})
@@ -77,7 +100,13 @@ KeyboardInterrupt; the worker unblocks them once it handles them."""
 _WAKE_SIGNALS = (*WORKER_SIGNALS, signal.SIGCHLD)
 
 
-def run_workers(config: Config, loader: Callable[[], Config] | None = None) -> int:
+def run_workers(
+    config: Config,
+    loader: Callable[[], Config] | None = None,
+    *,
+    argv: Sequence[str] | None = None,
+    handoff_fd: int | None = None,
+) -> int:
     """Serve ``config`` with ``config.server.workers`` processes; block until SIGTERM or SIGINT.
 
     The one-process counterpart of ``await serve(config)`` for ``workers`` > 1. Call it from the
@@ -88,7 +117,9 @@ def run_workers(config: Config, loader: Callable[[], Config] | None = None) -> i
     worker gets them (``--listen-fd``) and accepts on them, with no SO_REUSEPORT.
 
     ``loader`` reads the configuration again for a reload (SIGHUP, ``POST /reload``); it raises
-    ``ConfigError``.
+    ``ConfigError``. ``argv`` are ``tunnel run``'s arguments, which a live hand-off (SIGUSR2,
+    ``POST /upgrade``) starts again; ``handoff_fd`` is set in a supervisor started that way
+    (``tunnel.handover``).
 
     Returns:
         The exit status: 0 after a requested stop, 1 when the workers could not be started.
@@ -99,11 +130,21 @@ def run_workers(config: Config, loader: Callable[[], Config] | None = None) -> i
     """
     ports = _Ports()
     cleanup = ExitStack()
+    predecessor = None
     try:
+        handed_admin = None
+        if handoff_fd is not None:
+            predecessor, handed_admin = _Predecessor.connect(handoff_fd, ports)
+            cleanup.callback(predecessor.close)
         worker_config = ports.worker_config(config)
         admin = None
         if config.admin.listen is not None:
-            admin = _AdminPlan(bind_admin(config.admin.listen), tempfile.mkdtemp(prefix="tunnel-"))
+            admin_listener = (
+                handed_admin[1]
+                if handed_admin is not None and handed_admin[0] == config.admin.listen
+                else bind_admin(config.admin.listen)
+            )
+            admin = _AdminPlan(admin_listener, tempfile.mkdtemp(prefix="tunnel-"))
             cleanup.callback(admin.listener.close)
             cleanup.callback(shutil.rmtree, admin.directory, ignore_errors=True)
         log.info(
@@ -116,6 +157,8 @@ def run_workers(config: Config, loader: Callable[[], Config] | None = None) -> i
         )
         with _signal_pipe() as wakeups, _lifeline() as lifeline:
             supervisor = _Supervisor(config, worker_config, ports, wakeups, lifeline, admin, loader)
+            supervisor.argv = None if argv is None else list(argv)
+            supervisor.predecessor = predecessor
             return supervisor.run(config.server.workers)
     finally:
         ports.close()
@@ -172,11 +215,31 @@ class _Ports:
             admin=AdminConfig(),
         )
 
+    def adopt(self, reserved: dict[Address, tuple[Address, list[socket.socket]]]) -> None:
+        """Take the addresses a previous supervisor reserved (a live hand-off): the same
+        concrete ports, port 0 included."""
+        self._reserved.update(reserved)
+
+    @property
+    def reserved(self) -> dict[Address, tuple[Address, list[socket.socket]]]:
+        return self._reserved
+
     def close(self) -> None:
         for _, sockets in self._reserved.values():
             for sock in sockets:
                 sock.close()
         self._reserved.clear()
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    """A new supervisor that failed: SIGTERM, then SIGKILL after ``KILL_WAIT_SECONDS``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(KILL_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def describe_exit(returncode: int) -> str:
@@ -213,6 +276,45 @@ class _AdminPlan:
     directory: str
 
 
+@dataclass
+class _Predecessor:
+    """In a supervisor started by a live hand-off: the socket to the old supervisor, until it
+    commits, and the new end of each worker's pair with the old worker of its number."""
+
+    sock: socket.socket | None
+    pairs: dict[int, socket.socket]
+
+    @classmethod
+    def connect(
+        cls, fd: int, ports: _Ports
+    ) -> tuple[_Predecessor, tuple[Address, socket.socket] | None]:
+        """Receive the old supervisor's inheritance: its reserved ports go to ``ports``, its
+        systemd sockets to ``activation``; the admin listener is returned.
+
+        Raises:
+            HandoffError: the old supervisor sent nothing usable (it keeps serving).
+        """
+        sock = socket.socket(fileno=fd)
+        try:
+            inheritance = receive_inheritance(sock)
+        except BaseException:
+            sock.close()
+            raise
+        ports.adopt(inheritance.reserved)
+        activation.take_from_supervisor(
+            [activation.listen_fd_argument(address, fd) for address, fd in inheritance.inherited]
+        )
+        return cls(sock, inheritance.pairs), inheritance.admin
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        for pair in self.pairs.values():
+            pair.close()
+        self.pairs.clear()
+
+
 class _Supervisor:
     def __init__(
         self,
@@ -232,6 +334,15 @@ class _Supervisor:
         self._admin = admin
         self._loader = loader
         self._slots: list[_Slot] = []
+        self.argv: list[str] | None = None
+        """``tunnel run``'s arguments: what a hand-off starts again (None: no hand-off)."""
+        self.predecessor: _Predecessor | None = None
+        self._handing_off = False
+        self._handed_off = False
+        self._deferred: list[int] = []
+        """Signals received while a hand-off waited, acted on after it."""
+        self._replies: dict[int, tuple[bytes, dict[str, Any]]] = {}
+        """Worker number → its last ``PREPARED`` or ``DONE`` message of a hand-off."""
 
     def run(self, workers: int) -> int:
         self._slots = [_Slot(number) for number in range(1, workers + 1)]
@@ -245,14 +356,15 @@ class _Supervisor:
                     if signum == signal.SIGHUP:
                         self._hangup()
                     if signum == signal.SIGUSR2:
-                        log.error(
-                            "hand-off refused; this process keeps serving",
-                            extra=fields(
-                                error="a live hand-off with workers > 1 is not supported yet; "
-                                "restart the service instead (open tunnels then drain)",
-                                by="SIGUSR2",
-                            ),
-                        )
+                        log.info("SIGUSR2 received; handing off to a new supervisor")
+                        self._hand_off("SIGUSR2")
+                if self._handed_off:
+                    # The old workers drain what stayed (TLS tunnels, handshakes) and exit.
+                    self._stop("hand-off", signal_workers=False)
+                    return 0
+                if self.predecessor is not None and not self._follow_predecessor():
+                    self._stop("hand-off called off")
+                    return 1
                 self._reap_unexpected(time.monotonic())
                 if all(slot.process is None and slot.restarts.cannot_start for slot in self._slots):
                     log.error(
@@ -268,7 +380,8 @@ class _Supervisor:
                 for slot in self._slots:
                     if slot.restart_at is not None and slot.restart_at <= now:
                         self._start(slot, now)
-                received = self._wait(self._next_restart(time.monotonic()))
+                received = self._deferred + self._wait(self._next_restart(time.monotonic()))
+                self._deferred = []
         finally:
             for slot in self._slots:
                 self._unlink(slot)
@@ -276,7 +389,10 @@ class _Supervisor:
     def _wait(self, timeout: float | None) -> list[int]:
         """Wait for signals and link messages (served here); the signals received."""
         links = {slot.link.fileno(): slot for slot in self._slots if slot.link is not None}
-        ready, _, _ = select.select([self._wakeups, *links], [], [], timeout)
+        watched = [self._wakeups, *links]
+        if self.predecessor is not None and self.predecessor.sock is not None:
+            watched.append(self.predecessor.sock.fileno())
+        ready, _, _ = select.select(watched, [], [], timeout)
         for fd in ready:
             if fd in links:
                 self._read_link(links[fd])
@@ -293,10 +409,20 @@ class _Supervisor:
             # The worker is gone (or broke the protocol); its exit is reaped as usual.
             self._unlink(slot)
             return
-        for kind, _ in requests:
+        for kind, body in requests:
             if kind == RELOAD:
-                outcome = self._reload(f"worker {slot.number} (POST /reload)")
+                outcome = (
+                    {"status": 503, "error": "a hand-off is under way"}
+                    if self._handing_off or self._handed_off
+                    else self._reload(f"worker {slot.number} (POST /reload)")
+                )
                 self._send(slot, message(OUTCOME, json.dumps(outcome).encode()))
+            elif kind == UPGRADE:
+                outcome = self._hand_off(f"worker {slot.number} (POST /upgrade)")
+                self._send(slot, message(OUTCOME, json.dumps(outcome).encode()))
+            elif kind in (PREPARED, DONE):
+                with contextlib.suppress(ValueError):
+                    self._replies[slot.number] = (kind, json.loads(body))
 
     def _hangup(self) -> None:
         if self._loader is None:
@@ -348,19 +474,231 @@ class _Supervisor:
             },
         }
 
-    def _send(self, slot: _Slot, data: bytes) -> None:
-        """Hand ``data`` to a worker; one that does not take it within ``LINK_SEND_SECONDS``
-        is logged and skipped (it is stuck, and will be restarted if it dies)."""
+    # Live hand-off (tunnel.handover): the old supervisor's side.
+
+    def _hand_off(self, by: str) -> dict[str, Any]:
+        """Start the installed tunnel again as a new supervisor and move every worker's
+        listeners and tunnels to the new worker of its number; the outcome as ``POST
+        /upgrade`` answers it. Nothing changes unless every new worker is ready: then the old
+        workers are told to go, hand over and drain, and ``run`` waits for them and returns.
+        """
+        refused = self._hand_off_refused()
+        if refused is not None:
+            log.error(
+                "hand-off refused; this process keeps serving", extra=fields(error=refused, by=by)
+            )
+            return {"status": 409, "error": refused}
+        if self._loader is not None:
+            try:
+                self._loader().check_reload(self._config)
+            except ConfigError as error:
+                log.error(
+                    "hand-off refused; the configuration does not load and this process keeps "
+                    "serving",
+                    extra=fields(error=str(error), by=by),
+                )
+                return {"status": 400, "error": str(error)}
+        self._handing_off = True
+        self._replies.clear()
+        try:
+            return self._hand_off_to_new_supervisor(by, time.monotonic())
+        finally:
+            self._handing_off = False
+
+    def _hand_off_refused(self) -> str | None:
+        if self.argv is None:
+            return "started without `tunnel run`'s arguments: nothing to start again"
+        if self._handing_off or self._handed_off:
+            return "a hand-off is already under way"
+        if self.predecessor is not None:
+            return "this supervisor is still taking over from the previous one"
+        waiting = [s.number for s in self._slots if s.process is None or s.link is None]
+        if waiting:
+            return f"worker {waiting[0]} is not running (it is being restarted); try again"
+        return None
+
+    def _hand_off_to_new_supervisor(self, by: str, started: float) -> dict[str, Any]:
+        assert self.argv is not None
+        ours, theirs = socket.socketpair()
+        pairs = {slot.number: socket.socketpair() for slot in self._slots}
+        command = [sys.executable, "-P", "-m", "tunnel", *self.argv, HANDOFF_OPTION]
+        command.append(str(theirs.fileno()))
+        process = None
+        try:
+            process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
+            theirs.close()
+            admin = None
+            if self._admin is not None and self._config.admin.listen is not None:
+                admin = (self._config.admin.listen, self._admin.listener)
+            send_inheritance(
+                ours,
+                self._ports.reserved,
+                activation.inherited().assigned(),
+                admin,
+                {number: new for number, (_, new) in pairs.items()},
+                LINK_SEND_SECONDS,
+            )
+            for slot in self._slots:
+                if not self._send(slot, message(HAND_OFF), pairs[slot.number][0].fileno()):
+                    raise HandoffError(f"worker {slot.number} did not take its part")
+        except (OSError, HandoffError) as error:
+            return self._call_off(f"cannot start the new supervisor: {error}", by, ours, process)
+        finally:
+            theirs.close()
+            for old, new in pairs.values():
+                old.close()
+                new.close()
+        problem = self._collect(PREPARED, time.monotonic() + GO_SECONDS, ours, process)
+        if problem is not None:
+            return self._call_off(problem, by, ours, process)
+        for slot in self._slots:
+            self._send(slot, message(GO, json.dumps({"go": True}).encode()))
+        try:
+            send_message(ours, {"committed": True}, (), time.monotonic() + LINK_SEND_SECONDS)
+        except HandoffError as error:
+            log.warning(
+                "the new supervisor did not hear that it took over; it will stop when this one "
+                "exits, and so would its workers",
+                extra=fields(error=str(error), pid=process.pid),
+            )
+        ours.close()
+        self._handed_off = True
+        self._collect(DONE, time.monotonic() + DONE_SECONDS, None, None)
+        sent = kept = 0
+        for kind, body in self._replies.values():
+            if kind == DONE:
+                sent += int(body.get("sent", 0))
+                kept += int(body.get("kept", 0))
+        seconds = time.monotonic() - started
+        log.info(
+            "tunnels handed off to the new process",
+            extra=fields(
+                pid=process.pid,
+                tunnels=sent,
+                kept=kept,
+                duration=Seconds(seconds),
+                workers=len(self._slots),
+                by=by,
+            ),
+        )
+        document = HandedOff(process.pid, sent, kept, seconds).to_json()
+        return {"status": 200, "document": document}
+
+    def _collect(
+        self,
+        kind: bytes,
+        deadline: float,
+        ours: socket.socket | None,
+        process: subprocess.Popen[bytes] | None,
+    ) -> str | None:
+        """Wait until every worker sent ``kind`` (in ``_replies``); what went wrong, if
+        anything: a worker's error, a worker or the new supervisor gone, a stop signal, the
+        deadline."""
+        while True:
+            answered = {n: body for n, (k, body) in self._replies.items() if k == kind}
+            failed = [(n, body) for n, body in answered.items() if body.get("ready") is False]
+            if failed:
+                number, body = failed[0]
+                return f"worker {number}: {body.get('error', 'not ready')}"
+            if len(answered) == len(self._slots):
+                return None
+            gone = [s.number for s in self._slots if s.link is None and s.number not in answered]
+            if gone:
+                return f"worker {gone[0]} exited during the hand-off"
+            if process is not None and process.poll() is not None:
+                return f"the new supervisor {describe_exit(process.returncode)}"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waiting = sorted({slot.number for slot in self._slots} - answered.keys())
+                return f"worker {waiting[0]} got no answer from its successor in time"
+            if ours is not None and select.select([ours], [], [], 0)[0]:
+                # The new supervisor never writes here before the go: this is its end.
+                return "the new supervisor closed the hand-off socket"
+            received = self._wait(min(left, HAND_OFF_POLL_SECONDS))
+            self._deferred += received
+            if ours is not None and STOP_SIGNALS.intersection(received):
+                return "a stop signal came first"
+
+    def _call_off(
+        self,
+        problem: str,
+        by: str,
+        ours: socket.socket,
+        process: subprocess.Popen[bytes] | None,
+    ) -> dict[str, Any]:
+        """Nothing moved: tell the workers no, stop the new supervisor (its workers served
+        nothing), and keep serving."""
+        for slot in self._slots:
+            self._send(slot, message(GO, json.dumps({"go": False}).encode()))
+        ours.close()
+        if process is not None:
+            _stop_process(process)
+        # The workers still waiting for their successor now hear it is gone.
+        self._collect(PREPARED, time.monotonic() + LINK_SEND_SECONDS, None, None)
+        log.error(
+            "hand-off failed; this process keeps serving everything",
+            extra=fields(error=problem, by=by),
+        )
+        return {"status": 502, "error": problem}
+
+    # Live hand-off: the new supervisor's side.
+
+    def _follow_predecessor(self) -> bool:
+        """In a supervisor started by a hand-off: act on the old supervisor's word. False
+        when it called the hand-off off (or a new worker died before the go): stop."""
+        predecessor = self.predecessor
+        assert predecessor is not None
+        died = [
+            slot.number
+            for slot in self._slots
+            if slot.started and slot.process is not None and slot.process.poll() is not None
+        ]
+        if died:
+            log.error(
+                "a new worker exited before the hand-off was done; this supervisor stops and "
+                "the old one keeps serving",
+                extra=fields(worker=died[0]),
+            )
+            return False
+        if predecessor.sock is None or not select.select([predecessor.sock], [], [], 0)[0]:
+            return True
+        try:
+            word, _ = receive_message(predecessor.sock, time.monotonic() + LINK_SEND_SECONDS)
+        except HandoffError as error:
+            word = {"error": str(error)}
+        if word.get("committed") is not True:
+            log.error(
+                "the old supervisor called the hand-off off; it keeps serving and this one stops",
+                extra=fields(error=word.get("error", repr(word))),
+            )
+            return False
+        predecessor.close()
+        self.predecessor = None
+        if self._config.server.pid_file:
+            write_pid_file(self._config.server.pid_file)
+        notify(f"MAINPID={os.getpid()}")
+        log.info("took over from the old supervisor", extra=fields(pid=os.getpid()))
+        return True
+
+    def _send(self, slot: _Slot, data: bytes, fd: int | None = None) -> bool:
+        """Hand ``data`` (and the descriptor ``fd``) to a worker; one that does not take it
+        within ``LINK_SEND_SECONDS`` is logged and skipped (it is stuck, and will be restarted
+        if it dies). Whether it was sent."""
         if slot.link is None:
-            return
+            return False
         try:
             slot.link.settimeout(LINK_SEND_SECONDS)
+            if fd is not None:
+                sent = socket.send_fds(slot.link, [data], [fd])
+                data = data[sent:]
             slot.link.sendall(data)
+            return True
         except OSError as exc:
             log.error(
                 "could not hand a message to a worker",
                 extra=fields(worker=slot.number, error=str(exc) or type(exc).__name__),
             )
+            return False
         finally:
             slot.link.setblocking(False)
 
@@ -392,6 +730,10 @@ class _Supervisor:
         for address, fd in activation.inherited().assigned():  # as taken by run_workers
             command += [activation.WORKER_OPTION, activation.listen_fd_argument(address, fd)]
             inherited.append(fd)
+        pair = None if self.predecessor is None else self.predecessor.pairs.pop(slot.number, None)
+        if pair is not None:
+            command += [HANDOFF_OPTION, str(pair.fileno())]
+            inherited.append(pair.fileno())
         if self._admin is not None:
             command += ["--admin-dir", self._admin.directory, "--of", str(len(self._slots))]
             if slot.number == 1:
@@ -425,6 +767,8 @@ class _Supervisor:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 worker_end.close()
+                if pair is not None:
+                    pair.close()
         link.setblocking(False)
         slot.link = link
         slot.process, slot.started, slot.restart_at = process, now, None
@@ -463,21 +807,23 @@ class _Supervisor:
         for _, process in running:
             process.send_signal(signal.SIGHUP)  # no-op if already reaped, so never a stale pid
 
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: str, *, signal_workers: bool = True) -> None:
         """SIGTERM to every worker, which drains its tunnels and exits; kill what is left at
         the bound. A second stop signal is passed on (the workers close what is left at once)
-        and shortens the wait to ``KILL_WAIT_SECONDS``."""
+        and shortens the wait to ``KILL_WAIT_SECONDS``. Without ``signal_workers`` the
+        workers are already draining (after a hand-off): only wait for them."""
         running = self._running()
         bound = self._config.server.drain_timeout + STOP_SLACK_SECONDS
         log.info(
-            "stopping workers",
+            "stopping workers" if signal_workers else "waiting for the workers to drain",
             extra=fields(signal=reason, workers=len(running), stop_timeout=Seconds(bound)),
         )
-        for _, process in running:
-            process.terminate()
+        hurried = False
+        if signal_workers:
+            for _, process in running:
+                process.terminate()
         deadline = time.monotonic() + bound
         why = f"still running {bound:g}s after SIGTERM (drain_timeout + {STOP_SLACK_SECONDS:g}s)"
-        hurried = False
         while True:
             for number, process in running:
                 if process.poll() is not None:

@@ -74,12 +74,15 @@ class WorkersView:
         workers: int,
         ask: Callable[[str, str, str], Awaitable[tuple[int, bytes]]] = request,
         reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        upgrade: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         """``reload`` asks the supervisor to read the configuration again and hand it to
-        every worker (``POST /reload``)."""
+        every worker (``POST /reload``); ``upgrade`` asks it for a live hand-off (``POST
+        /upgrade``)."""
         self._paths = {n: socket_path(directory, n) for n in range(1, workers + 1)}
         self._ask = ask
         self._reload = reload
+        self._upgrade = upgrade
 
     async def _gather(self, target: str, method: str = "GET") -> dict[int, tuple[int, bytes]]:
         """Ask every worker at once; the ones that fail are left out (and logged)."""
@@ -119,7 +122,9 @@ class WorkersView:
         return merge_metrics(texts), CONTENT_TYPE
 
     async def upgrade(self) -> dict[str, Any]:
-        raise ReloadRefused(409, "a hand-off with workers > 1 is not supported yet")
+        if self._upgrade is None:
+            raise ReloadRefused(409, "this worker has no link to its supervisor")
+        return await self._upgrade()
 
     async def reload_config(self) -> dict[str, Any]:
         if self._reload is None:
