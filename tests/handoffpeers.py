@@ -640,6 +640,41 @@ class IdleBackend:
         self.wake_write.close()
 
 
+class IdleBackendProcess:
+    """``IdleBackend`` in a child process, so that its descriptors (one per tunnel) count
+    against that process's limit rather than this one's, which holds the clients' ends."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=_raise_nofile,
+        )
+        assert self.process.stdout is not None
+        ready = selectors.DefaultSelector()
+        ready.register(self.process.stdout, selectors.EVENT_READ)
+        if not ready.select(WAIT_SECONDS):
+            self.close()
+            raise AssertionError("the idle backend process did not start")
+        ready.close()
+        self.port = int(self.process.stdout.readline())
+
+    @property
+    def url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}"
+
+    def close(self) -> None:
+        """Close its stdin (it then stops) and reap it; killed if it does not exit."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(KILL_WAIT_SECONDS)
+
+
 def open_idle_tunnels(port: int, host: str, count: int, batch: int = 200) -> list[socket.socket]:
     """``count`` upgrades through the tunnel, ``batch`` at a time, each answered 101."""
     opened: list[socket.socket] = []
@@ -712,3 +747,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":
+    # ``IdleBackendProcess``: serve until stdin closes.
+    served = IdleBackend()
+    print(served.port, flush=True)
+    sys.stdin.read()
+    served.close()

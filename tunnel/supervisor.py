@@ -61,7 +61,7 @@ from tunnel.net.listener import ListenError, bind_shared, take_inherited
 from tunnel.net.notify import notify
 from tunnel.pidfile import write_pid_file
 from tunnel.policy.restart import RestartPolicy
-from tunnel.successor import GO_SECONDS, HANDOFF_OPTION, HandedOff
+from tunnel.successor import GO_SECONDS, HANDOFF_OPTION, HandedOff, HandoffRefused
 from tunnel.worker import (
     CONFIG,
     DONE,
@@ -229,6 +229,18 @@ class _Ports:
             for sock in sockets:
                 sock.close()
         self._reserved.clear()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer of ``sock``, which never writes to it, has closed its end."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -550,6 +562,11 @@ class _Supervisor:
                 new.close()
         problem = self._collect(PREPARED, time.monotonic() + GO_SECONDS, ours, process)
         if problem is not None:
+            # A worker's pair breaks when the new supervisor dies: name the cause.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(KILL_WAIT_SECONDS if _closed(ours) else 0)
+            if process.returncode is not None:
+                problem = f"the new supervisor {describe_exit(process.returncode)}"
             return self._call_off(problem, by, ours, process)
         for slot in self._slots:
             self._send(slot, message(GO, json.dumps({"go": True}).encode()))
@@ -611,8 +628,7 @@ class _Supervisor:
             if left <= 0:
                 waiting = sorted({slot.number for slot in self._slots} - answered.keys())
                 return f"worker {waiting[0]} got no answer from its successor in time"
-            if ours is not None and select.select([ours], [], [], 0)[0]:
-                # The new supervisor never writes here before the go: this is its end.
+            if ours is not None and _closed(ours):
                 return "the new supervisor closed the hand-off socket"
             received = self._wait(min(left, HAND_OFF_POLL_SECONDS))
             self._deferred += received
@@ -639,7 +655,7 @@ class _Supervisor:
             "hand-off failed; this process keeps serving everything",
             extra=fields(error=problem, by=by),
         )
-        return {"status": 502, "error": problem}
+        return {"status": HandoffRefused.status, "error": problem}
 
     # Live hand-off: the new supervisor's side.
 
