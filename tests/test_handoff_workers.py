@@ -30,6 +30,7 @@ from conftest import WsBackend
 from handoffpeers import (
     DRAIN,
     EXIT_SLACK,
+    WAIT_SECONDS,
     BulkBackend,
     BulkClient,
     Chatter,
@@ -422,3 +423,38 @@ def test_hand_off_duration_for_10000_idle_tunnels_over_two_workers(
             sock.close()
         backend.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+# --- 7. under systemd: the new process says it is the main one --------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+def test_the_new_process_tells_systemd_it_is_the_main_process(
+    start_chain: Callable[..., TunnelChain],
+    start_ws_backend: Callable[..., WsBackend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+) -> None:
+    """What ``NotifyAccess=all`` lets systemd act on (``examples/tunnel.service``): after the
+    hand-off, ``MAINPID=`` names the new process (the supervisor with workers), the one in the
+    pid file; nothing is said before it took over."""
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(WAIT_SECONDS)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    try:
+        backend = start_ws_backend()
+        chain = start_chain(config_text({"chat.test": backend.url}, workers=workers))
+        systemd.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            systemd.recv(100)
+        systemd.settimeout(WAIT_SECONDS)
+
+        _, new = chain.hand_off(1)
+
+        assert systemd.recv(100) == f"MAINPID={new}".encode()
+        assert chain.serving_pid() == new
+        stop_last(chain)
+    finally:
+        systemd.close()
