@@ -10,8 +10,8 @@ Each worker is ``python -P -m tunnel worker`` serving the effective configuratio
 stdin: the concrete ports, ``workers = 1``) on its own listening sockets with SO_REUSEPORT, so the
 kernel spreads new connections among the workers; ``-P`` keeps the current directory off its
 ``sys.path``, so a ``tunnel/`` folder there never shadows the installed package. Workers never
-talk to each other or to the supervisor; the supervisor only starts, signals, reaps and restarts
-them:
+talk to each other; each has a link to the supervisor (``tunnel.worker``), which starts,
+signals, reaps and restarts them:
 
 - SIGTERM or SIGINT: SIGTERM to every worker, which drains its tunnels (``drain_timeout``);
   wait up to ``drain_timeout`` + ``STOP_SLACK_SECONDS``, SIGKILL what is left, return 0. A second
@@ -21,6 +21,11 @@ them:
   once with the ``loader``, check it (TLS files included) and reserve any new port, then hand it
   to every worker over its link (``tunnel.worker``); a bad file is one error line and nothing
   changes. Without a configuration file, SIGHUP is passed on (the workers reload TLS files).
+- SIGUSR2, or a hand-off that worker 1 asks for (``POST /upgrade``): a live hand-off to a new
+  supervisor started from the same command line (``tunnel.handover``): it gets this one's
+  reserved ports, systemd sockets and admin listener, and each old worker passes its listeners
+  and plain tunnels to the new worker of its number. Nothing moves unless every new worker is
+  ready; then the old workers drain what stayed and exit, and so does this process (status 0).
 - A worker that exits on its own is restarted after a backoff (``tunnel.policy.restart``); when
   every worker keeps failing to start, the supervisor gives up and returns 1.
 
