@@ -173,6 +173,11 @@ def test_post_upgrade_hands_off_and_answers_the_new_pid(
     assert after["id"] == before["id"]
     assert after["bytes_up"] >= before["bytes_up"] > 0
     assert upgrade_status(port, "chat.test") == 101
+    status, metrics = admin(admin_port, "GET", "/metrics")
+    assert status == 200
+    assert 'tunnel_handoff_tunnels_total{direction="received"} 1.0' in metrics
+    [duration] = re.findall(r"^tunnel_handoff_last_duration_seconds (\S+)$", metrics, re.M)
+    assert 0 < float(duration) <= answer["seconds"] + 1, (duration, answer)
     chatter.finish()
     assert backend.connections == 2  # the tunnel, and the one upgrade after the hand-off
     assert "by=POST /upgrade" in chain.log() or 'by="POST /upgrade"' in chain.log()

@@ -157,7 +157,8 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
         handoff_tunnels.add_metric([direction], count)
     handoff_seconds = GaugeMetricFamily(
         "tunnel_handoff_last_duration_seconds",
-        "How long the last hand-off this process began took, to the last tunnel taken.",
+        "How long the last live hand-off took, from SIGUSR2 (or POST /upgrade) to the last "
+        "tunnel taken: one this process began, or the one that started it.",
         value=snapshot.handoff_seconds,
     )
     yield from (upgrades, closed, refusals, proxy_refused, handshakes, shed, left_early)

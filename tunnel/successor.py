@@ -23,6 +23,7 @@ and the old process keeps serving everything (tunnels it had sent are adopted ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,6 +63,8 @@ START_SECONDS = 30.0
 nothing, opens its admin listener)."""
 STOP_SECONDS = 5.0
 """A new process that failed is given this long to exit after SIGTERM, then killed."""
+SUMMARY_SECONDS = 5.0
+"""After the tunnels, how long the new process waits for the hand-off's duration."""
 GO_SECONDS = START_SECONDS + 30.0
 """A new process that said it is ready waits this long for the go, then gives up and exits
 (the old one, which may be waiting for its other workers' successors, keeps serving)."""
@@ -171,7 +174,7 @@ async def hand_off(
         raise _refused(f"cannot start {command[0]}: {error}", by) from error
     theirs.close()
     try:
-        sent, kept = await pass_over(ours, generation, listeners, stop_accepting)
+        sent, kept = await pass_over(ours, generation, listeners, stop_accepting, started=started)
     except (HandoffError, OSError) as error:
         await _stop(process)
         raise _refused(f"the new process did not start: {error}", by) from error
@@ -197,17 +200,21 @@ async def pass_over(
     listeners: Sequence[tuple[str, Address, trio.socket.SocketType]],
     stop_accepting: Callable[[], Awaitable[None]],
     commit: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    started: float | None = None,
 ) -> tuple[int, int]:
     """The old process's side of the exchange on ``sock`` (the caller closes it): the hello,
     the listeners, the new process's ready; then ``commit`` (a supervisor waits there until
     every worker's successor is ready: False calls the hand-off off); the go, after which
     this process stops accepting and sends its plain tunnels. Returns the tunnels sent and
-    kept.
+    kept. The new process is told how long it took from ``started`` (trio's clock; by default
+    the call), for its ``tunnel_handoff_last_duration_seconds``.
 
     Raises:
         HandoffError, OSError: before the go; nothing changed here (the new process, told
             nothing, stops).
     """
+    started = trio.current_time() if started is None else started
     await _send_message(sock, {"next_id": generation.reserve_ids()})
     await send_listeners(
         sock,
@@ -237,6 +244,8 @@ async def pass_over(
     for client, backend, _ in items:
         client.close()
         backend.close()
+    with contextlib.suppress(OSError):
+        await _send_message(sock, {"seconds": trio.current_time() - started})
     return sent, kept
 
 
@@ -309,15 +318,21 @@ class Successor:
         try:
             items = await receive_tunnels(self.sock)
         except HandoffError as error:
+            self.sock.close()
             log.error(
                 "no tunnels taken from the old process; it keeps them",
                 extra=fields(error=str(error)),
             )
             return
-        finally:
-            self.sock.close()
         generation.adopt_tunnels(items)
         generation.handoff_tunnels["received"] += len(items)
+        try:
+            summary = await _receive_message(self.sock, SUMMARY_SECONDS)
+            generation.handoff_seconds = float(summary.get("seconds", 0.0))
+        except (HandoffError, TypeError, ValueError):
+            pass  # only the duration's gauge misses it
+        finally:
+            self.sock.close()
         log.info("tunnels taken over from the old process", extra=fields(tunnels=len(items)))
 
 
