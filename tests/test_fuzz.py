@@ -159,13 +159,31 @@ def run_client(head: RequestHead, pieces: list[bytes]) -> Accepted | TunnelError
             fed += piece
             request = head.feed(piece)
             if request is not None:
-                upgrade = validate_request(request)
+                assert_fast_fields_agree(head, request)
+                upgrade = validate_request(request, head.fields)
                 token = choose_upgrade(upgrade, ("websocket", "mqtt"))
-                key = check_websocket(request) if token == "websocket" else None
+                key = check_websocket(request, upgrade.fields) if token == "websocket" else None
                 return upgrade, token, key, fed
     except (TunnelError, ClientClosed) as exc:
         return exc
     raise NeedMoreData
+
+
+def assert_fast_fields_agree(head: RequestHead, request: h11.Request) -> None:
+    """Where the strict parser lists the fields itself (``RequestHead.fields``), the list is
+    the one h11's view gives, and validating with it gets the verdict validating without it
+    does (control characters included)."""
+    if head.fields is None:
+        return
+    assert head.fields == list(request.headers)
+
+    def verdict(fields: list[tuple[bytes, bytes]] | None) -> object:
+        try:
+            return validate_request(request, fields)
+        except TunnelError as exc:
+            return (exc.status, exc.message)
+
+    assert verdict(head.fields) == verdict(None)
 
 
 class NeedMoreData(Exception):
@@ -389,6 +407,7 @@ def head_verdict(head: RequestHead, pieces: list[bytes]) -> Verdict:
             fed += len(piece)
             request = head.feed(piece)
             if request is not None:
+                assert_fast_fields_agree(head, request)
                 fields = tuple(request.headers.raw_items())
                 length = fed - len(head.leftover)
                 return ("request", request.target, request.http_version, fields, length)

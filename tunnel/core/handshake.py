@@ -39,8 +39,12 @@ class UpgradeRequest:
         return self.target.partition("?")[0]
 
 
-def validate_request(request: h11.Request) -> UpgradeRequest:
-    """Check an upgrade request head before routing.
+def validate_request(
+    request: h11.Request, fields: list[tuple[bytes, bytes]] | None = None
+) -> UpgradeRequest:
+    """Check an upgrade request head before routing. ``fields``: the request's (lower-case
+    name, value) pairs as ``RequestHead.fields`` gives them (its strict parser refused control
+    characters already), else they are listed from the request.
 
     Tokens in ``Connection`` and ``Upgrade`` are compared case-insensitively.
 
@@ -63,25 +67,28 @@ def validate_request(request: h11.Request) -> UpgradeRequest:
     if request.http_version != b"1.1":
         version = request.http_version.decode("ascii", "replace")
         raise HandshakeError(f"HTTP/{version} cannot upgrade; the tunnel needs HTTP/1.1")
-    raw = list(request.headers)
-    for name, value in raw:
-        if _CONTROL.search(value):
-            raise HandshakeError(
-                f"header {name.decode('latin-1')} has a control character in its value"
-            )
-    if headers.values(raw, b"transfer-encoding"):
+    if fields is None:
+        raw = list(request.headers)
+        for name, value in raw:
+            if _CONTROL.search(value):
+                raise HandshakeError(
+                    f"header {name.decode('latin-1')} has a control character in its value"
+                )
+    else:
+        raw = fields
+    if headers.lowered_values(raw, b"transfer-encoding"):
         raise HandshakeError("an upgrade request must not have a body (Transfer-Encoding sent)")
-    for length in headers.values(raw, b"content-length"):
+    for length in headers.lowered_values(raw, b"content-length"):
         if length.strip() != b"0":
             raise HandshakeError("an upgrade request must not have a body (Content-Length > 0)")
-    offered = tuple(headers.tokens(raw, b"upgrade"))
-    if not offered or "upgrade" not in headers.tokens(raw, b"connection"):
+    offered = tuple(headers.tokens(raw, b"upgrade", lowered=True))
+    if not offered or "upgrade" not in headers.tokens(raw, b"connection", lowered=True):
         raise UpgradeRequired(
             "this endpoint only accepts WebSocket upgrades (send Connection: Upgrade and "
             "Upgrade: websocket)",
             headers=[("Upgrade", "websocket")],
         )
-    host = headers.values(raw, b"host")[0].decode("latin-1")
+    host = headers.lowered_values(raw, b"host")[0].decode("latin-1")
     hostname, _ = headers.parse_host(host)
     target = request.target.decode("latin-1")
     if not target.startswith("/"):
@@ -160,8 +167,10 @@ def choose_upgrade(request: UpgradeRequest, allowed: Sequence[str]) -> str:
     )
 
 
-def check_websocket(request: h11.Request) -> str:
+def check_websocket(request: h11.Request, fields: list[tuple[bytes, bytes]] | None = None) -> str:
     """Check the RFC 6455 headers of a websocket upgrade and return the Sec-WebSocket-Key.
+    ``fields``: the request's (lower-case name, value) pairs (``UpgradeRequest.fields``), else
+    they are listed from the request.
 
     Raises:
         HandshakeError: 400, ``Sec-WebSocket-Key`` missing, repeated, or not base64 of 16 bytes.
@@ -169,15 +178,15 @@ def check_websocket(request: h11.Request) -> str:
 
     Not checked: ``Origin`` (policy's job), subprotocols and extensions (the backend's).
     """
-    raw = list(request.headers)
-    versions = headers.tokens(raw, b"sec-websocket-version")
+    raw = list(request.headers) if fields is None else fields
+    versions = headers.tokens(raw, b"sec-websocket-version", lowered=True)
     if versions != [WEBSOCKET_VERSION]:
         sent = ", ".join(versions) or "none"
         raise UpgradeRequired(
             f"Sec-WebSocket-Version {sent} is not supported; use 13",
             headers=[("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
         )
-    keys = headers.values(raw, b"sec-websocket-key")
+    keys = headers.lowered_values(raw, b"sec-websocket-key")
     if len(keys) != 1:
         problem = "missing" if not keys else "sent more than once"
         raise HandshakeError(f"Sec-WebSocket-Key is {problem}")

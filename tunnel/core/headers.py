@@ -29,10 +29,18 @@ def values(headers: HeaderList, name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name]
 
 
-def tokens(headers: HeaderList, name: bytes) -> list[str]:
-    """Comma-separated tokens of every ``name`` header, lower-cased, empties dropped."""
+def lowered_values(fields: HeaderList, name: bytes) -> list[bytes]:
+    """``values`` of fields whose names are lower-case already (h11's header views,
+    ``UpgradeRequest.fields``): a handshake looks a dozen names up, and lower-casing every
+    field's name for each lookup cost more than the comparisons."""
+    return [value for key, value in fields if key == name]
+
+
+def tokens(headers: HeaderList, name: bytes, *, lowered: bool = False) -> list[str]:
+    """Comma-separated tokens of every ``name`` header, lower-cased, empties dropped;
+    ``lowered``: the names are lower-case already (``lowered_values``)."""
     found = []
-    for value in values(headers, name):
+    for value in (lowered_values if lowered else values)(headers, name):
         for token in value.split(b","):
             token = token.strip()
             if token:

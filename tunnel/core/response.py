@@ -33,15 +33,15 @@ def check_switch(response: h11.InformationalResponse, token: str, key: str | Non
 
 def check_switch_headers(raw: headers.HeaderList, token: str, key: str | None) -> None:
     """``check_switch`` over a list of (lower-case name, value) pairs."""
-    upgrade = headers.tokens(raw, b"upgrade")
+    upgrade = headers.tokens(raw, b"upgrade", lowered=True)
     if upgrade != [token]:
         raise BadBackendResponse(
             f"backend switched to Upgrade {', '.join(upgrade) or 'none'}, not {token}"
         )
-    if "upgrade" not in headers.tokens(raw, b"connection"):
+    if "upgrade" not in headers.tokens(raw, b"connection", lowered=True):
         raise BadBackendResponse("backend's 101 lacks Connection: Upgrade")
     if key is not None:
-        accepts = headers.values(raw, b"sec-websocket-accept")
+        accepts = headers.lowered_values(raw, b"sec-websocket-accept")
         if [a.strip().decode("latin-1") for a in accepts] != [websocket_accept(key)]:
             raise BadBackendResponse("backend's Sec-WebSocket-Accept does not match the key")
 

@@ -79,6 +79,11 @@ _LOOK_ALIKE_TARGETS = headers.HOP_BY_HOP | _SET_BY_TUNNEL | _CLIENT_IDENTITY | _
 
 _FORWARDED_PROTOS = frozenset({"http", "https", "ws", "wss"})
 
+_DROPPED_FROM_TRUSTED = headers.HOP_BY_HOP | _SET_BY_TUNNEL
+_DROPPED_FROM_ANYONE = _DROPPED_FROM_TRUSTED | _CLIENT_IDENTITY
+"""Dropped from every forwarded request (before the names ``Connection`` lists and the
+proxy's own added headers), by whether the peer is a trusted proxy."""
+
 
 @dataclass(frozen=True, slots=True)
 class Forwarding:
@@ -115,10 +120,10 @@ class ForwardRequest:
     http_version: bytes = b"1.1"
 
     def to_bytes(self) -> bytes:
-        lines = [b"%s %s HTTP/%s\r\n" % (self.method, self.target, self.http_version)]
-        lines += [b"%s: %s\r\n" % (name, value) for name, value in self.fields]
+        lines = [b"%s %s HTTP/%s" % (self.method, self.target, self.http_version)]
+        lines += [name + b": " + value for name, value in self.fields]
         lines.append(b"\r\n")
-        return b"".join(lines)
+        return b"\r\n".join(lines)
 
     def to_h11(self) -> h11.Request:
         return h11.Request(
@@ -162,12 +167,16 @@ def rewrite_request(upgrade: UpgradeRequest, token: str, hop: Forwarding) -> For
     """
     request = upgrade.request
     trusted = is_trusted(hop.peer_ip, hop.trusted_proxies)
-    named = {name.encode("latin-1") for name in headers.tokens(upgrade.fields, b"connection")}
+    named = {
+        name.encode("latin-1")
+        for name in headers.tokens(upgrade.fields, b"connection", lowered=True)
+    }
     added_names = {name.lower() for name, _ in hop.added}
-    dropped = headers.HOP_BY_HOP | (named - _HANDSHAKE) | _SET_BY_TUNNEL | added_names
-    if not trusted:
-        dropped |= _CLIENT_IDENTITY
-    look_alikes = _LOOK_ALIKE_TARGETS | added_names
+    dropped = _DROPPED_FROM_TRUSTED if trusted else _DROPPED_FROM_ANYONE
+    extra = ((named - _HANDSHAKE) | added_names) - dropped
+    if extra:
+        dropped = dropped | extra
+    look_alikes = _LOOK_ALIKE_TARGETS | added_names if added_names else _LOOK_ALIKE_TARGETS
     kept = [
         (k, v)
         for k, v in request.headers.raw_items()
@@ -206,7 +215,8 @@ def client_ip(
 ) -> str:
     """The client's address as ``X-Real-IP`` names it: the peer's, or, when the peer is a
     trusted proxy, the nearest address in ``X-Forwarded-For`` that is not one (what
-    ``hash_key = "ip"`` hashes, so that clients behind a load balancer spread)."""
+    ``hash_key = "ip"`` hashes, so that clients behind a load balancer spread). ``fields``:
+    (lower-case name, value), as ``UpgradeRequest.fields``."""
     if not is_trusted(peer_ip, trusted_proxies):
         return peer_ip
     return _real_ip([*_forwarded_ips(fields), peer_ip], trusted_proxies)
@@ -228,11 +238,12 @@ def _real_ip(hops: list[str | None], trusted_proxies: Sequence[IPNetwork]) -> st
 
 
 def _forwarded_ips(raw: headers.HeaderList) -> list[str | None]:
-    """Each ``X-Forwarded-For`` entry as a normalised IP address, or None for one that is not
-    (``unknown``, a name, garbage). ``1.2.3.4:5678`` and ``[v6]:port`` lose the port."""
+    """Each ``X-Forwarded-For`` entry of ``raw`` (lower-case names) as a normalised IP address,
+    or None for one that is not (``unknown``, a name, garbage). ``1.2.3.4:5678`` and
+    ``[v6]:port`` lose the port."""
     return [
         _ip_of(item.strip().decode("latin-1"))
-        for value in headers.values(raw, b"x-forwarded-for")
+        for value in headers.lowered_values(raw, b"x-forwarded-for")
         for item in value.split(b",")
         if item.strip()
     ]
@@ -274,7 +285,7 @@ def _target(target: str, hop: Forwarding) -> str:
 
 
 def _last_item(raw: headers.HeaderList, name: bytes) -> str | None:
-    """The last comma-separated item of the last ``name`` header: what the nearest proxy
-    wrote, when proxies append."""
-    found = headers.values(raw, name)
+    """The last comma-separated item of the last ``name`` header (``raw``: lower-case
+    names): what the nearest proxy wrote, when proxies append."""
+    found = headers.lowered_values(raw, name)
     return found[-1].rpartition(b",")[2].strip().decode("latin-1") if found else None

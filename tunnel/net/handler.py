@@ -276,13 +276,13 @@ class Handler:
                     conn, client, https_redirect(request, entry.redirect_port), None, redirect=True
                 )
                 return False
-            upgrade = validate_request(request)
+            upgrade = validate_request(request, head.fields)
             route = self.routes.match(upgrade.hostname, upgrade.path)
             if route is None:
                 raise NoRoute(f"no route for host {upgrade.hostname!r} and path {upgrade.path!r}")
             upstream = self.upstreams[route.name]
             token = choose_upgrade(upgrade, route.upgrades)
-            key = check_websocket(request) if token == "websocket" else None
+            key = check_websocket(request, upgrade.fields) if token == "websocket" else None
             if tally.active >= server.max_tunnels:
                 raise Overloaded(server.max_tunnels)
         except TunnelError as error:
