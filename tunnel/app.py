@@ -39,7 +39,7 @@ from tunnel.net.worker_admin import WorkersView, socket_path
 from tunnel.pidfile import remove_pid_file, write_pid_file
 from tunnel.server import Generation, Reloaded
 from tunnel.stats import ListenerStatistics
-from tunnel.successor import HandoffRefused, Successor, hand_off, pass_over
+from tunnel.successor import START_SECONDS, HandoffRefused, Successor, hand_off, pass_over
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -69,6 +69,7 @@ class Control:
         self.stopping = False
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        self._serving = trio.Event()
         self._runtime: _Runtime | None = None
         self.argv: list[str] | None = None
         """``tunnel run``'s arguments, set by the command line: what a hand-off starts again
@@ -175,8 +176,13 @@ class Control:
                 serving.
             ReloadRefused: stopping, or already handing off.
         """
+        with trio.move_on_after(START_SECONDS):  # a hand-off asked for as this worker starts
+            await self._serving.wait()
         runtime, generation = self._runtime, self.generation
-        if self.stopping or self._handing_off or runtime is None or generation is None:
+        if runtime is None or generation is None:
+            sock.close()
+            raise ReloadRefused(503, f"this worker is not serving after {START_SECONDS:g}s")
+        if self.stopping or self._handing_off:
             sock.close()
             raise ReloadRefused(503, "this worker is stopping or already handing off")
         started = trio.current_time()
@@ -614,6 +620,7 @@ async def _serve(
                 runtime = _Runtime(config, generation, control, reuse_port, handshakes)
                 runtime.open(doors)
                 control._runtime = runtime
+                control._serving.set()
                 services.start_soon(runtime.watch_certificates)
                 task_status.started(control.listeners)
                 if control.pid_file:

@@ -37,7 +37,7 @@ from typing import Any
 
 from tunnel.config import Address
 from tunnel.errors import ConfigError
-from tunnel.net.handoff import HandoffError
+from tunnel.net.handoff import HandoffError, descriptors_in
 
 MAX_FDS = 200
 """Descriptors in one message (the kernel takes at most 253 in one ``sendmsg``)."""
@@ -227,11 +227,7 @@ def _receive_exactly(sock: socket.socket, size: int, deadline: float, fds: list[
             continue
         except OSError as error:
             raise HandoffError(f"the hand-off socket failed while receiving: {error}") from None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-                fds.extend(received)
+        fds.extend(descriptors_in(ancillary))
         if flags & socket.MSG_CTRUNC:
             raise HandoffError("descriptors were cut off (MSG_CTRUNC)")
         if not chunk:

@@ -88,6 +88,20 @@ class HandedOff:
     tunnels_kept: int
     seconds: float
 
+    def log(self, by: str, **more: Any) -> None:
+        """The hand-off's one line, in the old process."""
+        log.info(
+            "tunnels handed off to the new process",
+            extra=fields(
+                pid=self.pid,
+                tunnels=self.tunnels_sent,
+                kept=self.tunnels_kept,
+                duration=Seconds(self.seconds),
+                **more,
+                by=by,
+            ),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "handed_off": True,
@@ -181,16 +195,7 @@ async def hand_off(
     finally:
         ours.close()
     outcome = HandedOff(process.pid, sent, kept, trio.current_time() - started)
-    log.info(
-        "tunnels handed off to the new process",
-        extra=fields(
-            pid=process.pid,
-            tunnels=sent,
-            kept=kept,
-            duration=Seconds(outcome.seconds),
-            by=by,
-        ),
-    )
+    outcome.log(by)
     return outcome
 
 

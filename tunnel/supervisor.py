@@ -591,19 +591,9 @@ class _Supervisor:
             if kind == DONE:
                 sent += int(body.get("sent", 0))
                 kept += int(body.get("kept", 0))
-        seconds = time.monotonic() - started
-        log.info(
-            "tunnels handed off to the new process",
-            extra=fields(
-                pid=process.pid,
-                tunnels=sent,
-                kept=kept,
-                duration=Seconds(seconds),
-                workers=len(self._slots),
-                by=by,
-            ),
-        )
-        document = HandedOff(process.pid, sent, kept, seconds).to_json()
+        outcome = HandedOff(process.pid, sent, kept, time.monotonic() - started)
+        outcome.log(by, workers=len(self._slots))
+        document = outcome.to_json()
         return {"status": 200, "document": document}
 
     def _collect(

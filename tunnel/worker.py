@@ -31,7 +31,7 @@ from tunnel.config import Config
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
 from tunnel.net.admin import ReloadRefused
-from tunnel.net.handoff import HandoffError
+from tunnel.net.handoff import HandoffError, descriptors_in
 from tunnel.net.listener import ListenError
 from tunnel.successor import GO_SECONDS
 
@@ -167,11 +167,7 @@ class SupervisorLink:
         data, ancillary, _, _ = await self._socket.recvmsg(
             65536, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
         )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+        self._fds.extend(descriptors_in(ancillary))
         return bytes(data)
 
     async def _send(self, data: bytes) -> None:

@@ -341,6 +341,18 @@ async def receive_listeners(
     return await _receive_all(sock, _LISTENERS, 1, stall, build, discard)
 
 
+def descriptors_in(ancillary: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an ``SCM_RIGHTS`` control message of ``recvmsg`` brought (now the
+    caller's to close)."""
+    found: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            found.extend(fds)
+    return found
+
+
 def _sockets(fds: Sequence[int]) -> list[socket.socket]:
     """Non-blocking stream sockets over ``fds``; on an error none of them is closed (the
     caller closes the descriptors)."""
@@ -546,11 +558,7 @@ class _Reader:
                 continue
             except OSError as exc:
                 raise HandoffError(f"hand-off socket failed while receiving: {exc}") from None
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    self.fds.extend(fds)
+            self.fds.extend(descriptors_in(ancillary))
             if flags & socket.MSG_CTRUNC:
                 raise HandoffError("descriptors were cut off (MSG_CTRUNC)")
             if not data:
