@@ -11,10 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import build, procs, report, soak
+from bench import build, peers, procs, report, soak
 from bench.peers import PEER_NAMES
 from bench.run import RESULTS_DIR, Options, run
 from bench.workloads import WORKLOADS
+
+DEFAULT_AGAINST = "nginx,haproxy,haproxy-splice"
 
 
 def _names(text: str, known: Sequence[str], flag: str) -> tuple[str, ...]:
@@ -36,9 +38,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--against",
-        default="nginx,haproxy",
+        default=DEFAULT_AGAINST,
         type=lambda t: _names(t, [n for n in PEER_NAMES if n != "tunnel"], "--against"),
-        help="peers to compare with, comma-separated, or 'none' (default: nginx,haproxy)",
+        help="peers to compare with, comma-separated, or 'none'; one that is not installed is "
+        f"skipped with the reason (default: {DEFAULT_AGAINST})",
+    )
+    p.add_argument(
+        "--haproxy-pipesize",
+        type=int,
+        default=peers.HAPROXY_PIPESIZE,
+        metavar="BYTES",
+        help="tune.pipesize of the haproxy-splice peer; 0 leaves it unset, the kernel's "
+        f"default (default: {peers.HAPROXY_PIPESIZE})",
     )
     p.add_argument(
         "--relay",
@@ -87,6 +98,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="clients reach every proxy over TLS (wss://; the backend side stays plain); "
         "needs libssl-dev for the load generator",
+    )
+    p.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the ratio chart (an SVG; always written as <stamp>.svg next to the "
+        "results) to PATH, e.g. docs/img/benchmarks.svg",
     )
     p.add_argument(
         "--scaling",
@@ -148,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.workers < 1 or (args.repeat is not None and args.repeat < 1):
         parser().error("--workers and --repeat must be 1 or more")
+    if args.haproxy_pipesize < 0:
+        parser().error("--haproxy-pipesize must be 0 or more")
     options = Options(
         against=args.against,
         relay=args.relay,
@@ -158,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         scaling=args.scaling,
         tls=args.tls,
+        haproxy_pipesize=args.haproxy_pipesize,
     )
     try:
         session = run(options)
@@ -168,9 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: interrupted; the processes it started were stopped", file=sys.stderr)
         return 130
     md_path, json_path = report.write(session, args.out)
+    written = [md_path, json_path]
+    chart = report.write_chart(session, md_path.with_suffix(".svg"))
+    if chart is not None:
+        written.append(chart)
+        if args.chart is not None:
+            written.append(report.write_chart(session, args.chart) or args.chart)
+    elif args.chart is not None:
+        print(f"bench: no chart for {args.chart}: no tunnel/peer ratio to draw", file=sys.stderr)
     print(report.table(session))
     print()
     for line in report.notes(session):
         print(f"- {line}")
-    print(f"\nbench: wrote {md_path} and {json_path} ({session.finished - session.started:.0f} s)")
+    took = session.finished - session.started
+    print(f"\nbench: wrote {', '.join(str(p) for p in written)} ({took:.0f} s)")
     return 0

@@ -30,7 +30,11 @@ from pathlib import Path
 from bench import procs
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-PEER_NAMES = ("tunnel", "nginx", "haproxy")
+PEER_NAMES = ("tunnel", "nginx", "haproxy", "haproxy-splice")
+PROGRAMS = {"nginx": "nginx", "haproxy": "haproxy", "haproxy-splice": "haproxy"}
+"""The program each peer runs (``haproxy-splice`` is HAProxy with forced kernel splicing)."""
+HAPROXY_PIPESIZE = 256 * 1024
+"""``tune.pipesize`` of ``haproxy-splice`` (0: not set, the kernel's default pipe size)."""
 START_SECONDS = 20.0
 TLS_HOSTS = ("localhost", "127.0.0.1")
 """The names the benchmark certificate covers; the load generator sends SNI "localhost"."""
@@ -77,6 +81,8 @@ class Settings:
     python: str = sys.executable
     tls: TLSFiles | None = None
     """Terminate TLS on the listener with these files (None: plain ws://)."""
+    haproxy_pipesize: int = HAPROXY_PIPESIZE
+    """``tune.pipesize`` for ``haproxy-splice``, in bytes; 0 leaves it unset."""
 
 
 # --- config writers (pure) -------------------------------------------------------------------
@@ -182,8 +188,15 @@ def haproxy_maxconn(settings: Settings) -> int:
     return max(2000, min(settings.idle_tunnels + 1000, (settings.nofile - 200) // 2))
 
 
-def haproxy_config(port: int, settings: Settings) -> str:
+def haproxy_config(port: int, settings: Settings, splice: bool = False) -> str:
+    """HAProxy's config; with ``splice`` it forces kernel splicing both ways
+    (``option splice-request`` / ``splice-response``: without them HAProxy splices only when it
+    guesses it pays) with ``tune.pipesize`` from ``settings.haproxy_pipesize``."""
     maxconn = haproxy_maxconn(settings)
+    tune = ""
+    if splice and settings.haproxy_pipesize > 0:
+        tune = f"    tune.pipesize {settings.haproxy_pipesize}\n"
+    options = "    option splice-request\n    option splice-response\n" if splice else ""
     bind, proto, ssl_global = "", "http", ""
     if settings.tls is not None:
         # HAProxy reads the certificate and its key from one file. Session tickets are on by
@@ -197,7 +210,7 @@ def haproxy_config(port: int, settings: Settings) -> str:
 global
     nbthread {settings.workers}
     maxconn {maxconn}
-{ssl_global}
+{tune}{ssl_global}
 defaults
     mode http
     maxconn {maxconn}
@@ -207,7 +220,7 @@ defaults
     timeout tunnel 1h
     timeout http-request 10s
     option forwardfor
-
+{options}
 frontend bench
     bind {procs.LOOPBACK}:{port}{bind}
     http-request set-header X-Forwarded-Proto {proto}
@@ -289,8 +302,9 @@ def missing_reason(name: str) -> str | None:
     """None when peer ``name`` can run here, else why not (naming what to install)."""
     if name == "tunnel":
         return None
-    if _find(name) is None:
-        return f"{name} not installed (apt-get install {name})"
+    program = PROGRAMS.get(name, name)
+    if _find(program) is None:
+        return f"{program} not installed (apt-get install {program})"
     return None
 
 
@@ -298,7 +312,7 @@ def version(name: str, python: str = sys.executable) -> str:
     if name == "tunnel":
         argv = [python, "-m", "tunnel", "--version"]
     else:
-        program = _find(name)
+        program = _find(PROGRAMS.get(name, name))
         if program is None:
             return "not installed"
         argv = [program, "-v"]
@@ -407,14 +421,15 @@ def start_nginx(workdir: Path, settings: Settings) -> Running:
     return Running("nginx", port, process, workers, text, settings.tls is not None)
 
 
-def start_haproxy(workdir: Path, settings: Settings) -> Running:
+def start_haproxy(workdir: Path, settings: Settings, splice: bool = False) -> Running:
+    """HAProxy, or with ``splice`` the ``haproxy-splice`` peer (forced kernel splicing)."""
     program = _find("haproxy")
     if program is None:
         raise procs.ProcessError("haproxy not installed (apt-get install haproxy)")
     port = procs.free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "haproxy.cfg"
-    text = haproxy_config(port, settings)
+    text = haproxy_config(port, settings, splice)
     config_path.write_text(text)
     process = procs.start(
         "haproxy", [program, "-f", str(config_path), "-db"], workdir / "haproxy.log"
@@ -425,15 +440,18 @@ def start_haproxy(workdir: Path, settings: Settings) -> Running:
         process.stop()
         raise
     tls = settings.tls is not None
-    return Running("haproxy", port, process, lambda: procs.tree(process.pid), text, tls)
+    name = "haproxy-splice" if splice else "haproxy"
+    return Running(name, port, process, lambda: procs.tree(process.pid), text, tls)
 
 
 def start(name: str, workdir: Path, settings: Settings) -> Running:
-    """Start peer ``name`` ("tunnel", "nginx", "haproxy") with its files in ``workdir``."""
+    """Start peer ``name`` (one of ``PEER_NAMES``) with its files in ``workdir``."""
     if name == "tunnel":
         return start_tunnel(workdir, settings)
     if name == "nginx":
         return start_nginx(workdir, settings)
     if name == "haproxy":
         return start_haproxy(workdir, settings)
+    if name == "haproxy-splice":
+        return start_haproxy(workdir, settings, splice=True)
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEER_NAMES)}")

@@ -263,3 +263,15 @@ def rss_kib(pids: Iterable[int]) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def machine_cpu_seconds() -> float:
+    """Core-seconds the whole machine has spent busy since boot (all cores, all processes, the
+    kernel's interrupt and softirq work included): user + nice + system + irq + softirq + steal
+    of /proc/stat's ``cpu`` line (``guest`` is already inside ``user``; idle and iowait are not
+    work)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = stat.readline().split()
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS

@@ -16,14 +16,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import chart, peers
 from bench.run import Session
 from bench.workloads import LOADGEN_BUSY, Plan, Sample
 
 NOT_APPLICABLE = "—"
 MISSING = "n/a"
 BUSY_MARK = "†"
-RATIO_PEERS = ("nginx", "haproxy")
+RATIO_PEERS = ("nginx", "haproxy", "haproxy-splice")
+LATENCY_PREFIXES = {"latency": "added", "latency10": "added10"}
+"""Latency workloads and the prefix of their "added over direct" figures."""
+
+
+def chart_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The per-unit rows the chart draws (all lower-is-better), with their short labels."""
+    return [
+        ("upgrade_cpu_us", "proxy CPU per upgrade"),
+        ("echo_cpu_us", f"proxy CPU per {plan.message_size} B message"),
+        ("bulk_cpu_s_per_gib", f"proxy CPU per GiB, {plan.bulk_conns} conns"),
+        ("bulk1_cpu_s_per_gib", f"proxy CPU per GiB, {plan.bulk1_conns} conn"),
+        ("added10_p50_us", f"added RTT p50, {plan.latency10_conns} conns"),
+        ("idle_rss_kib", "RSS per idle tunnel"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,9 @@ def rows(plan: Plan, tls: bool = False) -> list[Row]:
     """The table's rows. Over TLS the keys are the same; the labels say that an upgrade then
     includes a full TLS handshake and that the idle tunnels are TLS ones."""
     rate = f"{plan.latency_rate:,.0f} msg/s"
+    rate10 = f"{rate}, {plan.latency10_conns} conns"
+    rate50 = f"{rate}, {plan.echo_conns} conns"
+    chunks = f"{plan.bulk_chunk // 1024} KiB chunks echoed"
     upgrade = "TLS handshakes + upgrades" if tls else "upgrades"
     per_upgrade = "TLS handshake + upgrade" if tls else "upgrade"
     idle = "idle TLS tunnel" if tls else "idle tunnel"
@@ -60,6 +77,7 @@ def rows(plan: Plan, tls: bool = False) -> list[Row]:
             "lower",
             proxy_only=True,
         ),
+        Row("upgrade_machine_cpu_us", f"machine CPU per {per_upgrade} (µs)", "upgrade", "lower"),
         Row(
             "echo_rate",
             f"echo msg/s ({plan.message_size} B, {plan.echo_conns} conns, closed loop)",
@@ -74,18 +92,72 @@ def rows(plan: Plan, tls: bool = False) -> list[Row]:
             "lower",
             proxy_only=True,
         ),
-        Row("latency_p50_us", f"RTT p50 at {rate} (µs)", "latency", "lower"),
-        Row("latency_p99_us", f"RTT p99 at {rate} (µs)", "latency", "lower"),
+        Row(
+            "echo_machine_cpu_us",
+            f"machine CPU per {plan.message_size} B message (µs)",
+            "echo",
+            "lower",
+        ),
+        Row("latency_p50_us", f"RTT p50 at {rate50} (µs)", "latency", "lower"),
+        Row("latency_p99_us", f"RTT p99 at {rate50} (µs)", "latency", "lower"),
         Row("added_p50_us", "added p50 vs direct (µs)", "latency", "lower", proxy_only=True),
         Row("added_p99_us", "added p99 vs direct (µs)", "latency", "lower", proxy_only=True),
+        Row("latency10_p50_us", f"RTT p50 at {rate10} (µs)", "latency10", "lower"),
+        Row("latency10_p99_us", f"RTT p99 at {rate10} (µs)", "latency10", "lower"),
+        Row(
+            "added10_p50_us",
+            f"added p50 vs direct, {plan.latency10_conns} conns (µs)",
+            "latency10",
+            "lower",
+            proxy_only=True,
+        ),
+        Row(
+            "added10_p99_us",
+            f"added p99 vs direct, {plan.latency10_conns} conns (µs)",
+            "latency10",
+            "lower",
+            proxy_only=True,
+        ),
         Row(
             "bulk_mb_s",
-            f"bulk MB/s ({plan.bulk_chunk // 1024} KiB chunks, echoed)",
+            f"bulk MB/s ({plan.bulk_conns} conns, {chunks})",
             "bulk",
             "higher",
             busy_marks=True,
         ),
-        Row("bulk_cpu_s_per_gib", "proxy CPU s per GiB sent", "bulk", "lower", proxy_only=True),
+        Row(
+            "bulk_cpu_s_per_gib",
+            f"proxy CPU s per GiB sent ({plan.bulk_conns} conns)",
+            "bulk",
+            "lower",
+            proxy_only=True,
+        ),
+        Row(
+            "bulk_machine_cpu_s_per_gib",
+            f"machine CPU s per GiB sent ({plan.bulk_conns} conns)",
+            "bulk",
+            "lower",
+        ),
+        Row(
+            "bulk1_mb_s",
+            f"bulk1 MB/s (ONE conn, {chunks})",
+            "bulk1",
+            "higher",
+            busy_marks=True,
+        ),
+        Row(
+            "bulk1_cpu_s_per_gib",
+            "proxy CPU s per GiB sent (1 conn)",
+            "bulk1",
+            "lower",
+            proxy_only=True,
+        ),
+        Row(
+            "bulk1_machine_cpu_s_per_gib",
+            "machine CPU s per GiB sent (1 conn)",
+            "bulk1",
+            "lower",
+        ),
         Row(
             "idle_rss_kib",
             f"RSS per {idle} (KiB, {plan.idle_tunnels:,} open)",
@@ -112,10 +184,11 @@ def medians(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
     for peer, metrics in result.items():
         if peer == "direct":
             continue
-        for quantile in ("p50", "p99"):
-            key = f"latency_{quantile}_us"
-            if key in metrics and key in direct:
-                metrics[f"added_{quantile}_us"] = metrics[key] - direct[key]
+        for workload, added in LATENCY_PREFIXES.items():
+            for quantile in ("p50", "p99"):
+                key = f"{workload}_{quantile}_us"
+                if key in metrics and key in direct:
+                    metrics[f"{added}_{quantile}_us"] = metrics[key] - direct[key]
     return result
 
 
@@ -155,6 +228,13 @@ TLS_METRIC = "metric (over TLS)"
 DIRECT_PLAIN = "direct (plain)"
 
 
+def compared(session: Session) -> list[str]:
+    """The peers that get a tunnel/peer ratio column (and a bar in the chart)."""
+    if "tunnel" not in session.peers:
+        return []
+    return [p for p in RATIO_PEERS if p in session.peers]
+
+
 def comparison_table(session: Session) -> tuple[list[str], list[list[str]]]:
     """The table: one row per metric, one column per peer, then tunnel/nginx, tunnel/haproxy.
     Over TLS the first header cell says so, and ``direct`` (the backend has no TLS) is labelled
@@ -164,7 +244,7 @@ def comparison_table(session: Session) -> tuple[list[str], list[list[str]]]:
     count = totals(session.samples)
     columns = list(session.peers)
     tls = session.options.tls
-    ratio_peers = [p for p in RATIO_PEERS if p in columns and "tunnel" in columns]
+    ratio_peers = compared(session)
     shown = [DIRECT_PLAIN if tls and c == "direct" else c for c in columns]
     header = [TLS_METRIC if tls else "metric", *shown, *(f"tunnel/{p}" for p in ratio_peers)]
     body: list[list[str]] = []
@@ -253,6 +333,19 @@ def notes(session: Session) -> list[str]:
             lines.append(
                 "MB/s = 10^6 bytes/s of client payload (each byte crosses the proxy twice: up "
                 "and echoed back); GiB = 2^30 client-sent bytes."
+            )
+        if {"upgrade", "echo", "bulk", "bulk1"} & set(only):
+            lines.append(
+                "machine CPU = busy core-seconds of the whole machine over the run (/proc/stat: "
+                "user + nice + system + irq + softirq + steal) per unit of work, nothing "
+                "subtracted: it includes the load generator, the backend, the kernel's softirq "
+                "work and anything else running (direct shows the part without a proxy)."
+            )
+        load = os.getloadavg()[0]
+        if load >= 1.0 and {"upgrade", "echo", "bulk", "bulk1"} & set(only):
+            lines.append(
+                f"The load average was {load:.1f} at the end: other work shared the machine, "
+                "and its CPU is inside the machine CPU rows."
             )
         if "idle" in only:
             lines.append(
@@ -466,3 +559,47 @@ def write(session: Session, out_dir: Path) -> tuple[Path, Path]:
         json.dumps(to_json(session, info), indent=1, default=str) + "\n", encoding="utf-8"
     )
     return md_path, json_path
+
+
+def chart_ratios(session: Session) -> dict[tuple[str, str], float | None]:
+    """tunnel's median over each compared peer's, for every ``chart_rows`` key; None when either
+    figure is missing or not positive (an added latency within noise can come out negative)."""
+    med = medians(session.samples)
+    result: dict[tuple[str, str], float | None] = {}
+    for key, _ in chart_rows(session.plan):
+        tunnel = med.get("tunnel", {}).get(key)
+        for peer in compared(session):
+            other = med.get(peer, {}).get(key)
+            positive = tunnel is not None and other is not None and tunnel > 0 and other > 0
+            result[(key, peer)] = tunnel / other if positive and tunnel and other else None
+    return result
+
+
+def chart_svg(session: Session) -> str | None:
+    """The ratio chart of this session as SVG text; None when there is no ratio to draw."""
+    peers_shown = compared(session)
+    workload = {row.key: row.workload for row in rows(session.plan)}
+    shown_rows = [
+        (k, label) for k, label in chart_rows(session.plan) if workload[k] in session.options.only
+    ]
+    if not peers_shown or not shown_rows or session.options.scaling:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(session.started))
+    commit = str(session.source_at_start.get("commit", ""))[:7]
+    over = " over TLS" if session.options.tls else ""
+    title = f"tunnel / peer, per unit of work{over} (lower is better for tunnel)"
+    subtitle = (
+        f"python -m bench, {session.plan.name} plan, medians of {session.plan.repeat}, "
+        f"{when}, tunnel {commit}, relay={session.options.relay}; log scale, 1.0x = equal"
+    )
+    return chart.svg(title, subtitle, shown_rows, peers_shown, chart_ratios(session))
+
+
+def write_chart(session: Session, path: Path) -> Path | None:
+    """Write the ratio chart to ``path`` (directories made as needed); None if there is none."""
+    text = chart_svg(session)
+    if text is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -28,7 +28,7 @@ def say_to_stderr(message: str) -> None:
 
 @dataclass(frozen=True)
 class Options:
-    against: tuple[str, ...] = ("nginx", "haproxy")
+    against: tuple[str, ...] = ("nginx", "haproxy", "haproxy-splice")
     relay: str = "auto"
     workers: int = 1
     plan: str = "full"
@@ -38,6 +38,8 @@ class Options:
     scaling: bool = False
     tls: bool = False
     """Clients reach every proxy over TLS (wss://); the backend side stays plain."""
+    haproxy_pipesize: int = peers.HAPROXY_PIPESIZE
+    """``tune.pipesize`` of the ``haproxy-splice`` peer (0: HAProxy's default)."""
 
     def effective_plan(self) -> Plan:
         plan = PLANS[self.plan]
@@ -129,6 +131,7 @@ def run(options: Options, say: Say = say_to_stderr) -> Session:
                 idle_tunnels=plan.idle_tunnels,
                 nofile=hard,
                 tls=peers.make_certificates(workdir / "tls") if options.tls else None,
+                haproxy_pipesize=options.haproxy_pipesize,
             )
             if options.scaling:
                 _scaling(session, settings, backend, workdir, say)

@@ -24,7 +24,7 @@ from typing import Any
 from bench import procs
 from bench.peers import Running
 
-WORKLOADS = ("upgrade", "echo", "latency", "bulk", "idle")
+WORKLOADS = ("upgrade", "echo", "latency", "latency10", "bulk", "bulk1", "idle")
 LOADGEN_BUSY = 0.90
 """Above this fraction of one core, the load generator (not the proxy) may be the limit."""
 GRACE_SECONDS = 20.0
@@ -52,6 +52,12 @@ class Plan:
     idle_setup_seconds: float
     settle_seconds: float
     message_size: int = 64
+    latency10_conns: int = 10
+    """``latency10``: the same total rate as ``latency`` over fewer connections (200 msg/s each
+    at 2,000 msg/s), so each wake-up of the proxy finds about one message."""
+    bulk1_conns: int = 1
+    """``bulk1``: one connection, so a relay's per-connection choices (copy or splice, pipe
+    sizes) are measured on their own, without other flows to batch with."""
 
 
 PLANS = {
@@ -107,6 +113,7 @@ PLANS = {
         idle_tunnels=200,
         idle_setup_seconds=15.0,
         settle_seconds=0.2,
+        latency10_conns=4,  # fewer than echo_conns, so the two latency rows stay distinct
     ),
 }
 
@@ -122,6 +129,9 @@ class Sample:
     loadgen: dict[str, Any] = field(default_factory=dict)
     proxy_cpu_seconds: float | None = None
     backend_cpu_seconds: float = 0.0
+    machine_cpu_seconds: float | None = None
+    """Busy core-seconds of the whole machine over the measured phase (/proc/stat): the proxy,
+    the load generator, the backend, the kernel's softirq work, and anything else running."""
     loadgen_cpu: float = 0.0
     """The load generator's CPU time over the measured phase, as a fraction of one core."""
     errors: int = 0
@@ -227,8 +237,10 @@ def measured(
     def on_ready(_: dict[str, Any]) -> None:
         before["proxy"] = procs.cpu_seconds(target.peer.pids())
         before["backend"] = procs.cpu_seconds([target.backend.pid])
+        before["machine"] = procs.machine_cpu_seconds()
 
     def on_result(_: dict[str, Any]) -> None:
+        sample.machine_cpu_seconds = procs.machine_cpu_seconds() - before["machine"]
         if target.peer.process is not None:
             sample.proxy_cpu_seconds = procs.cpu_seconds(target.peer.pids()) - before["proxy"]
         sample.backend_cpu_seconds = procs.cpu_seconds([target.backend.pid]) - before["backend"]
@@ -252,6 +264,17 @@ def _per(total: float | None, count: float, scale: float) -> float | None:
     return total / count * scale
 
 
+def _per_unit(sample: Sample, proxy_key: str, machine_key: str, count: float, scale: float) -> None:
+    """The proxy's CPU and the whole machine's, each divided by the units of work done."""
+    for key, total in (
+        (proxy_key, sample.proxy_cpu_seconds),
+        (machine_key, sample.machine_cpu_seconds),
+    ):
+        value = _per(total, count, scale)
+        if value is not None:
+            sample.metrics[key] = value
+
+
 def run_upgrade(target: Target, plan: Plan, sample: Sample) -> None:
     flags = ["--conns", str(plan.upgrade_conns), "--seconds", str(plan.upgrade_seconds)]
     result = measured(
@@ -261,15 +284,13 @@ def run_upgrade(target: Target, plan: Plan, sample: Sample) -> None:
     sample.metrics["upgrade_rate"] = float(result["rate"])
     sample.metrics["upgrade_p50_us"] = float(result["p50_us"])
     sample.metrics["upgrade_p99_us"] = float(result["p99_us"])
-    cpu = _per(sample.proxy_cpu_seconds, count, 1e6)
-    if cpu is not None:
-        sample.metrics["upgrade_cpu_us"] = cpu
+    _per_unit(sample, "upgrade_cpu_us", "upgrade_machine_cpu_us", count, 1e6)
 
 
-def _echo_flags(plan: Plan, seconds: float) -> list[str]:
+def _echo_flags(plan: Plan, seconds: float, conns: int | None = None) -> list[str]:
     return [
         "--conns",
-        str(plan.echo_conns),
+        str(plan.echo_conns if conns is None else conns),
         "--size",
         str(plan.message_size),
         "--seconds",
@@ -290,13 +311,15 @@ def run_echo(target: Target, plan: Plan, sample: Sample) -> None:
         seconds=plan.echo_seconds,
     )
     sample.metrics["echo_rate"] = float(result["rate"])
-    cpu = _per(sample.proxy_cpu_seconds, float(result["count"]), 1e6)
-    if cpu is not None:
-        sample.metrics["echo_cpu_us"] = cpu
+    _per_unit(sample, "echo_cpu_us", "echo_machine_cpu_us", float(result["count"]), 1e6)
 
 
-def run_latency(target: Target, plan: Plan, sample: Sample) -> None:
-    flags = [*_echo_flags(plan, plan.latency_seconds), "--rate", str(plan.latency_rate)]
+def run_latency(
+    target: Target, plan: Plan, sample: Sample, conns: int | None = None, prefix: str = "latency"
+) -> None:
+    """Open loop at ``latency_rate`` messages/s in total, over ``echo_conns`` connections (or
+    ``conns``); metrics are named ``<prefix>_*``."""
+    flags = [*_echo_flags(plan, plan.latency_seconds, conns), "--rate", str(plan.latency_rate)]
     result = measured(
         target,
         sample,
@@ -305,18 +328,24 @@ def run_latency(target: Target, plan: Plan, sample: Sample) -> None:
         setup_seconds=plan.idle_setup_seconds,
         seconds=plan.latency_seconds + 2.0,  # the load generator waits up to 2 s for stragglers
     )
-    sample.metrics["latency_p50_us"] = float(result["p50_us"])
-    sample.metrics["latency_p99_us"] = float(result["p99_us"])
-    sample.metrics["latency_rate"] = float(result["rate"])
-    cpu = _per(sample.proxy_cpu_seconds, float(result["count"]), 1e6)
-    if cpu is not None:
-        sample.metrics["latency_cpu_us"] = cpu
+    sample.metrics[f"{prefix}_p50_us"] = float(result["p50_us"])
+    sample.metrics[f"{prefix}_p99_us"] = float(result["p99_us"])
+    sample.metrics[f"{prefix}_rate"] = float(result["rate"])
+    count = float(result["count"])
+    _per_unit(sample, f"{prefix}_cpu_us", f"{prefix}_machine_cpu_us", count, 1e6)
 
 
-def run_bulk(target: Target, plan: Plan, sample: Sample) -> None:
+def run_latency10(target: Target, plan: Plan, sample: Sample) -> None:
+    run_latency(target, plan, sample, plan.latency10_conns, "latency10")
+
+
+def run_bulk(
+    target: Target, plan: Plan, sample: Sample, conns: int | None = None, prefix: str = "bulk"
+) -> None:
+    """Chunks echoed over ``bulk_conns`` connections (or ``conns``); metrics ``<prefix>_*``."""
     flags = [
         "--conns",
-        str(plan.bulk_conns),
+        str(plan.bulk_conns if conns is None else conns),
         "--chunk",
         str(plan.bulk_chunk),
         "--window",
@@ -334,11 +363,14 @@ def run_bulk(target: Target, plan: Plan, sample: Sample) -> None:
         setup_seconds=plan.idle_setup_seconds,
         seconds=plan.bulk_seconds,
     )
-    sample.metrics["bulk_mb_s"] = float(result["mb_per_s"])
-    sample.metrics["bulk_bytes"] = float(result["bytes"])
-    cpu = _per(sample.proxy_cpu_seconds, float(result["bytes"]), GiB)
-    if cpu is not None:
-        sample.metrics["bulk_cpu_s_per_gib"] = cpu
+    sample.metrics[f"{prefix}_mb_s"] = float(result["mb_per_s"])
+    sample.metrics[f"{prefix}_bytes"] = float(result["bytes"])
+    sent = float(result["bytes"])
+    _per_unit(sample, f"{prefix}_cpu_s_per_gib", f"{prefix}_machine_cpu_s_per_gib", sent, GiB)
+
+
+def run_bulk1(target: Target, plan: Plan, sample: Sample) -> None:
+    run_bulk(target, plan, sample, plan.bulk1_conns, "bulk1")
 
 
 def run_idle(target: Target, plan: Plan, sample: Sample) -> None:
@@ -383,7 +415,9 @@ RUNNERS: dict[str, Callable[[Target, Plan, Sample], None]] = {
     "upgrade": run_upgrade,
     "echo": run_echo,
     "latency": run_latency,
+    "latency10": run_latency10,
     "bulk": run_bulk,
+    "bulk1": run_bulk1,
     "idle": run_idle,
 }
 

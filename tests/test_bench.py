@@ -1,9 +1,10 @@
 """The benchmark harness (bench/) end to end, on loopback with real processes.
 
 One smoke session (``python -m bench --smoke``: builds the C load generator and echo backend,
-runs every workload for a fraction of a second against tunnel and, when installed, nginx)
-feeds the tests below. A second one runs over TLS (``--smoke --tls``, against tunnel and
-whichever of nginx and HAProxy are installed; skipped, with the reason, without libssl-dev).
+runs every workload for a fraction of a second against tunnel and, when installed, nginx and
+HAProxy with forced splicing, and draws the ratio chart) feeds the tests below. A second one
+runs over TLS (``--smoke --tls``, against tunnel and whichever of nginx and HAProxy are
+installed; skipped, with the reason, without libssl-dev).
 A deliberately corrupting backend checks that the load generator's byte-for-byte echo
 verification does catch a wrong byte, so "no mismatches" means something.
 """
@@ -21,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,12 +41,30 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # The figures each workload must produce, as positive numbers, for every proxy.
 FIGURES = {
-    "upgrade": ("upgrade_rate", "upgrade_cpu_us"),
-    "echo": ("echo_rate", "echo_cpu_us"),
+    "upgrade": ("upgrade_rate", "upgrade_cpu_us", "upgrade_machine_cpu_us"),
+    "echo": ("echo_rate", "echo_cpu_us", "echo_machine_cpu_us"),
     "latency": ("latency_p50_us", "latency_p99_us"),
-    "bulk": ("bulk_mb_s", "bulk_cpu_s_per_gib"),
+    "latency10": ("latency10_p50_us", "latency10_p99_us"),
+    "bulk": ("bulk_mb_s", "bulk_cpu_s_per_gib", "bulk_machine_cpu_s_per_gib"),
+    "bulk1": ("bulk1_mb_s", "bulk1_cpu_s_per_gib", "bulk1_machine_cpu_s_per_gib"),
     "idle": ("idle_rss_kib",),
 }
+# The machine-wide figures, which the direct baseline (no proxy) has too.
+MACHINE_FIGURES = (
+    "upgrade_machine_cpu_us",
+    "echo_machine_cpu_us",
+    "bulk_machine_cpu_s_per_gib",
+    "bulk1_machine_cpu_s_per_gib",
+)
+CHART_KEYS = (
+    "upgrade_cpu_us",
+    "echo_cpu_us",
+    "bulk_cpu_s_per_gib",
+    "bulk1_cpu_s_per_gib",
+    "added10_p50_us",
+    "idle_rss_kib",
+)
+SVG = "{http://www.w3.org/2000/svg}"
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +92,8 @@ def _openssl_missing() -> str:
 
 
 def _smoke_session(out: Path, *options: str) -> dict[str, Any]:
-    """Run ``python -m bench --smoke OPTIONS``; its JSON report, plus what it printed."""
+    """Run ``python -m bench --smoke OPTIONS``; its JSON report, plus what it printed and the
+    path of its chart (None when it wrote none)."""
     command = [sys.executable, "-m", "bench", "--smoke", *options, "--out", str(out)]
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT, check=False
@@ -84,6 +105,8 @@ def _smoke_session(out: Path, *options: str) -> dict[str, Any]:
     report["printed"] = result.stdout
     report["markdown"] = md_path.read_text(encoding="utf-8")
     report["json_name"] = json_path.name
+    charts = list(out.glob("*.svg"))
+    report["chart"] = charts[0] if charts else None
     return report
 
 
@@ -91,8 +114,16 @@ def _smoke_session(out: Path, *options: str) -> dict[str, Any]:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The JSON report of one smoke session, plus what it printed."""
     _need_compiler()
-    against = "nginx" if NGINX_INSTALLED else "none"
-    return _smoke_session(tmp_path_factory.mktemp("bench-results"), "--against", against)
+    installed = [
+        name
+        for name, ok in (("nginx", NGINX_INSTALLED), ("haproxy-splice", HAPROXY_INSTALLED))
+        if ok
+    ]
+    out = tmp_path_factory.mktemp("bench-results")
+    chart = tmp_path_factory.mktemp("bench-docs") / "img" / "benchmarks.svg"
+    report = _smoke_session(out, "--against", ",".join(installed) or "none", "--chart", str(chart))
+    report["chart_copy"] = chart
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +161,99 @@ def test_nginx_figures_are_positive(smoke: dict[str, Any]) -> None:
     assert "tunnel/nginx" in smoke["table"]["header"]
 
 
+def test_haproxy_splice_figures_are_positive(smoke: dict[str, Any]) -> None:
+    """The forced-splice HAProxy peer ran every workload, with its splice options in force."""
+    if not HAPROXY_INSTALLED:
+        pytest.skip(HAPROXY_MISSING)
+    _assert_positive_figures(smoke, "haproxy-splice")
+    assert "tunnel/haproxy-splice" in smoke["table"]["header"]
+    config = smoke["configs"]["haproxy-splice"]
+    assert "option splice-request" in config
+    assert "option splice-response" in config
+    assert "tune.pipesize 262144" in config
+
+
+def test_machine_cpu_covers_the_proxy_and_the_baseline(smoke: dict[str, Any]) -> None:
+    """Machine-wide CPU per unit is reported for every peer, direct included, and for a proxy it
+    is more than the proxy's own CPU (it also holds the load generator and the backend)."""
+    for peer in smoke["peers"]:
+        medians = smoke["medians"][peer]
+        for key in MACHINE_FIGURES:
+            assert medians.get(key, 0) > 0, f"{peer}: {key} = {medians.get(key)}"
+        if peer != "direct":
+            assert medians["upgrade_machine_cpu_us"] > medians["upgrade_cpu_us"], peer
+            assert medians["bulk1_machine_cpu_s_per_gib"] > medians["bulk1_cpu_s_per_gib"], peer
+    labels = [row[0] for row in smoke["table"]["rows"]]
+    assert any(label.startswith("machine CPU per upgrade") for label in labels)
+    assert any(label.startswith("machine CPU s per GiB sent (1 conn)") for label in labels)
+
+
+def test_chart_has_a_bar_per_row_and_peer(smoke: dict[str, Any]) -> None:
+    """The SVG next to the results (and its copy at --chart) parses as XML and has, for each
+    charted row and compared peer, a bar with tunnel's ratio, or "n/a" where a figure is not
+    positive; and the 1.0x reference line."""
+    compared = [p for p in ("nginx", "haproxy", "haproxy-splice") if p in smoke["peers"]]
+    if not compared:
+        pytest.skip(NGINX_MISSING + "; " + HAPROXY_MISSING)
+    assert smoke["chart"] is not None
+    text = smoke["chart"].read_text(encoding="utf-8")
+    assert smoke["chart_copy"].read_text(encoding="utf-8") == text
+    root = ElementTree.fromstring(text)
+    assert root.tag == f"{SVG}svg"
+    bars = {
+        (bar.get("data-row"), bar.get("data-peer")): float(bar.get("data-ratio", "nan"))
+        for bar in root.iter(f"{SVG}rect")
+        if bar.get("class") == "bar"
+    }
+    missing = {
+        (text.get("data-row"), text.get("data-peer"))
+        for text in root.iter(f"{SVG}text")
+        if text.get("class") == "missing"
+    }
+    medians = smoke["medians"]
+    for key in CHART_KEYS:
+        for peer in compared:
+            tunnel, other = medians["tunnel"].get(key, 0), medians[peer].get(key, 0)
+            if tunnel > 0 and other > 0:
+                assert bars[(key, peer)] == pytest.approx(tunnel / other, rel=1e-3), (key, peer)
+            else:
+                assert (key, peer) in missing, (key, peer)
+    assert len(bars) + len(missing) == len(CHART_KEYS) * len(compared)
+    assert [line for line in root.iter(f"{SVG}line") if line.get("class") == "reference"]
+
+
+def test_haproxy_splice_without_haproxy_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    """Where haproxy is not installed the haproxy-splice peer is skipped, naming the package,
+    and the rest of the session runs."""
+    _need_compiler()
+    script = (
+        "import sys\n"
+        "import bench.peers as peers\n"
+        "found = peers._find\n"
+        "peers._find = lambda program: None if program == 'haproxy' else found(program)\n"
+        "from bench.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    command = [sys.executable, "-c", script, "--smoke", "--only", "upgrade"]
+    result = subprocess.run(
+        [*command, "--against", "haproxy-splice", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"skipping haproxy-splice: {HAPROXY_MISSING}" in result.stderr
+    assert f"skipped haproxy-splice: {HAPROXY_MISSING}" in result.stdout
+    (json_path,) = tmp_path.glob("*.json")
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    assert report["skipped"] == {"haproxy-splice": HAPROXY_MISSING}
+    assert report["peers"] == ["direct", "tunnel"]
+    assert report["medians"]["tunnel"]["upgrade_cpu_us"] > 0
+    assert not list(tmp_path.glob("*.svg"))  # no peer, no ratio to draw
+
+
 def test_echo_verification_found_no_mismatches(smoke: dict[str, Any]) -> None:
     samples = smoke["samples"]
     assert samples
@@ -140,6 +264,10 @@ def test_echo_verification_found_no_mismatches(smoke: dict[str, Any]) -> None:
         assert sample["errors"] == 0, f"{where}: {sample['loadgen'].get('first_error')}"
     echoed = [s for s in samples if s["workload"] == "bulk"]
     assert all(s["metrics"]["bulk_bytes"] > 0 for s in echoed)  # bytes were compared
+    one = [s for s in samples if s["workload"] == "bulk1"]
+    assert one
+    assert all(s["metrics"]["bulk1_bytes"] > 0 for s in one)
+    assert all(s["loadgen"]["conns"] == 1 for s in one)
 
 
 def test_prints_one_table_and_writes_it(smoke: dict[str, Any]) -> None:
