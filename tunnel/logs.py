@@ -138,7 +138,10 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
-    # Neither format prints them, and each costs a getpid() or more per line.
+    # Neither format prints them, and each costs a getpid() or more per line; nor the file and
+    # line of the call, which logging finds by walking the stack (the logging HOWTO's own
+    # advice for a program that does not print them).
     logging.logProcesses = False
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging._srcfile = None
