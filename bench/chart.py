@@ -104,7 +104,7 @@ def svg(
             end = _x(ratio)
             left, right = min(one, end), max(one, end)
             out.append(
-                f'<rect class="bar" {tags} data-ratio="{ratio:.3f}" x="{left:.1f}" y="{y}" '
+                f'<rect class="bar" {tags} data-ratio="{ratio:.6g}" x="{left:.1f}" y="{y}" '
                 f'width="{max(right - left, 1.0):.1f}" height="{BAR_HEIGHT}" fill="{colour}">'
                 f"<title>{escape(label)}: tunnel / {escape(peer)} = {ratio:.2f}x</title></rect>"
             )

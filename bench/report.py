@@ -341,6 +341,14 @@ def notes(session: Session) -> list[str]:
                 "subtracted: it includes the load generator, the backend, the kernel's softirq "
                 "work and anything else running (direct shows the part without a proxy)."
             )
+        machine_total = sum(s.machine_cpu_seconds or 0.0 for s in session.samples)
+        if machine_total > 0:
+            elsewhere = sum(s.unattributed_cpu_seconds or 0.0 for s in session.samples)
+            lines.append(
+                f"Of the machine CPU over all measured runs, {elsewhere / machine_total:.0%} was "
+                "charged to none of the proxy, the backend and the load generator (kernel "
+                "threads, interrupt work charged to no process, other jobs)."
+            )
         load = os.getloadavg()[0]
         if load >= 1.0 and {"upgrade", "echo", "bulk", "bulk1"} & set(only):
             lines.append(

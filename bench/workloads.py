@@ -132,6 +132,10 @@ class Sample:
     machine_cpu_seconds: float | None = None
     """Busy core-seconds of the whole machine over the measured phase (/proc/stat): the proxy,
     the load generator, the backend, the kernel's softirq work, and anything else running."""
+    unattributed_cpu_seconds: float | None = None
+    """The machine's busy time that none of the proxy, the backend and the load generator was
+    charged with (kernel threads, interrupts charged to no process, other jobs): a diagnostic,
+    never subtracted."""
     loadgen_cpu: float = 0.0
     """The load generator's CPU time over the measured phase, as a fraction of one core."""
     errors: int = 0
@@ -255,6 +259,10 @@ def measured(
         on_result=on_result,
     )
     _counts(sample, result)
+    if sample.machine_cpu_seconds is not None:
+        charged = (sample.proxy_cpu_seconds or 0.0) + sample.backend_cpu_seconds
+        charged += float(result.get("cpu_seconds", 0.0))
+        sample.unattributed_cpu_seconds = sample.machine_cpu_seconds - charged
     return result
 
 

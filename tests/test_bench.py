@@ -183,6 +183,10 @@ def test_machine_cpu_covers_the_proxy_and_the_baseline(smoke: dict[str, Any]) ->
         if peer != "direct":
             assert medians["upgrade_machine_cpu_us"] > medians["upgrade_cpu_us"], peer
             assert medians["bulk1_machine_cpu_s_per_gib"] > medians["bulk1_cpu_s_per_gib"], peer
+    for sample in smoke["samples"]:
+        if sample["workload"] != "idle":
+            assert sample["machine_cpu_seconds"] > 0, sample
+            assert sample["unattributed_cpu_seconds"] is not None, sample
     labels = [row[0] for row in smoke["table"]["rows"]]
     assert any(label.startswith("machine CPU per upgrade") for label in labels)
     assert any(label.startswith("machine CPU s per GiB sent (1 conn)") for label in labels)
