@@ -10,6 +10,7 @@ from tunnel.config.hosts import Address
 from tunnel.config.kinds import (
     PEM_MISSING,
     Choice,
+    Duration,
     FilePath,
     Flag,
     Key,
@@ -19,6 +20,7 @@ from tunnel.config.kinds import (
     setting,
 )
 from tunnel.config.tables import Table, TableList
+from tunnel.config.units import HOURS
 from tunnel.errors import ConfigError
 
 TLS_VERSIONS = ("1.2", "1.3")
@@ -86,6 +88,16 @@ class ListenerTLS:
         "Header carrying the verified client certificate's subject (RFC 4514, non-ASCII "
         "escaped as `\\XX`) to the backend; any copy the client sent is removed. Needs "
         '`client_ca`. `""` = not sent.',
+    )
+    ticket_key_rotation: float = setting(
+        1 * HOURS,
+        Duration(allow_zero=True),
+        "TLS session tickets let a returning client skip the certificate and signature (a "
+        "resumed handshake). Their keys are shared by every worker, derived from a secret "
+        "held in memory, and replaced this often; a ticket is accepted for this long after it "
+        'is issued. `"0s"` = no tickets, every handshake is full. See '
+        "[tls](tls.md#session-tickets).",
+        omit_default=True,
     )
 
     @classmethod

@@ -21,6 +21,7 @@ from cryptography import x509
 from tunnel.config import BackendTLS, Config, ListenerTLS
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, fields
+from tunnel.net import tickets
 from tunnel.net.tlsconn import WANT_READ, TLSConn
 
 log = logging.getLogger(LOGGER_NAME)
@@ -220,6 +221,8 @@ def _server_context(
                 f"{key}.client_ca", f"{settings.client_ca}: no usable CA certificate ({exc})"
             ) from exc
         context.verify_mode = ssl.CERT_REQUIRED
+    # Last: the ticket layer checks the SSL_CTX it reaches against these settings.
+    tickets.install(context, settings.ticket_key_rotation)
     return context
 
 
