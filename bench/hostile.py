@@ -60,6 +60,8 @@ ATTEMPT_TIMEOUT = 10.0
 ATTACK_SECONDS = WARMUP + ATTEMPTS * ATTEMPT_EVERY + ATTEMPT_TIMEOUT + 30.0
 """Bound on the attacker process, should the parent never tell it to stop."""
 STOP_SECONDS = 10.0
+COUNT_EVERY = 0.5
+"""How often the attacker process publishes how many connections its slow clients made."""
 UNCAPPED = 100_000
 """``max_handshakes`` for the strategy without a bound (far above ``NOFILE``)."""
 
@@ -367,21 +369,29 @@ class SlowlorisResult:
         return [attempt.seconds for attempt in self.attempts if attempt.ok]
 
 
-async def _attack(port: int, clients: int, stop: EventType) -> int:
-    """Run ``clients`` slow clients until ``stop`` is set (at most ``ATTACK_SECONDS``); the
-    connections they made."""
+async def _attack(port: int, clients: int, stop: EventType, made: Synchronized[int]) -> None:
+    """Run ``clients`` slow clients until ``stop`` is set (at most ``ATTACK_SECONDS``),
+    counting the connections they made in ``made`` as they go (a loaded machine may kill
+    this process before it has stopped its clients: the count must not be lost then)."""
     connections = [0]
+
+    async def count() -> None:
+        while True:
+            made.value = connections[0]
+            await trio.sleep(COUNT_EVERY)
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(count)
         for _ in range(clients):
             nursery.start_soon(slow_client, port, connections)
             await trio.sleep(WARMUP / 3 / clients)
         await trio.to_thread.run_sync(stop.wait, ATTACK_SECONDS)
+        made.value = connections[0]
         nursery.cancel_scope.cancel()
-    return connections[0]
 
 
 def _attacker(port: int, clients: int, stop: EventType, made: Synchronized[int]) -> None:
-    made.value = trio.run(_attack, port, clients, stop)
+    trio.run(_attack, port, clients, stop, made)
 
 
 async def _attempts(port: int) -> tuple[Attempt, ...]:
