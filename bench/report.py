@@ -523,7 +523,7 @@ def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_markdown(session: Session, info: dict[str, Any]) -> str:
-    versions = ", ".join(f"{v}" for v in info["versions"].values())
+    versions = ", ".join(dict.fromkeys(info["versions"].values()))  # haproxy-splice is haproxy
     dirty = " (tunnel/ had uncommitted changes)" if info["tunnel_dirty"] else ""
     if info["tunnel_changed_during_run"]:
         dirty += f"; at the end: {info['tunnel_source_at_end']['commit']}"
