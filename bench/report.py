@@ -334,27 +334,8 @@ def notes(session: Session) -> list[str]:
                 "MB/s = 10^6 bytes/s of client payload (each byte crosses the proxy twice: up "
                 "and echoed back); GiB = 2^30 client-sent bytes."
             )
-        if {"upgrade", "echo", "bulk", "bulk1"} & set(only):
-            lines.append(
-                "machine CPU = busy core-seconds of the whole machine over the run (/proc/stat: "
-                "user + nice + system + irq + softirq + steal) per unit of work, nothing "
-                "subtracted: it includes the load generator, the backend, the kernel's softirq "
-                "work and anything else running (direct shows the part without a proxy)."
-            )
-        machine_total = sum(s.machine_cpu_seconds or 0.0 for s in session.samples)
-        if machine_total > 0:
-            elsewhere = sum(s.unattributed_cpu_seconds or 0.0 for s in session.samples)
-            lines.append(
-                f"Of the machine CPU over all measured runs, {elsewhere / machine_total:.0%} was "
-                "charged to none of the proxy, the backend and the load generator (kernel "
-                "threads, interrupt work charged to no process, other jobs)."
-            )
-        load = os.getloadavg()[0]
-        if load >= 1.0 and {"upgrade", "echo", "bulk", "bulk1"} & set(only):
-            lines.append(
-                f"The load average was {load:.1f} at the end: other work shared the machine, "
-                "and its CPU is inside the machine CPU rows."
-            )
+        if MACHINE_WORKLOADS & set(only):
+            lines += machine_notes(session)
         if "idle" in only:
             lines.append(
                 f"RSS per tunnel = (RSS with {plan.idle_tunnels:,} tunnels open - RSS just "
@@ -412,6 +393,36 @@ def notes(session: Session) -> list[str]:
             "later (the idle test restarts the proxy) may have run different code."
         )
     lines += session.notes
+    return lines
+
+
+MACHINE_WORKLOADS = {"upgrade", "echo", "bulk", "bulk1"}
+"""The workloads that have machine CPU rows."""
+
+
+def machine_notes(session: Session) -> list[str]:
+    """What the machine CPU rows are, and how much of them other jobs may be."""
+    lines = [
+        "machine CPU = busy core-seconds of the whole machine over the run (/proc/stat: "
+        "user + nice + system + irq + softirq + steal) per unit of work, nothing "
+        "subtracted: it includes the load generator, the backend, the kernel's softirq "
+        "work and anything else running (direct shows the part without a proxy)."
+    ]
+    machine_total = sum(s.machine_cpu_seconds or 0.0 for s in session.samples)
+    if machine_total > 0:
+        elsewhere = sum(s.unattributed_cpu_seconds or 0.0 for s in session.samples)
+        lines.append(
+            f"Of the machine CPU over all measured runs, {elsewhere / machine_total:.0%} was "
+            "charged to none of the proxy, the backend and the load generator (kernel "
+            "threads, interrupt work charged to no process, other jobs)."
+        )
+    if session.background_cores is not None:
+        lines.append(
+            f"Before the session, with none of its processes running, the machine was busy "
+            f"{session.background_cores:.2f} of {os.cpu_count()} cores; the load average "
+            f"was {os.getloadavg()[0]:.1f} at the end. Other jobs' CPU is inside the machine "
+            "CPU rows."
+        )
     return lines
 
 
@@ -517,6 +528,7 @@ def to_json(session: Session, info: dict[str, Any]) -> dict[str, Any]:
         "table": {"header": header, "rows": body},
         "notes": notes(session),
         "scaling": session.scaling,
+        "background_cores": session.background_cores,
         "tls": tls,
         "samples": [dataclasses.asdict(s) for s in session.samples],
     }

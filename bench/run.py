@@ -62,6 +62,9 @@ class Session:
     binaries: build.Binaries | None = None
     scaling: dict[str, Any] = field(default_factory=dict)
     source_at_start: dict[str, str | bool] = field(default_factory=dict)
+    background_cores: float | None = None
+    """How many cores the machine kept busy just before the session, with none of the session's
+    processes running: other jobs, whose CPU the machine-wide rows cannot tell apart."""
 
 
 @contextmanager
@@ -76,6 +79,17 @@ def _stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+BACKGROUND_SECONDS = {"full": 2.0, "quick": 1.0, "smoke": 0.2}
+
+
+def background_cores(seconds: float) -> float:
+    """Busy cores of the whole machine over ``seconds`` (/proc/stat), measured while this session
+    runs nothing."""
+    before, started = procs.machine_cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return (procs.machine_cpu_seconds() - before) / (time.monotonic() - started)
 
 
 def start_backend(binary: Path, workdir: Path) -> tuple[procs.Managed, int]:
@@ -112,6 +126,7 @@ def run(options: Options, say: Say = say_to_stderr) -> Session:
     plan = options.effective_plan()
     session = Session(options, plan, time.time(), source_at_start=peers.tunnel_source())
     hard = procs.raise_nofile_limit()[1]
+    session.background_cores = background_cores(BACKGROUND_SECONDS[plan.name])
     session.binaries = binaries = build.build()
     if options.tls and binaries.tls_missing is not None:
         session.skipped["tls"] = binaries.tls_missing

@@ -187,6 +187,8 @@ def test_machine_cpu_covers_the_proxy_and_the_baseline(smoke: dict[str, Any]) ->
         if sample["workload"] != "idle":
             assert sample["machine_cpu_seconds"] > 0, sample
             assert sample["unattributed_cpu_seconds"] is not None, sample
+    assert 0 <= smoke["background_cores"] <= os.cpu_count()  # other jobs, measured first
+    assert "machine CPU = busy core-seconds of the whole machine" in smoke["printed"]
     labels = [row[0] for row in smoke["table"]["rows"]]
     assert any(label.startswith("machine CPU per upgrade") for label in labels)
     assert any(label.startswith("machine CPU s per GiB sent (1 conn)") for label in labels)
