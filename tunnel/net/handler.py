@@ -673,18 +673,26 @@ async def _read_request(
         ) from None
 
 
-async def _read_reply(sock: Conn, reply: BackendReply, backend: BackendConfig) -> ReplyProgress:
+async def _read_reply(
+    sock: Conn, reply: BackendReply, backend: BackendConfig, *, wait_first: bool = False
+) -> ReplyProgress:
     """Read until the reply's status is known (the request went out with the connect); the
-    caller bounds the wait."""
+    caller bounds the wait. ``wait_first``: a read just found nothing there."""
     try:
+        if wait_first:
+            await trio.lowlevel.wait_readable(sock)
         while True:
             progress = reply.feed(await receive_some(sock, READ_SIZE))
             if progress.status is not None:
                 return progress
     except OSError as exc:
-        raise BackendUnreachable(
-            f"backend {backends.describe(backend)} reset the connection before replying"
-        ) from exc
+        raise _reset(backend) from exc
+
+
+def _reset(backend: BackendConfig) -> BackendUnreachable:
+    return BackendUnreachable(
+        f"backend {backends.describe(backend)} reset the connection before replying"
+    )
 
 
 WATCHED_BYTES = 64 * KiB
@@ -712,10 +720,21 @@ async def _reply_unless_client_leaves(
         BackendTimeout: 504, no status within ``response_timeout``.
         BackendUnreachable: 502, the backend reset the connection.
     """
+    try:
+        data = backend_sock.recv(READ_SIZE)
+    except BlockingIOError:
+        data = None
+    except OSError as exc:
+        raise _reset(backend) from exc
+    if data is not None:
+        # A near backend may have answered already: then no timer is needed at all.
+        early = reply.feed(data)
+        if early.status is not None:
+            return early, b""
     now = trio.current_time()
     deadline = now + response_timeout
     with trio.move_on_at(min(deadline, now + REPLY_GRACE_SECONDS)):
-        return await _read_reply(backend_sock, reply, backend), b""
+        return await _read_reply(backend_sock, reply, backend, wait_first=data is None), b""
     sent = bytearray()
     failure: TunnelError | None = None
     progress: ReplyProgress | None = None
