@@ -10,6 +10,7 @@ the verified identity and hold a slot in the store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -45,6 +46,13 @@ log = logging.getLogger(LOGGER_NAME)
 HELD_ANYWAY = 1 << 62
 """The cap a handed-over tunnel is counted under: it is open already, so it is never
 refused, but it counts against new ones."""
+PASSES_REMEMBERED = 1024
+"""Client addresses and ``Origin`` values a route's guard remembers as let through (per
+configuration): the same clients come back, and checking one again cost a tenth of an upgrade's
+guard. Refusals are not remembered, and the bound keeps a client that cycles addresses or
+origins from growing it."""
+LONGEST_REMEMBERED_ORIGIN = 256
+"""Longer ``Origin`` values are checked each time instead (a remembered one is kept whole)."""
 STORE_ERROR_LOG_EVERY = 10.0
 """Seconds between two log lines about an unavailable limit store (one per refusal would
 flood the log exactly when it matters)."""
@@ -143,6 +151,10 @@ class RouteGuard:
         self._rate = None if limits.per_ip_rate.off else limits.per_ip_rate
         self.counts = limits.per_ip_tunnels > 0 or limits.per_identity_tunnels > 0
         """Caps are on: the tunnel takes slots in the store."""
+        self._address_passes = functools.lru_cache(maxsize=PASSES_REMEMBERED)(
+            self.access.check_address
+        )
+        self._origin_passes = functools.lru_cache(maxsize=PASSES_REMEMBERED)(self._one_origin)
         self.active = bool(
             self.access.checks_address
             or self.access.origins is not None
@@ -157,11 +169,19 @@ class RouteGuard:
         access = self.access
         try:
             if access.checks_address:
-                access.check_address(ip)
+                self._address_passes(ip)
         except TunnelError as error:
             raise Refused(error, Rule.ACCESS) from None
         try:
-            access.check_origin(values(upgrade.fields, b"origin"))
+            origins = values(upgrade.fields, b"origin")
+            if (
+                access.origins is not None
+                and len(origins) == 1
+                and len(origins[0]) <= LONGEST_REMEMBERED_ORIGIN
+            ):
+                self._origin_passes(origins[0])
+            else:
+                access.check_origin(origins)
         except TunnelError as error:
             raise Refused(error, Rule.ORIGIN) from None
         limits = self.limits
@@ -205,6 +225,9 @@ class RouteGuard:
                 Rule.PER_IDENTITY,
             )
         return Pass(upgrade, identity, holder, tuple(key for key, _ in counters))
+
+    def _one_origin(self, origin: bytes) -> None:
+        self.access.check_origin((origin,))
 
     async def _take(self, key: str) -> None:
         limits = self.limits
