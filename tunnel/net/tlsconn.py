@@ -20,7 +20,7 @@ import contextlib
 import errno
 import socket
 import ssl
-from typing import Literal, cast
+from typing import Any, Literal
 
 RAW_READ = 64 * 1024
 """Encrypted bytes read from the socket at a time: four full TLS records."""
@@ -37,7 +37,17 @@ WANT_WRITE: Literal["write"] = "write"
 class TLSConn:
     """TLS over ``sock``; owns the socket and closes it."""
 
-    __slots__ = ("_backlog", "_eof", "_incoming", "_outgoing", "_plain", "_wr_shut", "sock", "tls")
+    __slots__ = (
+        "_backlog",
+        "_eof",
+        "_incoming",
+        "_obj",
+        "_outgoing",
+        "_plain",
+        "_wr_shut",
+        "sock",
+        "tls",
+    )
 
     def __init__(
         self,
@@ -56,6 +66,10 @@ class TLSConn:
             server_side=server_side,
             server_hostname=server_hostname,
         )
+        self._obj: Any = getattr(self.tls, "_sslobj", self.tls)
+        """``_ssl``'s object behind ``tls``, called without ``SSLObject``'s Python wrappers
+        (``read``, ``write`` and ``pending`` are the same there); ``tls`` itself if a Python
+        version hides it."""
         self._backlog = bytearray()
         """Encrypted bytes the socket has not taken yet."""
         self._plain = bytearray()
@@ -104,27 +118,33 @@ class TLSConn:
 
         OpenSSL is asked for bytes only when it holds some, and a socket read shorter than
         asked for counts as drained, as the engine counts a plain socket's: a message costs one
-        ``read`` and one ``recv``, not the exceptions of asking an empty buffer."""
-        view = memoryview(buffer)
-        want = nbytes or len(view)
-        filled = 0
-        if self._plain:
-            filled = min(want, len(self._plain))
-            view[:filled] = self._plain[:filled]
-            del self._plain[:filled]
-        tls, incoming = self.tls, self._incoming
+        ``recv`` and one ``read``, not the exceptions of asking an empty buffer. This runs for
+        every message, so it calls ``_ssl`` directly (``_obj``), not through ``SSLObject``'s
+        Python wrappers, and slices ``buffer`` only after a first record filled part of it."""
+        want = nbytes or len(buffer)
+        filled = self._take_plain(buffer, want) if self._plain else 0
+        obj, incoming = self._obj, self._incoming
+        # SSL_read hands over one record at a time and all of it that fits, so decrypted bytes
+        # can be left over only from a call that filled its buffer: check once, here.
+        held = incoming.pending or obj.pending()
         drained = False
+        view: memoryview | None = None
         while filled < want:
-            if incoming.pending or tls.pending():
+            if held:
                 try:
-                    # With a buffer, read() returns a count (typeshed knows only the bytes form).
-                    n = cast(int, tls.read(want - filled, cast(bytearray, view[filled:])))
+                    if filled:
+                        if view is None:
+                            view = memoryview(buffer)
+                        n = obj.read(want - filled, view[filled:])
+                    else:
+                        n = obj.read(want, buffer)
                 except ssl.SSLWantReadError:
                     n = -1  # an incomplete record: more bytes are needed
                 except ssl.SSLZeroReturnError:
                     n = 0
                 if n > 0:
                     filled += n
+                    held = incoming.pending
                     continue
                 if n == 0:
                     self._eof = True
@@ -134,7 +154,7 @@ class TLSConn:
             try:
                 if drained:
                     raise BlockingIOError(errno.EAGAIN, "the socket was drained")
-                got = self._fill()
+                got = self.sock.recv_into(_SCRATCH)
             except BlockingIOError:
                 if filled:
                     break
@@ -143,9 +163,18 @@ class TLSConn:
             if not got:
                 self._eof = True  # closed without close_notify: an EOF all the same
                 break
+            incoming.write(_SCRATCH if got == RAW_READ else _SCRATCH_VIEW[:got])
+            held = True
             drained = got < RAW_READ
         if self._outgoing.pending:
             self._answer_quietly()
+        return filled
+
+    def _take_plain(self, buffer: bytearray | memoryview, want: int) -> int:
+        """Hand over what ``shutdown`` kept aside first."""
+        filled = min(want, len(self._plain))
+        memoryview(buffer)[:filled] = self._plain[:filled]
+        del self._plain[:filled]
         return filled
 
     def recv(self, bufsize: int, /) -> bytes:
@@ -160,7 +189,7 @@ class TLSConn:
             raise BlockingIOError(errno.EAGAIN, "TLS records still waiting for the socket")
         if not data:
             return 0
-        self.tls.write(data)
+        self._obj.write(data)
         records = self._outgoing.read()
         try:
             sent = self.sock.send(records)
