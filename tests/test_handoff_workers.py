@@ -49,6 +49,7 @@ from handoffpeers import (
     wait_until,
     ws_connect,
 )
+from rawhttp import status_of, upgrade_request
 
 from tunnel.certs import write_dev_certificates
 
@@ -458,3 +459,66 @@ def test_the_new_process_tells_systemd_it_is_the_main_process(
         stop_last(chain)
     finally:
         systemd.close()
+
+
+# --- 8. TLS sessions resume on any worker, and on the next generation -------------------------
+
+RESUMPTIONS = 12
+"""Returning visits: with two workers, the odds that all land on the worker that issued the
+ticket are 2**-12."""
+
+
+def tls_visit(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[bool, ssl.SSLSession]:
+    """One TLS 1.3 connection offering ``session``: upgrade, read the answer's head (the
+    server's tickets come before it), close. Whether the session was resumed, and the one to
+    offer next time."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(upgrade_request("localhost"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert status_of(head) == 101, head
+        assert tls.session is not None
+        return bool(tls.session_reused), tls.session
+
+
+@pytest.mark.parametrize("workers", [1, WORKERS])
+def test_tls_sessions_resume_on_any_worker_and_across_a_hand_off(
+    start_chain: Callable[..., TunnelChain],
+    start_ws_backend: Callable[..., WsBackend],
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """The supervisor gives every worker the secret the ticket keys are derived from, and a
+    hand-off gives it to the next supervisor: a client resumes wherever it lands."""
+    paths = write_dev_certificates(tmp_path / "certs", ["localhost"])
+    context = ssl.create_default_context(cafile=str(paths.ca_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    backend = start_ws_backend()
+    tls_port = free_port()
+    chain = start_chain(
+        config_text(
+            {"localhost": backend.url},
+            tls=(paths.cert, paths.key),
+            tls_port=tls_port,
+            workers=workers,
+        )
+    )
+    chain.wait_for("two listeners", lambda _: len(chain.ports()) == 2)
+    reused, session = tls_visit(tls_port, context)
+    assert not reused
+    visits = [tls_visit(tls_port, context, session)[0] for _ in range(RESUMPTIONS)]
+    assert all(visits), visits
+
+    chain.hand_off(1)
+
+    visits = [tls_visit(tls_port, context, session)[0] for _ in range(RESUMPTIONS)]
+    assert all(visits), visits
+    assert error_lines(chain.log()) == []
+    assert "TLS session tickets are per process" not in chain.log()
+    stop_last(chain)

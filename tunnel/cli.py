@@ -28,13 +28,20 @@ from tunnel.config import MAX_WORKERS, Address, Config, format_duration, parse_d
 from tunnel.demo import run_demo
 from tunnel.errors import ConfigError
 from tunnel.logs import LOGGER_NAME, setup_logging
+from tunnel.net import tickets
 from tunnel.net.activation import WORKER_OPTION, parse_listen_fd, take_from_supervisor
 from tunnel.net.handoff import HandoffError
 from tunnel.net.listener import ListenError
 from tunnel.pidfile import remove_pid_file, write_pid_file
 from tunnel.successor import HANDOFF_OPTION, Successor
 from tunnel.supervisor import run_workers
-from tunnel.worker import WORKER_COMMAND, SupervisorLink, tag_logs, wait_for_supervisor_exit
+from tunnel.worker import (
+    TICKET_OPTION,
+    WORKER_COMMAND,
+    SupervisorLink,
+    tag_logs,
+    wait_for_supervisor_exit,
+)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -246,6 +253,7 @@ def _load(config_file: Path, overrides: Callable[[Config], Config]) -> Config:
 @click.option(WORKER_OPTION, "listen_fds", multiple=True, metavar="ADDR=FD")
 @click.option("--link", type=click.IntRange(0), default=None)
 @click.option(HANDOFF_OPTION, "handoff_fd", type=click.IntRange(0), default=None)
+@click.option(TICKET_OPTION, "ticket_secret_fd", type=click.IntRange(0), default=None)
 def worker(
     number: int,
     lifeline: int | None,
@@ -255,6 +263,7 @@ def worker(
     listen_fds: tuple[str, ...],
     link: int | None,
     handoff_fd: int | None,
+    ticket_secret_fd: int | None,
 ) -> None:
     """One worker of ``tunnel run --workers N``, started by its supervisor.
 
@@ -265,10 +274,18 @@ def worker(
     ADDR=FD`` is a listening socket the supervisor inherited (systemd socket activation), which
     the listener ADDR accepts on instead of binding (see ``tunnel.net.activation``).
     ``--link`` is this worker's end of a socket pair to the supervisor, which hands over new
-    configurations on a reload (see ``tunnel.worker``). ``--handoff-fd`` is this worker's end of
+    configurations on a reload (see ``tunnel.worker``). ``--ticket-secret-fd`` is a pipe holding
+    the secret every worker derives its TLS ticket keys from (``tunnel.net.tickets``).
+    ``--handoff-fd`` is this worker's end of
     a hand-off from the same worker of the previous supervisor (see ``tunnel.successor``): its
     listening sockets, with their accept queues, and then its tunnels come from there.
     """
+    if ticket_secret_fd is not None:
+        try:
+            tickets.use_secret(tickets.read_secret(ticket_secret_fd))
+        except (OSError, ValueError) as error:
+            _fail(f"worker {number}: no TLS ticket key secret from the supervisor: {error}")
+            return
     control = None
     if handoff_fd is not None:
         with _exit_on_startup_errors():

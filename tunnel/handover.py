@@ -9,7 +9,9 @@ starts its workers (an ``Inheritance``):
   new supervisor's workers use the same concrete ports (port 0 included);
 - the listening sockets systemd gave it (socket activation), which every worker accepts on;
 - the admin listener, whose accept queue must outlive the old process;
-- the new end of each worker's socket pair, by worker number.
+- the new end of each worker's socket pair, by worker number;
+- the secret the TLS ticket keys are derived from (``tunnel.net.tickets``), so that clients
+  resume their sessions across the hand-off too.
 
 Then, on the same socket, ``{"committed": true}`` once every new worker is ready and the old
 ones were told to go: from then on the new supervisor is the service's (it writes the pid file
@@ -37,6 +39,7 @@ from typing import Any
 
 from tunnel.config import Address
 from tunnel.errors import ConfigError
+from tunnel.net import tickets
 from tunnel.net.handoff import HandoffError, descriptors_in
 
 MAX_FDS = 200
@@ -53,6 +56,7 @@ _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 class Inheritance:
     """What the old supervisor passes on: every socket belongs to the receiver."""
 
+    ticket_secret: bytes = b""
     reserved: dict[Address, tuple[Address, list[socket.socket]]] = field(default_factory=dict)
     """Configured address → (concrete address, the bound sockets)."""
     inherited: list[tuple[Address, int]] = field(default_factory=list)
@@ -77,6 +81,7 @@ class Inheritance:
 
 def send_inheritance(
     sock: socket.socket,
+    ticket_secret: bytes,
     reserved: dict[Address, tuple[Address, list[socket.socket]]],
     inherited: Sequence[tuple[Address, int]],
     admin: tuple[Address, socket.socket] | None,
@@ -104,7 +109,9 @@ def send_inheritance(
     deadline = time.monotonic() + within
     chunks = [records[i : i + MAX_FDS] for i in range(0, len(records), MAX_FDS)] or [[]]
     for i, chunk in enumerate(chunks):
-        body = {"sockets": [meta for meta, _ in chunk], "end": i == len(chunks) - 1}
+        body: dict[str, Any] = {"sockets": [meta for meta, _ in chunk], "end": i == len(chunks) - 1}
+        if i == 0:
+            body["ticket_secret"] = ticket_secret.hex()
         send_message(sock, body, [fd for _, fd in chunk], deadline)
 
 
@@ -120,6 +127,8 @@ def receive_inheritance(sock: socket.socket, within: float = RECEIVE_SECONDS) ->
     try:
         while True:
             body, fds = receive_message(sock, deadline)
+            if "ticket_secret" in body:
+                inheritance.ticket_secret = _secret(body["ticket_secret"], fds)
             metas = body.get("sockets")
             if not isinstance(metas, list) or len(metas) != len(fds):
                 for fd in fds:
@@ -132,6 +141,17 @@ def receive_inheritance(sock: socket.socket, within: float = RECEIVE_SECONDS) ->
     except BaseException:
         inheritance.close()
         raise
+
+
+def _secret(text: Any, fds: list[int]) -> bytes:
+    try:
+        secret = bytes.fromhex(str(text))
+    except ValueError:
+        secret = b""
+    if len(secret) != tickets.SECRET_SIZE:
+        _close(fds)
+        raise HandoffError("the TLS ticket key secret handed over is not 32 bytes of hex")
+    return secret
 
 
 def _take(inheritance: Inheritance, meta: Any, fd: int) -> None:

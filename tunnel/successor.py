@@ -4,7 +4,8 @@ The running process (``hand_off``) checks the configuration as a reload would, s
 ``python -m tunnel run`` with the same arguments and a private socket, and passes over it
 (``pass_over``):
 
-1. a hello (the next tunnel id, so ids stay unique across the two processes);
+1. a hello (the next tunnel id, so ids stay unique across the two processes, and the secret
+   of the TLS ticket keys, so clients resume their sessions on the new process);
 2. the listening sockets (``SCM_RIGHTS``): both processes now hold them, so no connection is
    refused at any moment (the kernel keeps one accept queue per socket, whoever holds it);
 3. the new process loads everything, says it is ready and waits for the go without
@@ -40,6 +41,7 @@ import trio
 from tunnel.config import Address
 from tunnel.errors import TunnelError
 from tunnel.logs import LOGGER_NAME, Seconds, fields
+from tunnel.net import tickets
 from tunnel.net.activation import listen_fd_argument
 from tunnel.net.handoff import (
     HandoffError,
@@ -220,7 +222,8 @@ async def pass_over(
             nothing, stops).
     """
     started = trio.current_time() if started is None else started
-    await _send_message(sock, {"next_id": generation.reserve_ids()})
+    hello = {"next_id": generation.reserve_ids(), "ticket_secret": tickets.current_secret().hex()}
+    await _send_message(sock, hello)
     await send_listeners(
         sock,
         [
@@ -294,6 +297,9 @@ class Successor:
         successor = cls(sock, main=main)
         hello = await _receive_message(sock, START_SECONDS)
         successor.next_id = int(hello.get("next_id", 1))
+        if main:  # a worker has its supervisor's, which its restarts get too
+            with contextlib.suppress(ValueError):  # an unusable one: this process makes its own
+                tickets.use_secret(bytes.fromhex(str(hello.get("ticket_secret", ""))))
         values = []
         for listener, meta in await receive_listeners(sock):
             if "admin" in meta:

@@ -59,7 +59,7 @@ from tunnel.config import Address, AdminConfig, Config
 from tunnel.errors import ConfigError
 from tunnel.handover import receive_inheritance, receive_message, send_inheritance, send_message
 from tunnel.logs import LOGGER_NAME, Seconds, fields
-from tunnel.net import activation
+from tunnel.net import activation, tickets
 from tunnel.net.admin import bind_admin
 from tunnel.net.handoff import HandoffError
 from tunnel.net.listener import ListenError, bind_shared, take_inherited
@@ -75,6 +75,7 @@ from tunnel.worker import (
     OUTCOME,
     PREPARED,
     RELOAD,
+    TICKET_OPTION,
     UPGRADE,
     WORKER_COMMAND,
     Messages,
@@ -318,6 +319,7 @@ class _Predecessor:
             sock.close()
             raise
         ports.adopt(inheritance.reserved)
+        tickets.use_secret(inheritance.ticket_secret)
         activation.take_from_supervisor(
             [activation.listen_fd_argument(address, fd) for address, fd in inheritance.inherited]
         )
@@ -549,6 +551,7 @@ class _Supervisor:
                 admin = (self._config.admin.listen, self._admin.listener)
             send_inheritance(
                 ours,
+                tickets.current_secret(),
                 self._ports.reserved,
                 activation.inherited().assigned(),
                 admin,
@@ -741,6 +744,10 @@ class _Supervisor:
         for address, fd in activation.inherited().assigned():  # as taken by run_workers
             command += [activation.WORKER_OPTION, activation.listen_fd_argument(address, fd)]
             inherited.append(fd)
+        # Every worker derives the same TLS ticket keys, so a client resumes on any of them.
+        ticket_secret = tickets.write_secret_to_pipe()
+        command += [TICKET_OPTION, str(ticket_secret)]
+        inherited.append(ticket_secret)
         pair = None if self.predecessor is None else self.predecessor.pairs.pop(slot.number, None)
         if pair is not None:
             command += [HANDOFF_OPTION, str(pair.fileno())]
@@ -778,6 +785,7 @@ class _Supervisor:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 worker_end.close()
+                os.close(ticket_secret)
                 if pair is not None:
                     pair.close()
         link.setblocking(False)

@@ -39,6 +39,8 @@ log = logging.getLogger(LOGGER_NAME)
 
 WORKER_COMMAND = "worker"
 """The hidden ``tunnel`` subcommand that runs one worker."""
+TICKET_OPTION = "--ticket-secret-fd"
+"""The worker's option: a pipe holding the supervisor's TLS ticket key secret."""
 
 _READ_SIZE = 512
 
