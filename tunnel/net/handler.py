@@ -189,8 +189,23 @@ class Handler:
                 sock.close()
                 return
         try:
+            accepted_at = trio.current_time()
+            server = self.config.server
+            head = RequestHead(server.max_header_bytes, server.max_headers, server.allow_bare_lf)
+            first: h11.Request | TunnelError | None = None
+            if entry.tls is None and not entry.proxy_protocol:
+                try:
+                    first = _head_at_once(sock, head)
+                except TunnelError as error:
+                    first = error
+            if isinstance(first, h11.Request):
+                # The whole head came with the accept: nothing was waited for, and from here on
+                # nothing waits for the client, so max_handshakes has nothing to cut short.
+                handed_off = await self._serve(
+                    sock, peer, None, client, entry, accepted_at, ticket, head, first
+                )
+                return
             with ticket.scope:
-                accepted_at = trio.current_time()
                 local: tuple[str, int] | None = None
                 if entry.proxy_protocol:
                     said = await self._proxy_header(sock, peer, client, accepted_at)
@@ -199,7 +214,7 @@ class Handler:
                     peer, local = said
                     client = join_host_port(peer[0], peer[1])
                 handed_off = await self._serve(
-                    sock, peer, local, client, entry, accepted_at, ticket
+                    sock, peer, local, client, entry, accepted_at, ticket, head, first
                 )
         except ClientClosed as closed:
             log.debug(
@@ -250,11 +265,14 @@ class Handler:
         entry: Entry,
         accepted_at: float,
         ticket: Ticket,
+        head: RequestHead,
+        first: h11.Request | TunnelError | None,
     ) -> bool:
+        """``first``: the request, or the refusal, of a head that came whole with the accept
+        (``_head_at_once``); None to read it (after the TLS handshake, if any)."""
         peer_ip = peer[0]
         server = self.config.server
         tally = self.tally
-        head = RequestHead(server.max_header_bytes, server.max_headers, server.allow_bare_lf)
         deadline = accepted_at + server.handshake_timeout
         conn: Conn = sock
         added: tuple[tuple[bytes, bytes], ...] = ()
@@ -269,7 +287,9 @@ class Handler:
                 added = ((header.encode("latin-1"), peer_subject(tls).encode("latin-1")),)
         upstream: Upstream | None = None
         try:
-            request = await _read_request(conn, head, server.handshake_timeout, deadline)
+            if isinstance(first, TunnelError):
+                raise first
+            request = first or await _read_request(conn, head, server.handshake_timeout, deadline)
             ticket.waiting_on_client = False
             if entry.redirect_port is not None:
                 await self._refuse(
@@ -645,6 +665,23 @@ async def _tls_handshake(
 def _is_plain_http(failure: BaseException) -> bool:
     """OpenSSL saw an HTTP request line where a TLS ClientHello belongs."""
     return isinstance(failure, ssl.SSLError) and failure.reason == "HTTP_REQUEST"
+
+
+def _head_at_once(sock: socket.socket, head: RequestHead) -> h11.Request | None:
+    """The request, when one read gets its whole head (most clients send it before the accept
+    is even seen); None when the head is not all there yet.
+
+    Raises:
+        TunnelError: the head is refused (``RequestHead.feed``).
+        ClientClosed: the client closed or reset before completing its head.
+    """
+    try:
+        data = sock.recv(READ_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise ClientClosed(head.received) from exc
+    return head.feed(data)
 
 
 async def _read_request(
