@@ -50,6 +50,8 @@ LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 30.0
 """Bound on waiting for anything a subprocess should do; healthy runs take well under a second."""
 POLL_SECONDS = 0.02
+EXITED_GRACE = 10.0
+"""How long the log is still watched once the watched process is gone."""
 CONNECTIONS = 20
 """Connections opened to see both workers serve; all landing on one of two is a 1 in 2**19 event."""
 
@@ -200,6 +202,7 @@ class TunnelProcess:
 
     process: subprocess.Popen[bytes]
     log_path: Path
+    exited_at: float | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -208,14 +211,23 @@ class TunnelProcess:
         """Poll the log (bounded by count and time) until ``ready(log)``; return the log."""
         deadline = time.monotonic() + WAIT_SECONDS
         for _ in range(int(WAIT_SECONDS / POLL_SECONDS) + 1):
-            exited = self.process.poll() is not None  # before the read: its last lines count
+            if self.process.poll() is not None:
+                # Its workers may still write (a killed supervisor's notice its end): a little
+                # longer, not the whole bound, for a process that is gone.
+                deadline = min(deadline, self._exited_at(time.monotonic()) + EXITED_GRACE)
             text = self.log()
             if ready(text):
                 return text
-            if exited or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 break
             time.sleep(POLL_SECONDS)
         raise AssertionError(f"gave up waiting for {what}; log:\n{self.log()}")
+
+    def _exited_at(self, now: float) -> float:
+        """When this test first saw the process gone."""
+        if self.exited_at is None:
+            self.exited_at = now
+        return self.exited_at
 
     def wait_listening(self, workers: set[int]) -> None:
         """Until each worker in ``workers`` logged that it listens."""
