@@ -154,10 +154,14 @@ async def running_engine(
     splice_pipes: int = 64,
     idle_timeout: float = 0.0,
     guard: float = GUARD_SECONDS,
+    engine: Engine | None = None,
 ) -> AsyncIterator[Relay]:
-    """An engine served in a nursery for the body of the ``async with``; afterwards every
-    tunnel it adopted must have been reported to ``on_close`` exactly once."""
-    relay = Relay(Engine(relay=relay, splice_pipes=splice_pipes, idle_timeout=idle_timeout))
+    """An engine (``engine``, or one made with these settings) served in a nursery for the
+    body of the ``async with``; afterwards every tunnel it adopted must have been reported to
+    ``on_close`` exactly once."""
+    if engine is None:
+        engine = Engine(relay=relay, splice_pipes=splice_pipes, idle_timeout=idle_timeout)
+    relay = Relay(engine)
 
     async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

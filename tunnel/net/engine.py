@@ -1,10 +1,12 @@
 """The relay engine: every established tunnel, served from one epoll set.
 
 After the 101 nothing is parsed, so a tunnel needs no task, nursery or stream: its two
-non-blocking sockets go into one edge-triggered ``select.epoll``, and one trio task waits on that
-epoll's descriptor. Each wake-up services every ready socket in a batch, which is what brings the
-per-message cost near a C proxy's (``docs/benchmarks.md`` has the figures). Bytes move with
-``splice(2)`` through pooled pipes when allowed (both ends plain sockets), or with
+non-blocking sockets go into one edge-triggered ``select.epoll``, served by one trio task. Each
+wake-up services every ready socket in a batch, which is what brings the per-message cost near a
+C proxy's (``docs/benchmarks.md`` has the figures). While trio has nothing else to do, that task
+blocks in the engine's own ``epoll_wait``, with trio's epoll descriptor in the set and trio's next
+deadline as the timeout (``tunnel/net/trioloop.py``): one wake-up per batch, not two. Bytes move
+with ``splice(2)`` through pooled pipes when allowed (both ends plain sockets), or with
 ``recv_into``/``send`` through one shared buffer otherwise (TLS ends are ``TLSConn`` objects,
 which encrypt and decrypt inside those calls); either way a partial write parks the rest on the
 tunnel and stops reading its source until the destination drains, so memory stays bounded.
@@ -42,12 +44,17 @@ from tunnel.net.pipes import Pipe, PipePool, splice_available
 from tunnel.net.relay import RelayStats
 from tunnel.net.sockio import Conn
 from tunnel.net.tlsconn import TLSConn
+from tunnel.net.trioloop import TrioLoop
 from tunnel.policy.lifecycle import drain_window, spread
 from tunnel.reasons import CloseReason
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 64 * 1024
+SPLICE_ABOVE = 32 * 1024
+"""In ``auto`` mode a copied read at least this long sends the flow to splicing: a bulk flow.
+Reads rarely fill the whole buffer: on loopback a 64 KiB write arrives as a 65,483-byte
+segment and a short one, and the engine wakes for the first."""
 SPLICE_BELOW = 16 * 1024
 """In ``auto`` mode a spliced read shorter than this sends the flow back to copying: small
 messages cost two splices and a pipe each, where ``recv``/``send`` cost two syscalls."""
@@ -97,6 +104,9 @@ class EngineStatistics:
     pipe_size: int
     splice_fallbacks: int
     """Reads that copied because no pipe was free (``splice_pipes`` reached or no descriptor)."""
+    splice_reads: int = 0
+    """Reads that went through a pipe: how often ``auto`` judged a flow bulk, or ``splice``
+    found a pipe."""
 
 
 class _Flow:
@@ -276,8 +286,20 @@ class Engine:
         idle_timeout: float,
         close_grace: float = 1.0,
         half_close_timeout: float = 0.0,
+        own_wait: bool = True,
     ) -> None:
         self.pipes = PipePool(splice_pipes)
+        self.own_wait = own_wait
+        """Block in the engine's own epoll when trio is idle (``_serve_in_own_epoll``); False
+        always waits through trio (the tests compare the two)."""
+        self._trio_fd = -1
+        """trio's epoll descriptor while it is in the engine's set, else -1."""
+        self._trio_ready = False
+        """The last batch reported trio's descriptor: trio has I/O to serve."""
+        self.splice_reads = 0
+        self._now: Callable[[], float] = trio.current_time
+        """trio's clock; the run loop's own clock function while waiting in the engine's
+        epoll (the same time, fewer lookups per batch)."""
         self.idle_timeout = 0.0
         self.half_close_timeout = 0.0
         self._epoll = select.epoll()
@@ -323,11 +345,11 @@ class Engine:
         ``idle_timeout`` or ``half_close_timeout`` at once.
 
         ``relay``: ``copy`` never splices; ``splice`` splices every read a pipe is free for;
-        ``auto`` copies until a read fills the whole buffer (a bulk flow), then splices until a
-        read comes back small. ``idle_timeout`` (0 = never idle), ``close_grace`` and
-        ``half_close_timeout`` are seconds: once a direction of a tunnel is shut (its source's
-        EOF passed on), that much silence ends the tunnel, reason ``half_close_timeout``
-        (0 = only the idle timeout applies)."""
+        ``auto`` copies until a read brings ``SPLICE_ABOVE`` bytes or more (a bulk flow), then
+        splices until a read comes back under ``SPLICE_BELOW``. ``idle_timeout`` (0 = never
+        idle), ``close_grace`` and ``half_close_timeout`` are seconds: once a direction of a
+        tunnel is shut (its source's EOF passed on), that much silence ends the tunnel, reason
+        ``half_close_timeout`` (0 = only the idle timeout applies)."""
         can_splice = relay != "copy" and splice_available() and splice_pipes > 0
         self.splice_always = can_splice and relay == "splice"
         self.splice_bulk = can_splice and relay == "auto"
@@ -350,7 +372,13 @@ class Engine:
             pipes_idle=self.pipes.idle,
             pipe_size=self.pipes.granted,
             splice_fallbacks=self.pipes.fallbacks,
+            splice_reads=self.splice_reads,
         )
+
+    @property
+    def waits_in_own_epoll(self) -> bool:
+        """The engine is serving by blocking in its own epoll (``_serve_in_own_epoll``)."""
+        return self._trio_fd != -1
 
     def adopt(
         self,
@@ -603,6 +631,76 @@ class Engine:
             os.close(self._wake_fd)
 
     async def _serve_events(self) -> None:
+        loop = TrioLoop.current() if self.own_wait else None
+        if loop is not None:
+            try:
+                self._epoll.register(loop.fd, select.EPOLLIN)
+            except OSError:
+                loop = None
+        if loop is None:
+            await self._serve_through_trio()
+            return
+        self._trio_fd = loop.fd
+        self._now = loop.now
+        try:
+            await self._serve_in_own_epoll(loop)
+        finally:
+            self._trio_fd = -1
+            self._now = trio.current_time
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(loop.fd)
+
+    async def _serve_in_own_epoll(self, loop: TrioLoop) -> None:
+        """Block in the engine's own ``epoll_wait`` while trio has nothing to do: one wake-up
+        per batch instead of two (``tunnel/net/trioloop.py``).
+
+        trio's epoll descriptor is in the set, so trio's I/O wakes the engine, and the wait
+        ends by trio's next deadline. The engine yields to trio (a checkpoint) after a batch
+        whenever trio has a task to run, I/O reported, or a deadline due; otherwise it goes
+        straight back to waiting."""
+        poll = self._epoll.poll
+        me = trio.lowlevel.current_task()
+        alone = False
+        """No other task is scheduled: true from the check after a yield to trio until the
+        next yield (tasks the engine's own work wakes go to the run queue, which
+        ``sleep_time`` sees)."""
+        while True:
+            trio_wait = loop.sleep_time()
+            if trio_wait and not alone:
+                alone = not loop.others_scheduled(me)
+                if not alone:
+                    trio_wait = 0.0
+            if trio_wait and loop.idle_waiters:
+                await self._wait_through_trio(loop)
+                alone = False
+                trio_wait = 0.0
+            timeout = 0.0 if self._again else trio_wait
+            events = poll(-1.0 if timeout == NEVER else timeout, MAX_EVENTS)
+            self._trio_ready = False
+            if events:
+                self._dispatch(events)
+            if self._again:
+                self._retry()
+            if not trio_wait or self._trio_ready or (not events and timeout > 0):
+                await trio.lowlevel.checkpoint()
+                alone = False
+
+    async def _wait_through_trio(self, loop: TrioLoop) -> None:
+        """Wait for the engine's events through trio, so that trio's loop sees this task
+        blocked (``wait_all_tasks_blocked``, used by tests). Two epoll sets must not hold each
+        other: trio's leaves the engine's for the wait, and trio forgets the engine's after it
+        (``notify_closing``), which would otherwise stay in trio's set for good."""
+        epoll_fd = self._epoll.fileno()
+        self._epoll.unregister(loop.fd)
+        try:
+            await trio.lowlevel.wait_readable(epoll_fd)
+        finally:
+            trio.lowlevel.notify_closing(epoll_fd)
+            self._epoll.register(loop.fd, select.EPOLLIN)
+
+    async def _serve_through_trio(self) -> None:
+        """Wait for the engine's epoll descriptor through trio, then poll it: where trio's
+        loop cannot be read (``TrioLoop.current``), e.g. under a ``MockClock``."""
         epoll_fd = self._epoll.fileno()
         poll = self._epoll.poll
         while True:
@@ -625,12 +723,14 @@ class Engine:
                     await trio.lowlevel.checkpoint()
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
-        now = trio.current_time()
+        now = self._now()
         by_fd = self._by_fd
         for fd, mask in events:
             entry = by_fd.get(fd)
             if entry is None:
-                if fd == self._wake_fd:
+                if fd == self._trio_fd:
+                    self._trio_ready = True
+                elif fd == self._wake_fd:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
                 elif self._arriving:
@@ -744,12 +844,11 @@ class Engine:
             if sent < n:
                 flow.parked = bytes(self._view[sent:n])
                 return
-            if n < COPY_CHUNK:
-                if not flow.hangup:
-                    flow.ready = False
-                    return
-            elif self.splice_bulk and flow.can_splice:
+            if n >= SPLICE_ABOVE and self.splice_bulk and flow.can_splice:
                 flow.splicing = True
+            if n < COPY_CHUNK and not flow.hangup:
+                flow.ready = False
+                return
         self._again.append(flow)
 
     def _splice_once(self, flow: _Flow) -> int:
@@ -801,6 +900,7 @@ class Engine:
             return 0
         if frames is not None:
             frames.left -= n
+        self.splice_reads += 1
         flow.pipe = pipe
         flow.piped = n
         short = n < want
