@@ -98,11 +98,11 @@ class ServerConfig:
         Choice(RELAY_MODES),
         'How established tunnels move bytes. `"copy"`: `recv`/`send` through one shared 64 KiB '
         'buffer. `"splice"`: `splice(2)` through a pooled pipe for every read (Linux), copying '
-        'only when no pipe is free. `"auto"`: copy, and switch a direction to splice while its '
-        "reads fill the whole buffer (bulk transfers), back to copy when they come back small "
-        '(messages). `"auto"` is the cheapest on every workload measured '
-        '([benchmarks](benchmarks.md)); `"splice"` where `splice(2)` is missing refuses to '
-        "start.",
+        'only when no pipe is free. `"auto"`: copy, and switch a direction to splice once a read '
+        "brings 32 KiB or more (bulk transfers), back to copy when a read comes back under 16 "
+        'KiB (messages). Pipes are asked for 256 KiB each. `"auto"` is the cheapest on every '
+        'workload measured ([benchmarks](benchmarks.md)); `"splice"` where `splice(2)` is '
+        "missing refuses to start.",
     )
     splice_pipes: int = setting(
         512,
