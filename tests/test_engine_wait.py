@@ -213,3 +213,22 @@ async def test_both_ways_of_waiting_relay_the_same_bytes() -> None:
             digests.append((got_up, got_down))
     expected = (hashlib.sha256(up).hexdigest(), hashlib.sha256(down).hexdigest())
     assert digests == [expected, expected]
+
+
+async def test_two_engines_in_one_run_both_relay_and_one_waits_in_its_own_epoll() -> None:
+    # A hand-off between two engines of one process (as the export tests do): the second
+    # engine's events are in neither the first one's epoll nor trio's unless it waits through
+    # trio, so only one may block in its own set.
+    async with running_engine(relay="copy") as first, running_engine(relay="copy") as second:
+        conns = [first.open(), second.open()]
+        with trio.fail_after(30):
+            await trio.sleep(0.05)
+            waiting = [first.engine.waits_in_own_epoll, second.engine.waits_in_own_epoll]
+            assert sorted(waiting) == [False, True]
+            for _ in range(50):
+                for conn in conns:
+                    await conn.client.send_all(b"hello")
+                    assert await conn.backend.receive_some(5) == b"hello"
+                    await conn.backend.send_all(b"back")
+                    assert await conn.client.receive_some(4) == b"back"
+                await trio.sleep(0.001)

@@ -94,6 +94,12 @@ CLOSE_CODES = {CloseReason.CREDENTIAL_EXPIRED: POLICY_VIOLATION}
 """Polite closes whose Close frames carry another code than 1001 (going away)."""
 
 
+_WAITING: trio.lowlevel.RunVar[Engine | None] = trio.lowlevel.RunVar("engine_waiting", None)
+"""The engine of this trio run that blocks in its own epoll. Only one may: another engine's
+events are in neither its set nor trio's, so a second engine waits through trio (its epoll
+inside trio's, which is inside the first one's)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStatistics:
     """A snapshot for the stats page and the tests."""
@@ -631,7 +637,7 @@ class Engine:
             os.close(self._wake_fd)
 
     async def _serve_events(self) -> None:
-        loop = TrioLoop.current() if self.own_wait else None
+        loop = TrioLoop.current() if self.own_wait and _WAITING.get() is None else None
         if loop is not None:
             try:
                 self._epoll.register(loop.fd, select.EPOLLIN)
@@ -642,9 +648,11 @@ class Engine:
             return
         self._trio_fd = loop.fd
         self._now = loop.now
+        claim = _WAITING.set(self)
         try:
             await self._serve_in_own_epoll(loop)
         finally:
+            _WAITING.reset(claim)
             self._trio_fd = -1
             self._now = trio.current_time
             with contextlib.suppress(OSError, ValueError):
