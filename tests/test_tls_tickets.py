@@ -99,6 +99,7 @@ async def test_a_returning_client_resumes_and_its_ticket_lives_one_rotation(
             assert first.session.ticket_lifetime_hint == 600, "one rotation"
             again = await in_thread(visit, port, client, first.session)
             assert (again.status, again.reused) == (101, True)
+            assert again.session.id != first.session.id, "a fresh ticket for the next visit"
             nursery.cancel_scope.cancel()
     assert echo_backend.connections == 2
 

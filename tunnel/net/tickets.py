@@ -5,8 +5,9 @@ whichever worker accepts it, because every process derives the same keys from on
 secret with no messages between them: the key for rotation period ``p = floor(unix_time /
 rotation)`` is HKDF-SHA256 of the secret with ``p`` (and the rotation) in its info. New tickets
 are sealed under the current period's key; tickets sealed under the previous period's key are
-still accepted, and renewed. A ticket's lifetime (the hint the client gets, and the age past which
-OpenSSL refuses it) is one rotation, so every ticket a client holds is under a key still accepted.
+still accepted, and every resumed client gets a fresh ticket. A ticket's lifetime (the hint the
+client gets, and the age past which OpenSSL refuses it) is one rotation, so every ticket a client
+holds is under a key still accepted.
 
 Contract for the processes that share a secret (the supervisor, its workers, a hand-off):
 
@@ -144,14 +145,14 @@ class KeyRing:
         """The key new tickets are sealed under."""
         return self.key(self.period())
 
-    def opening(self, name: bytes) -> tuple[TicketKey, bool] | None:
-        """The key named ``name`` if it is still accepted, and whether its tickets should be
-        renewed (True for the previous period's); None otherwise."""
+    def opening(self, name: bytes) -> TicketKey | None:
+        """The key named ``name`` if it is still accepted (this period's or the previous one's);
+        None otherwise."""
         current = self.period()
-        for period, renew in ((current, False), (current - 1, True)):
+        for period in (current, current - 1):
             key = self.key(period)
             if key.name == name:
-                return key, renew
+                return key
         return None
 
 
