@@ -229,6 +229,25 @@ def test_post_upgrade_with_workers_hands_off_and_answers_the_new_supervisors_pid
     stop_last(chain)
 
 
+def tls_chain(
+    start_chain: Callable[..., TunnelChain], backend: WsBackend, directory: Path, workers: int
+) -> tuple[TunnelChain, ssl.SSLContext, int]:
+    """A chain with a plain and a TLS listener (development certificates for ``localhost``)
+    in front of ``backend``: the chain, a client context trusting its CA, the TLS port."""
+    paths = write_dev_certificates(directory / "certs", ["localhost"])
+    context = ssl.create_default_context(cafile=str(paths.ca_cert))
+    tls_port = free_port()
+    text = config_text(
+        {"localhost": backend.url},
+        tls=(paths.cert, paths.key),
+        tls_port=tls_port,
+        workers=workers,
+    )
+    chain = start_chain(text)
+    chain.wait_for("two listeners", lambda _: len(chain.ports()) == 2)
+    return chain, context, tls_port
+
+
 # --- 3. a wss tunnel keeps the old supervisor until it ends -----------------------------------
 
 
@@ -237,19 +256,7 @@ def test_a_wss_tunnel_keeps_its_old_worker_and_supervisor_until_it_ends(
     start_ws_backend: Callable[..., WsBackend],
     tmp_path: Path,
 ) -> None:
-    paths = write_dev_certificates(tmp_path / "certs", ["localhost"])
-    context = ssl.create_default_context(cafile=str(paths.ca_cert))
-    backend = start_ws_backend()
-    tls_port = free_port()
-    chain = start_chain(
-        config_text(
-            {"localhost": backend.url},
-            tls=(paths.cert, paths.key),
-            tls_port=tls_port,
-            workers=WORKERS,
-        )
-    )
-    chain.wait_for("two listeners", lambda _: len(chain.ports()) == 2)
+    chain, context, tls_port = tls_chain(start_chain, start_ws_backend(), tmp_path, WORKERS)
     [plain_port] = [port for port in chain.ports() if port != tls_port]
     secure = Chatter(ws_connect(tls_port, "localhost", context)).start()
     plain = Chatter(ws_connect(plain_port, "localhost")).start()
@@ -496,20 +503,8 @@ def test_tls_sessions_resume_on_any_worker_and_across_a_hand_off(
 ) -> None:
     """The supervisor gives every worker the secret the ticket keys are derived from, and a
     hand-off gives it to the next supervisor: a client resumes wherever it lands."""
-    paths = write_dev_certificates(tmp_path / "certs", ["localhost"])
-    context = ssl.create_default_context(cafile=str(paths.ca_cert))
+    chain, context, tls_port = tls_chain(start_chain, start_ws_backend(), tmp_path, workers)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    backend = start_ws_backend()
-    tls_port = free_port()
-    chain = start_chain(
-        config_text(
-            {"localhost": backend.url},
-            tls=(paths.cert, paths.key),
-            tls_port=tls_port,
-            workers=workers,
-        )
-    )
-    chain.wait_for("two listeners", lambda _: len(chain.ports()) == 2)
     reused, session = tls_visit(tls_port, context)
     assert not reused
     visits = [tls_visit(tls_port, context, session)[0] for _ in range(RESUMPTIONS)]
