@@ -185,7 +185,9 @@ def test_machine_cpu_covers_the_proxy_and_the_baseline(smoke: dict[str, Any]) ->
             assert medians["bulk1_machine_cpu_s_per_gib"] > medians["bulk1_cpu_s_per_gib"], peer
     for sample in smoke["samples"]:
         if sample["workload"] != "idle":
-            assert sample["machine_cpu_seconds"] > 0, sample
+            # /proc/stat counts in 10 ms ticks: a smoke run's short, light latency run may
+            # see none (the medians above are the positive figures).
+            assert sample["machine_cpu_seconds"] >= 0, sample
             assert sample["unattributed_cpu_seconds"] is not None, sample
     assert 0 <= smoke["background_cores"] <= os.cpu_count()  # other jobs, measured first
     assert "machine CPU = busy core-seconds of the whole machine" in smoke["printed"]
