@@ -156,10 +156,7 @@ class Control:
             raise ReloadRefused(refused.status, refused.message) from refused
         finally:
             self._handing_off = False
-        generation.handoffs["done"] += 1
-        generation.handoff_tunnels["sent"] += outcome.tunnels_sent
-        generation.handoff_tunnels["kept"] += outcome.tunnels_kept
-        generation.handoff_seconds = outcome.seconds
+        generation.handed_off(outcome.tunnels_sent, outcome.tunnels_kept, outcome.seconds)
         self.stop()
         return outcome.to_json()
 
@@ -198,10 +195,7 @@ class Control:
             self._handing_off = False
             sock.close()
         seconds = trio.current_time() - started
-        generation.handoffs["done"] += 1
-        generation.handoff_tunnels["sent"] += sent
-        generation.handoff_tunnels["kept"] += kept
-        generation.handoff_seconds = seconds
+        generation.handed_off(sent, kept, seconds)
         log.debug(
             "this worker's tunnels handed to its successor",
             extra=fields(tunnels=sent, kept=kept, duration=Seconds(seconds), by=by),

@@ -241,6 +241,13 @@ class Generation:
 
     # Live hand-off (tunnel.successor).
 
+    def handed_off(self, sent: int, kept: int, seconds: float) -> None:
+        """Count a hand-off this process made (its metrics)."""
+        self.handoffs["done"] += 1
+        self.handoff_tunnels["sent"] += sent
+        self.handoff_tunnels["kept"] += kept
+        self.handoff_seconds = seconds
+
     def reserve_ids(self) -> int:
         """The first tunnel id the next process may use: past every id this process has
         given or may still give (its handshakes under way each become one tunnel at most)."""
