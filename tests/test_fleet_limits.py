@@ -189,7 +189,8 @@ async def test_two_instances_enforce_one_per_ip_cap_and_one_per_ip_rate(
     assert backend.accepted == 6
     for process in fleet:
         assert len(refusal_lines(process, "per_ip_tunnels")) >= 1, process.log()
-        assert len(refusal_lines(process, "per_ip_rate")) >= 1, process.log()
+    # Which instance refuses is a race (both 101s may land on one: CI saw it); each got two
+    # requests its own bucket would pass, so two refusals in all prove the bucket is shared.
     assert sum(len(refusal_lines(process, "per_ip_rate")) for process in fleet) == 2
 
 
