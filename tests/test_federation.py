@@ -9,6 +9,7 @@ Per-process families are written by hand, so their values per worker are known.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -255,6 +256,19 @@ def test_backend_up_merged_is_1_only_when_every_worker_says_1() -> None:
 
     assert merged[key("tunnel_backend_up", route="chat", backend="b")] == 1
     assert merged[key("tunnel_backend_up", route="chat", backend="a")] == 0
+
+
+def test_a_hand_off_takes_as_long_as_its_slowest_worker_and_its_tunnels_add_up() -> None:
+    """Every worker of a generation times the same hand-off: summing the gauge would count it
+    once per worker."""
+    first = dataclasses.replace(WORKER_1, handoff_seconds=1.5, handoff_tunnels=(("received", 700),))
+    second = dataclasses.replace(
+        WORKER_2, handoff_seconds=2.25, handoff_tunnels=(("received", 300),)
+    )
+    merged = samples(merge_metrics({1: exposition(first), 2: exposition(second)}))
+
+    assert merged[key("tunnel_handoff_last_duration_seconds")] == 2.25
+    assert merged[key("tunnel_handoff_tunnels_total", direction="received")] == 1000
 
 
 # --- merge_stats -----------------------------------------------------------------------------

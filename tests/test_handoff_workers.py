@@ -87,6 +87,23 @@ def tunnels(admin_port: int) -> dict[str, dict[str, object]]:
     return {str(tunnel["id"]): tunnel for tunnel in answers[-1]["tunnels"]}
 
 
+def merged_metric(admin_port: int, sample: str) -> float:
+    """``sample`` (a name with its labels) in the merged ``/metrics`` once every worker
+    answers; 0 while it is absent."""
+    values: list[float] = []
+
+    def every_worker() -> bool:
+        status, text = admin(admin_port, "GET", "/metrics")
+        assert status == 200, text
+        found = re.findall(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        values.append(float(found[0]) if found else 0.0)
+        answering = set(re.findall(r'^process_cpu_seconds_total\{worker="(\d+)"', text, re.M))
+        return len(answering) == WORKERS
+
+    wait_until(f"{WORKERS} workers in /metrics", every_worker)
+    return values[-1]
+
+
 def chatters_on_both_workers(port: int, admin_port: int, host: str) -> list[Chatter]:
     """``websockets`` clients echoing every 20 ms, opened until both workers hold at least
     two."""
@@ -222,6 +239,10 @@ def test_post_upgrade_with_workers_hands_off_and_answers_the_new_supervisors_pid
         chatter.wait_echoed(chatter.echoed + 5)
     assert tunnels(admin_port).keys() == before.keys()
     assert upgrade_status(port, "chat.test") == 101
+    received = 'tunnel_handoff_tunnels_total{direction="received"}'
+    assert merged_metric(admin_port, received) == len(chatters)
+    duration = merged_metric(admin_port, "tunnel_handoff_last_duration_seconds")
+    assert 0 < duration <= answer["seconds"] + 1, (duration, answer)
     for chatter in chatters:
         chatter.finish()
     assert 'by="worker 1 (POST /upgrade)"' in chain.log()
@@ -317,6 +338,9 @@ def test_a_file_the_running_supervisor_cannot_take_refuses_the_hand_off(
     assert error in answer["error"], answer
     assert chain.serving_pid() == chain.first.pid
     assert chain.hand_offs() == []
+    refused = 'tunnel_handoffs_total{outcome="refused"}'
+    wait_until("both refusals counted", lambda: merged_metric(admin_port, refused) >= 2)
+    assert merged_metric(admin_port, refused) == 2
     chatter.wait_echoed(chatter.echoed + 5)
     assert upgrade_status(port, "chat.test") == 101
     chatter.finish()
@@ -344,6 +368,8 @@ def test_a_new_supervisor_that_cannot_start_leaves_the_old_one_serving_everythin
     assert len([x for x in errors if "hand-off failed" in x]) == 1, errors
     assert "this process keeps serving everything" in errors[-1]
     assert chain.serving_pid() == chain.first.pid
+    assert merged_metric(admin_port, 'tunnel_handoffs_total{outcome="failed"}') == 1
+    assert merged_metric(admin_port, 'tunnel_handoffs_total{outcome="refused"}') == 0
     for chatter in chatters:
         chatter.wait_echoed(chatter.echoed + 5)
     assert upgrade_status(port, "chat.test") == 101

@@ -24,7 +24,6 @@ from tunnel.logs import LOGGER_NAME, Seconds, fields
 from tunnel.net.admin import AdminSource, ReloadRefused, open_admin_listener, serve_admin
 from tunnel.net.auth_files import check_auth
 from tunnel.net.handler import Entry
-from tunnel.net.handoff import HandoffError
 from tunnel.net.handshakes import Ticket
 from tunnel.net.health_probe import run_health_checks
 from tunnel.net.listener import (
@@ -188,19 +187,22 @@ class Control:
             sent, kept = await pass_over(
                 sock, generation, runtime.listening_sockets(), runtime.stop_accepting, commit
             )
-        except (HandoffError, OSError):
-            generation.handoffs["failed"] += 1
-            raise
         finally:
             self._handing_off = False
             sock.close()
         seconds = trio.current_time() - started
-        generation.handed_off(sent, kept, seconds)
+        generation.moved(sent, kept, seconds)
         log.debug(
             "this worker's tunnels handed to its successor",
             extra=fields(tunnels=sent, kept=kept, duration=Seconds(seconds), by=by),
         )
         return {"sent": sent, "kept": kept, "seconds": seconds}
+
+    def count_hand_off(self, outcome: str) -> None:
+        """Count a hand-off the supervisor refused or called off (``tunnel_handoffs_total``):
+        it tells worker 1 alone, so the merged metrics count it once."""
+        if self.generation is not None:
+            self.generation.handoffs[outcome] += 1
 
     async def reload_from_source(self) -> dict[str, Any]:
         """Read the configuration again with ``loader`` and apply it (SIGHUP, ``POST

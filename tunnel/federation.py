@@ -27,6 +27,9 @@ SUMMED_PREFIX = "tunnel_"
 """Families whose samples add up across workers; every other family is per process."""
 LEAST_OF = frozenset({"tunnel_backend_up"})
 """Families that are 1 for the whole only when every worker says 1: the least value wins."""
+GREATEST_OF = frozenset({"tunnel_handoff_last_duration_seconds"})
+"""Families where the whole is the slowest worker: every worker of a generation times the same
+hand-off, so a sum would count it once per worker."""
 _STATE_RANK = {"up": 0, "draining": 1, "down": 2}
 """A backend's merged state is its worst in any worker."""
 
@@ -42,13 +45,19 @@ def merge_metrics(expositions: Mapping[int, str]) -> bytes:
             )
             merged_across = family.name.startswith(SUMMED_PREFIX)
             least = family.name in LEAST_OF
+            greatest = family.name in GREATEST_OF
             for sample in family.samples:
                 labels = dict(sample.labels)
                 if not merged_across:
                     labels["worker"] = str(worker)
                 key = (family.name, sample.name, tuple(sorted(labels.items())))
                 if merged_across and key in sums:
-                    sums[key] = min(sums[key], sample.value) if least else sums[key] + sample.value
+                    if least:
+                        sums[key] = min(sums[key], sample.value)
+                    elif greatest:
+                        sums[key] = max(sums[key], sample.value)
+                    else:
+                        sums[key] += sample.value
                 else:
                     sums[key] = sample.value
                     target.samples.append(sample._replace(labels=labels))

@@ -244,6 +244,12 @@ class Generation:
     def handed_off(self, sent: int, kept: int, seconds: float) -> None:
         """Count a hand-off this process made (its metrics)."""
         self.handoffs["done"] += 1
+        self.moved(sent, kept, seconds)
+
+    def moved(self, sent: int, kept: int, seconds: float) -> None:
+        """Count the tunnels this process sent and kept in a hand-off. With workers that is a
+        worker's share of the supervisor's hand-off, whose outcome the supervisor counts
+        (``count_hand_off`` in worker 1)."""
         self.handoff_tunnels["sent"] += sent
         self.handoff_tunnels["kept"] += kept
         self.handoff_seconds = seconds

@@ -72,6 +72,7 @@ from tunnel.worker import (
     DONE,
     GO,
     HAND_OFF,
+    HANDOFF_ENDED,
     OUTCOME,
     PREPARED,
     RELOAD,
@@ -516,6 +517,7 @@ class _Supervisor:
                     "serving",
                     extra=fields(error=str(error), by=by),
                 )
+                self._count_hand_off("refused")
                 return {"status": 400, "error": str(error)}
         self._handing_off = True
         self._replies.clear()
@@ -653,7 +655,16 @@ class _Supervisor:
             "hand-off failed; this process keeps serving everything",
             extra=fields(error=problem, by=by),
         )
+        self._count_hand_off("failed")
         return {"status": HandoffRefused.status, "error": problem}
+
+    def _count_hand_off(self, outcome: str) -> None:
+        """The supervisor has no metrics of its own: worker 1 counts the outcome, once for
+        the merged ``/metrics``."""
+        body = json.dumps({"outcome": outcome}).encode()
+        for slot in self._slots:
+            if slot.number == 1:
+                self._send(slot, message(HANDOFF_ENDED, body))
 
     # Live hand-off: the new supervisor's side.
 

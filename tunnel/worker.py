@@ -92,6 +92,10 @@ GO = b"G"
 """Supervisor to worker: ``{"go": true}`` once every new worker is ready, else false."""
 DONE = b"D"
 """Worker to supervisor: the tunnels sent and kept (this worker now drains and exits)."""
+HANDOFF_ENDED = b"E"
+"""Supervisor to worker 1: a hand-off it refused or called off, for the metrics, as JSON
+``{"outcome": "refused" | "failed"}``."""
+HANDOFF_OUTCOMES = frozenset({"refused", "failed"})
 MAX_MESSAGE = 16 * 1024 * 1024
 RELOAD_TIMEOUT = 30.0
 """How long worker 1 waits for the supervisor's answer to a reload it asked for."""
@@ -157,6 +161,10 @@ class SupervisorLink:
                         elif kind == GO:
                             with contextlib.suppress(trio.WouldBlock):
                                 self._go_in.send_nowait(json.loads(body).get("go") is True)
+                        elif kind == HANDOFF_ENDED:
+                            outcome = json.loads(body).get("outcome")
+                            if outcome in HANDOFF_OUTCOMES:
+                                control.count_hand_off(outcome)
                 nursery.cancel_scope.cancel()
         finally:
             self._socket.close()
