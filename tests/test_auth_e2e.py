@@ -386,7 +386,8 @@ async def test_close_on_expiry_ends_the_tunnel_with_close_1008(
     backend = await serve_loopback(nursery, recorder)
     auth = 'kind = "jwt"\nsecret_env = "TUNNEL_TEST_SECRET"\nclose_on_expiry = true\nleeway = "0s"'
     port = await start(nursery, config_for(backend, auth, tmp_path))
-    token = jwt({"sub": "short-lived", "exp": int(time.time()) + 2})
+    # Seconds-resolution exp: +3 leaves at least 2 s for the upgrade on a loaded machine.
+    token = jwt({"sub": "short-lived", "exp": int(time.time()) + 3})
     head, stream = await exchange(port, request("/", f"Authorization: Bearer {token}"))
     assert status_of(head) == 101
     with trio.fail_after(15):
@@ -415,10 +416,12 @@ async def test_without_close_on_expiry_the_tunnel_outlives_its_token(
             backend, 'kind = "jwt"\nsecret_env = "TUNNEL_TEST_SECRET"\nleeway = "0s"', tmp_path
         ),
     )
-    token = jwt({"sub": "u", "exp": int(time.time()) + 1})
+    # Seconds-resolution exp: +3 leaves at least 2 s for the upgrade on a loaded machine.
+    exp = int(time.time()) + 3
+    token = jwt({"sub": "u", "exp": exp})
     head, stream = await exchange(port, request("/", f"Authorization: Bearer {token}"))
     assert status_of(head) == 101
-    await trio.sleep(2.5)
+    await trio.sleep(max(0.0, exp - time.time()) + 0.5)  # the token has now expired
     await stream.send_all(b"\x82\x80abcd")  # an empty masked binary frame, echoed raw
     with trio.fail_after(10):
         assert await read_exactly(stream, 6) == b"\x82\x80abcd"
