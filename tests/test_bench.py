@@ -189,7 +189,10 @@ def test_machine_cpu_covers_the_proxy_and_the_baseline(smoke: dict[str, Any]) ->
             # see none (the medians above are the positive figures).
             assert sample["machine_cpu_seconds"] >= 0, sample
             assert sample["unattributed_cpu_seconds"] is not None, sample
-    assert 0 <= smoke["background_cores"] <= os.cpu_count()  # other jobs, measured first
+    # Other jobs, measured first over 0.2 s of /proc/stat's 10 ms ticks: a tick or two per core
+    # more than the window holds reads as a little above every core busy (CI saw 2.05 of 2).
+    cores = os.cpu_count() or 1
+    assert 0 <= smoke["background_cores"] <= cores * 1.25, smoke["background_cores"]
     assert "machine CPU = busy core-seconds of the whole machine" in smoke["printed"]
     labels = [row[0] for row in smoke["table"]["rows"]]
     assert any(label.startswith("machine CPU per upgrade") for label in labels)
