@@ -437,12 +437,13 @@ async def test_silent_tcp_client_is_cut_at_handshake_timeout(
         port = await start(nursery, config)
         async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
             started = trio.current_time()
-            with trio.fail_after(5):
+            with trio.fail_after(10):
                 data, _ = await read_until_closed(stream)
             elapsed = trio.current_time() - started
 
     assert data == b""
-    assert 0.9 <= elapsed < 3.0
+    # Its clock may start (at accept) a little before ours; 5 s of lateness on a loaded machine.
+    assert 0.5 <= elapsed < 1.0 + 5.0
 
 
 async def test_tls_client_that_sends_no_request_is_cut_at_handshake_timeout(
@@ -456,14 +457,15 @@ async def test_tls_client_that_sends_no_request_is_cut_at_handshake_timeout(
         started = trio.current_time()
         stream = await tls_open(port, client_context(pki.ca_file), "localhost")
         try:
-            with trio.fail_after(5):
+            with trio.fail_after(10):
                 data, _ = await read_until_closed(stream)
         finally:
             await trio.aclose_forcefully(stream)
         elapsed = trio.current_time() - started
 
     assert data == b"" or status_of(data) == 408, data[:200]
-    assert 0.9 <= elapsed < 3.0
+    # Our clock started before the connect, its clock after; 5 s of lateness on a loaded machine.
+    assert 0.9 <= elapsed < 1.0 + 5.0
     assert echo_backend.connections == 0
 
 
