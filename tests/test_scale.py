@@ -205,6 +205,17 @@ def _wait_for(what: str, check: Callable[[], bool], seconds: float) -> None:
         time.sleep(0.2)
 
 
+def _two_free_ports() -> tuple[int, int]:
+    """Two distinct free loopback ports: each probe's socket is closed before the next, so the
+    OS may hand out the same port twice."""
+    first = procs.free_port()
+    for _ in range(100):
+        second = procs.free_port()
+        if second != first:
+            return first, second
+    raise AssertionError(f"the OS kept handing out port {first}")
+
+
 def test_ten_thousand_concurrent_tunnels_each_echo_every_message(
     plan: Plan, tmp_path: Path
 ) -> None:
@@ -225,7 +236,7 @@ def test_ten_thousand_concurrent_tunnels_each_echo_every_message(
         assert backend.stdout is not None
         line = backend.stdout.readline(10.0) or ""
         assert line.startswith("listening "), line
-        port, admin_port = procs.free_port(), procs.free_port()
+        port, admin_port = _two_free_ports()
         config = tmp_path / "tunnel.toml"
         config.write_text(_config(port, admin_port, int(line.split()[1]), plan))
         tunnel = procs.start(
