@@ -173,6 +173,8 @@ def test_sigusr2_moves_every_workers_tunnels_to_the_new_workers(
         in_flight = (bulk.sink.received, bulk_backend.sinks[0].received)
         fast.set()
         time.sleep(0.5)
+        # Spaced 100 ms but each as slow as the loaded machine makes it: wait for enough.
+        wait_until("5 probes", lambda: len(prober.statuses) >= 5)
         statuses = prober.finish()
         assert chain.wait_exit(old, DRAIN + EXIT_SLACK) == 0
         assert not any(map(alive, old_workers)), old_workers
