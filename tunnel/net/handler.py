@@ -507,19 +507,10 @@ class Handler:
             ),
         )
 
-        def give_back() -> None:
-            self.tally.active -= 1
-            _give_back(guard, admitted)
-
-        record.on_leave = give_back
+        held = _Held(self.tally, upstream, record, guard, admitted)
+        record.on_leave = held
         if admitted is not None:
             record.slots = admitted.keys
-
-        def closed(tunnel: Tunnel) -> None:
-            give_back()
-            upstream.closed(record)
-            log_closed(record, tunnel)
-
         server = self.config.server
         expires_at: float | None = None
         identity = None if admitted is None else admitted.identity
@@ -533,7 +524,7 @@ class Handler:
             sock,
             backend_sock,
             record.stats,
-            closed,
+            held.closed,
             reply_head=reply_head,
             to_client=progress.leftover,
             to_backend=leftover,
@@ -619,6 +610,39 @@ class Handler:
         except (OSError, trio.TooSlowError):
             return
         await _linger(sock)
+
+
+class _Held:
+    """What an open tunnel holds in this process (a ``max_tunnels`` slot, the guard's slots)
+    and gives back when it leaves: called with no argument when it is handed to another
+    process (``TunnelRecord.on_leave``), ``closed`` when the engine closes it. One small
+    object per tunnel where two closures and their six cells cost about 0.5 KiB more per idle
+    tunnel."""
+
+    __slots__ = ("admitted", "guard", "record", "tally", "upstream")
+
+    def __init__(
+        self,
+        tally: Tally,
+        upstream: Upstream,
+        record: TunnelRecord,
+        guard: RouteGuard | None,
+        admitted: Pass | None,
+    ) -> None:
+        self.tally = tally
+        self.upstream = upstream
+        self.record = record
+        self.guard = guard
+        self.admitted = admitted
+
+    def __call__(self) -> None:
+        self.tally.active -= 1
+        _give_back(self.guard, self.admitted)
+
+    def closed(self, tunnel: Tunnel) -> None:
+        self()
+        self.upstream.closed(self.record)
+        log_closed(self.record, tunnel)
 
 
 def log_closed(record: TunnelRecord, tunnel: Tunnel) -> None:
