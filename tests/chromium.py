@@ -5,8 +5,12 @@ A plain module (not a fixture file), imported by the browser tests like ``rawhtt
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,18 @@ def headless(profile: Path, *extra: str) -> list[str]:
         f"--user-data-dir={profile}",
         *extra,
     ]
+
+
+@contextmanager
+def browser_environment() -> Iterator[dict[str, str]]:
+    """The environment to start Chromium in: ``TMPDIR`` is a directory of its own, removed
+    afterwards, since Chromium leaves its ``org.chromium.Chromium.*`` singleton directories in
+    the temporary directory. It is short, because a Unix socket's path goes in it."""
+    directory = tempfile.mkdtemp(prefix="chromium-")
+    try:
+        yield {**os.environ, "TMPDIR": directory}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def stop(process: trio.Process) -> None:

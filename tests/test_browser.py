@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 import trio
-from chromium import headless, needs_chromium, stop
+from chromium import browser_environment, headless, needs_chromium, stop
 
 from tunnel import Config, serve
 from tunnel.errors import ConfigError
@@ -259,17 +259,19 @@ async def run_chromium(url: str, workdir: Path) -> AsyncIterator[trio.Process]:
     await trio.Path(profile).mkdir()
     log = await trio.Path(workdir / "chromium.stderr").open("wb")
     try:
-        process = await trio.lowlevel.open_process(
-            chromium_args(profile, url),
-            stdin=subprocess.DEVNULL,
-            stdout=log.wrapped,
-            stderr=log.wrapped,
-        )
-        try:
-            yield process
-        finally:
-            with trio.CancelScope(shield=True):
-                await stop(process)
+        with browser_environment() as environment:
+            process = await trio.lowlevel.open_process(
+                chromium_args(profile, url),
+                stdin=subprocess.DEVNULL,
+                stdout=log.wrapped,
+                stderr=log.wrapped,
+                env=environment,
+            )
+            try:
+                yield process
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stop(process)
     finally:
         with trio.CancelScope(shield=True):
             await log.aclose()

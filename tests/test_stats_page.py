@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import trio
 import websockets.sync.client
-from chromium import headless, needs_chromium, stop
+from chromium import browser_environment, headless, needs_chromium, stop
 from rawhttp import read_to_eof
 from test_admin import FakeSource, sample_stats
 from test_admin_e2e import echo, eventually, serve_with_admin
@@ -170,24 +170,26 @@ async def chromium(workdir: Path) -> AsyncIterator[Page]:
     """Headless Chromium with one blank page; stopped by its own PID on the way out."""
     profile = workdir / "chromium-profile"
     profile.mkdir()
-    with (workdir / "chromium.stderr").open("wb") as stderr:
-        process = await trio.lowlevel.open_process(
-            chromium_args(profile),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        url = await devtools_url(profile, process)
-        devtools = await trio.to_thread.run_sync(DevTools, url)
+    with browser_environment() as environment:
+        with (workdir / "chromium.stderr").open("wb") as stderr:
+            process = await trio.lowlevel.open_process(
+                chromium_args(profile),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=environment,
+            )
         try:
-            await trio.to_thread.run_sync(devtools.open_page)
-            yield Page(devtools)
+            url = await devtools_url(profile, process)
+            devtools = await trio.to_thread.run_sync(DevTools, url)
+            try:
+                await trio.to_thread.run_sync(devtools.open_page)
+                yield Page(devtools)
+            finally:
+                await trio.to_thread.run_sync(devtools.close)
         finally:
-            await trio.to_thread.run_sync(devtools.close)
-    finally:
-        with trio.CancelScope(shield=True):
-            await stop(process)
+            with trio.CancelScope(shield=True):
+                await stop(process)
 
 
 async def start_admin(nursery: trio.Nursery, source: AdminSource) -> str:
