@@ -142,7 +142,8 @@ def families(snapshot: ServerStatistics) -> Iterator[Metric]:
     handoffs = CounterMetricFamily(
         "tunnel_handoffs",
         "Live hand-offs this process began (SIGUSR2, POST /upgrade), by outcome: done, refused "
-        "(the configuration did not load), failed (the new process did not take over).",
+        "(the configuration did not load), failed (the new process did not take over). With "
+        "workers, the supervisor's refused and failed ones, counted once.",
         labels=["outcome"],
     )
     for outcome, count in snapshot.handoffs:
