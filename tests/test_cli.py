@@ -350,6 +350,10 @@ def test_demo_once_in_a_subprocess_passes_its_self_check() -> None:
     assert completed.returncode == 0, completed.stderr
     assert "self-check: passed" in completed.stdout
     assert "WebSocket URL: ws://127.0.0.1:" in completed.stdout
+    # The demo stops cleanly: the self-check's tunnel ends as it closed, not cut by the exit.
+    [closed] = [line for line in completed.stderr.splitlines() if " tunnel closed " in line]
+    assert re.search(r" reason=(backend_eof|client_eof)$", closed), completed.stderr
+    assert "stopped tunnels_left=0 drained=True" in completed.stderr, completed.stderr
 
 
 def wait_for_text(path: Path, process: subprocess.Popen[bytes], text: str) -> str:

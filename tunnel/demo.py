@@ -12,7 +12,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from tunnel.app import serve_until_signal
+from tunnel.app import Control, serve_until_signal
 from tunnel.config import Address, BackendConfig, Config, ListenerConfig, RouteConfig
 from tunnel.echo import READ_SIZE, flush, serve_echo
 from tunnel.net.listener import bound_address
@@ -82,7 +82,8 @@ async def run_demo(listen: Address, *, once: bool, report: Callable[[str], None]
         echo_listeners = await nursery.start(serve_echo)
         backend_port = echo_listeners[0].socket.getsockname()[1]
         config = demo_config(backend_port, listen)
-        listeners = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
+        control = Control()
+        listeners = await nursery.start(_serve_then_stop, config, nursery.cancel_scope, control)
         address = bound_address(listeners[0])
         url = f"ws://{address}/"
         report(f"echo backend on 127.0.0.1:{backend_port}; tunnel listening on {address}")
@@ -90,8 +91,12 @@ async def run_demo(listen: Address, *, once: bool, report: Callable[[str], None]
         result = await self_check(url)
         passed = result.ok
         report(f"self-check: {'passed' if result.ok else 'FAILED'} ({result.detail})")
-        if once or not result.ok:
+        if not result.ok:
             nursery.cancel_scope.cancel()
+        elif once:
+            # A clean stop: the self-check's tunnel ends as it closed (its own close reason in
+            # the log), not cut short by the exit.
+            control.stop()
         else:
             report("serving; press Ctrl-C to stop")
     return passed
@@ -100,9 +105,11 @@ async def run_demo(listen: Address, *, once: bool, report: Callable[[str], None]
 async def _serve_then_stop(
     config: Config,
     demo: trio.CancelScope,
+    control: Control,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The tunnel until a stop signal; then the rest of the demo (backend, self-check) stops."""
-    await serve_until_signal(config, task_status=task_status)
+    """The tunnel until a stop signal or ``control.stop()``; then the rest of the demo
+    (backend, self-check) stops."""
+    await serve_until_signal(config, control=control, task_status=task_status)
     demo.cancel()
