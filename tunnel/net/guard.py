@@ -26,7 +26,7 @@ import trio
 from tunnel.config import Config, RouteConfig
 from tunnel.config.kinds import RATE_OFF
 from tunnel.core.handshake import UpgradeRequest
-from tunnel.core.headers import values
+from tunnel.core.headers import lowered_values
 from tunnel.errors import ConfigError, ServiceUnavailable, TooManyRequests, TunnelError
 from tunnel.logs import LOGGER_NAME, Throttle, fields
 from tunnel.net.auth_files import TokenFile, auth_rules
@@ -173,7 +173,7 @@ class RouteGuard:
         except TunnelError as error:
             raise Refused(error, Rule.ACCESS) from None
         try:
-            origins = values(upgrade.fields, b"origin")
+            origins = lowered_values(upgrade.fields, b"origin")
             if (
                 access.origins is not None
                 and len(origins) == 1

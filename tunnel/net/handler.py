@@ -38,7 +38,7 @@ from tunnel.core.handshake import (
     validate_request,
 )
 from tunnel.core.hashkey import hash_key
-from tunnel.core.headers import values
+from tunnel.core.headers import lowered_values
 from tunnel.core.proxy_protocol import build as proxy_header
 from tunnel.core.redirect import https_redirect
 from tunnel.core.response import error_response, with_header
@@ -865,7 +865,7 @@ def _sticky_backend(upgrade: UpgradeRequest, route: RouteConfig) -> str | None:
     cookies are ignored (and replaced by the 101's Set-Cookie)."""
     cookie = route.sticky_cookie
     secret = cookie.secret.encode("utf-8")
-    found = cookie_values(values(upgrade.fields, b"cookie"), cookie.name)
+    found = cookie_values(lowered_values(upgrade.fields, b"cookie"), cookie.name)
     # A few at most: each costs an HMAC, and a head full of copies must not buy a client
     # thousands of them.
     for value in found[:STICKY_COOKIES_TRIED]:
