@@ -662,9 +662,7 @@ class _Supervisor:
         """The supervisor has no metrics of its own: worker 1 counts the outcome, once for
         the merged ``/metrics``."""
         body = json.dumps({"outcome": outcome}).encode()
-        for slot in self._slots:
-            if slot.number == 1:
-                self._send(slot, message(HANDOFF_ENDED, body))
+        self._send(self._slots[0], message(HANDOFF_ENDED, body))  # worker 1
 
     # Live hand-off: the new supervisor's side.
 
