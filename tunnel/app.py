@@ -198,9 +198,12 @@ class Control:
         )
         return {"sent": sent, "kept": kept, "seconds": seconds}
 
-    def count_hand_off(self, outcome: str) -> None:
+    async def count_hand_off(self, outcome: str) -> None:
         """Count a hand-off the supervisor refused or called off (``tunnel_handoffs_total``):
-        it tells worker 1 alone, so the merged metrics count it once."""
+        it tells worker 1 alone, so the merged metrics count it once. A worker told so while
+        it starts counts it once it serves (a SIGUSR2 may come that early)."""
+        with trio.move_on_after(START_SECONDS):
+            await self._serving.wait()
         if self.generation is not None:
             self.generation.handoffs[outcome] += 1
 

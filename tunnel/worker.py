@@ -164,7 +164,7 @@ class SupervisorLink:
                         elif kind == HANDOFF_ENDED:
                             outcome = json.loads(body).get("outcome")
                             if outcome in HANDOFF_OUTCOMES:
-                                control.count_hand_off(outcome)
+                                nursery.start_soon(control.count_hand_off, outcome)
                 nursery.cancel_scope.cancel()
         finally:
             self._socket.close()
