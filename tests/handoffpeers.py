@@ -556,6 +556,43 @@ class BulkClient:
             )
 
 
+BULK_BEFORE = 2 * 2**20
+"""Bytes each bulk direction has delivered before the hand-off starts."""
+BULK_SECONDS = 60.0
+
+
+def wait_bulk_both_ways(bulk: BulkClient, backend: BulkBackend) -> None:
+    """Until each direction of the stream has delivered ``BULK_BEFORE`` bytes."""
+    wait_until(
+        "bulk bytes both ways",
+        lambda: (
+            bulk.sink.received >= BULK_BEFORE
+            and sum(sink.received for sink in backend.sinks) >= BULK_BEFORE
+        ),
+    )
+
+
+def bulk_received(bulk: BulkClient, backend: BulkBackend) -> tuple[int, int]:
+    """Bytes the client's and the backend's sinks have received so far."""
+    return bulk.sink.received, backend.sinks[0].received
+
+
+def check_bulk_intact(bulk: BulkClient, backend: BulkBackend, at_hand_off: tuple[int, int]) -> None:
+    """The stream ended both ways without an error, the hand-off (``at_hand_off``: what
+    ``bulk_received`` said then) came in its middle, and each end received exactly the bytes
+    the other sent (SHA-256)."""
+    bulk.join(BULK_SECONDS)
+    for thread in backend.threads:
+        thread.join(BULK_SECONDS)
+    [backend_pump], [backend_sink] = backend.pumps, backend.sinks
+    for end in (bulk.pump, bulk.sink, backend_pump, backend_sink):
+        assert end.failure is None, end.failure
+    assert 0 < at_hand_off[0] < bulk.sink.size, "the hand-off came after the stream"
+    assert 0 < at_hand_off[1] < backend_sink.size, "the hand-off came after the stream"
+    assert bulk.pump.digest == backend_sink.digest
+    assert backend_pump.digest == bulk.sink.digest
+
+
 # --- many idle tunnels -----------------------------------------------------------------------
 
 

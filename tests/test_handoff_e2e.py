@@ -38,6 +38,8 @@ from handoffpeers import (
     Prober,
     TunnelChain,
     admin,
+    bulk_received,
+    check_bulk_intact,
     config_text,
     descriptors,
     error_lines,
@@ -47,6 +49,7 @@ from handoffpeers import (
     stop_last,
     tunnels_by_route,
     upgrade_status,
+    wait_bulk_both_ways,
     wait_until,
     ws_connect,
 )
@@ -57,9 +60,6 @@ BULK_BYTES = 64 * 2**20
 SLOW_RATE = 4 * 2**20
 """Bytes a second each bulk direction sends until the hand-off is done: slow enough that the
 hand-off always lands in the middle of the stream, with bytes in flight both ways."""
-BULK_BEFORE = 2 * 2**20
-"""Bytes each bulk direction has delivered before the signal."""
-BULK_SECONDS = 60.0
 FD_SLACK = 2
 """Descriptors the last process of a chain may hold beyond the first's: none is expected
 (the hand-off socket is closed once the tunnels are adopted); two allow for a descriptor the
@@ -90,20 +90,14 @@ def test_sigusr2_moves_live_tunnels_to_the_new_process(
         chatter = Chatter(ws_connect(port, "chat.test")).start()
         bulk = BulkClient.open(port, "bulk.test", BULK_BYTES, SLOW_RATE, fast)
         chatter.wait_echoed(10)
-        wait_until(
-            "bulk bytes both ways",
-            lambda: (
-                bulk.sink.received >= BULK_BEFORE
-                and sum(sink.received for sink in bulk_backend.sinks) >= BULK_BEFORE
-            ),
-        )
+        wait_bulk_both_ways(bulk, bulk_backend)
         before = tunnels_by_route(admin_port)
         assert {"chat", "bulk"} <= before.keys()
         prober = Prober(port, "probe.test").start()
         wait_until("two upgrades before the signal", lambda: len(prober.statuses) >= 2)
 
         old, new = chain.hand_off(1)
-        in_flight = (bulk.sink.received, bulk_backend.sinks[0].received)
+        in_flight = bulk_received(bulk, bulk_backend)
         fast.set()
         handed_off_at = len(prober.statuses)
         wait_until("two upgrades after", lambda: len(prober.statuses) >= handed_off_at + 2)
@@ -122,16 +116,7 @@ def test_sigusr2_moves_live_tunnels_to_the_new_process(
             assert after[route]["bytes_up"] >= before[route]["bytes_up"] > 0
             assert after[route]["bytes_down"] >= before[route]["bytes_down"] > 0
 
-        bulk.join(BULK_SECONDS)
-        for thread in bulk_backend.threads:
-            thread.join(BULK_SECONDS)
-        [backend_pump], [backend_sink] = bulk_backend.pumps, bulk_backend.sinks
-        for end in (bulk.pump, bulk.sink, backend_pump, backend_sink):
-            assert end.failure is None, end.failure
-        assert 0 < in_flight[0] < bulk.sink.size, "the hand-off came after the stream"
-        assert 0 < in_flight[1] < backend_sink.size, "the hand-off came after the stream"
-        assert bulk.pump.digest == backend_sink.digest
-        assert backend_pump.digest == bulk.sink.digest
+        check_bulk_intact(bulk, bulk_backend, in_flight)
         echoes = chatter.finish()
         assert echoes >= 20
         bulk.sock.close()

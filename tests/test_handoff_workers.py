@@ -38,6 +38,8 @@ from handoffpeers import (
     Prober,
     TunnelChain,
     admin,
+    bulk_received,
+    check_bulk_intact,
     config_text,
     descriptors,
     error_lines,
@@ -46,6 +48,7 @@ from handoffpeers import (
     sha256,
     stop_last,
     upgrade_status,
+    wait_bulk_both_ways,
     wait_until,
     ws_connect,
 )
@@ -58,8 +61,6 @@ BULK_BYTES = 64 * 2**20
 SLOW_RATE = 4 * 2**20
 """Bytes a second each bulk direction sends until the hand-off is done (so that it lands in
 the middle of the stream)."""
-BULK_BEFORE = 2 * 2**20
-BULK_SECONDS = 60.0
 MAX_CHATTERS = 24
 """Clients opened until both workers hold some (the kernel spreads connections by a hash of
 the addresses; 24 all landing on one of two workers has odds of 2**-23)."""
@@ -156,25 +157,18 @@ def test_sigusr2_moves_every_workers_tunnels_to_the_new_workers(
         bulk = BulkClient.open(port, "bulk.test", BULK_BYTES, SLOW_RATE, fast)
         for chatter in chatters:
             chatter.wait_echoed(5)
-        wait_until(
-            "bulk bytes both ways",
-            lambda: (
-                bulk.sink.received >= BULK_BEFORE
-                and sum(sink.received for sink in bulk_backend.sinks) >= BULK_BEFORE
-            ),
-        )
+        wait_bulk_both_ways(bulk, bulk_backend)
         before = tunnels(admin_port)
         assert len(before) == len(chatters) + 1
         old_workers = worker_pids(chain, chain.first.pid)
         prober = Prober(port, "probe.test").start()
-        time.sleep(0.3)
+        wait_until("two upgrades before the signal", lambda: len(prober.statuses) >= 2)
 
         old, new = chain.hand_off(1)
-        in_flight = (bulk.sink.received, bulk_backend.sinks[0].received)
+        in_flight = bulk_received(bulk, bulk_backend)
         fast.set()
-        time.sleep(0.5)
-        # Spaced 100 ms but each as slow as the loaded machine makes it: wait for enough.
-        wait_until("5 probes", lambda: len(prober.statuses) >= 5)
+        handed_off_at = len(prober.statuses)
+        wait_until("three upgrades after", lambda: len(prober.statuses) >= handed_off_at + 3)
         statuses = prober.finish()
         assert chain.wait_exit(old, DRAIN + EXIT_SLACK) == 0
         assert not any(map(alive, old_workers)), old_workers
@@ -184,23 +178,14 @@ def test_sigusr2_moves_every_workers_tunnels_to_the_new_workers(
         assert sent >= len(before)
         print(f"hand-off of {sent} tunnels from {WORKERS} workers under load: {seconds:.3f}s")
         assert all(status == 101 for status in statuses), statuses
-        assert len(statuses) >= 5, statuses
+        assert len(statuses) >= 5, statuses  # two before the hand-off, three after
         after = tunnels(admin_port)  # the new supervisor's worker 1 answers now
         for key, tunnel in before.items():
             assert key in after, (key, sorted(after))
             assert after[key]["route"] == tunnel["route"]
             assert after[key]["bytes_up"] >= tunnel["bytes_up"]  # type: ignore[operator]
 
-        bulk.join(BULK_SECONDS)
-        for thread in bulk_backend.threads:
-            thread.join(BULK_SECONDS)
-        [backend_pump], [backend_sink] = bulk_backend.pumps, bulk_backend.sinks
-        for end in (bulk.pump, bulk.sink, backend_pump, backend_sink):
-            assert end.failure is None, end.failure
-        assert 0 < in_flight[0] < bulk.sink.size, "the hand-off came after the stream"
-        assert 0 < in_flight[1] < backend_sink.size, "the hand-off came after the stream"
-        assert bulk.pump.digest == backend_sink.digest
-        assert backend_pump.digest == bulk.sink.digest
+        check_bulk_intact(bulk, bulk_backend, in_flight)
         echoes = [chatter.finish() for chatter in chatters]
         assert min(echoes) >= 20, echoes
         bulk.sock.close()
