@@ -91,6 +91,20 @@ def _openssl_missing() -> str:
     return result.stdout.strip()
 
 
+def _bench_patched(patch: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench OPTIONS`` in a child that first runs ``patch`` (lines of Python that
+    make this machine look as if something were missing)."""
+    script = f"import sys\n{patch}from bench.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run(
+        [sys.executable, "-c", script, *options],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT,
+        check=False,
+    )
+
+
 def _smoke_session(out: Path, *options: str) -> dict[str, Any]:
     """Run ``python -m bench --smoke OPTIONS``; its JSON report, plus what it printed and the
     path of its chart (None when it wrote none)."""
@@ -237,22 +251,17 @@ def test_haproxy_splice_without_haproxy_is_skipped_with_the_reason(tmp_path: Pat
     """Where haproxy is not installed the haproxy-splice peer is skipped, naming the package,
     and the rest of the session runs."""
     _need_compiler()
-    script = (
-        "import sys\n"
+    result = _bench_patched(
         "import bench.peers as peers\n"
         "found = peers._find\n"
-        "peers._find = lambda program: None if program == 'haproxy' else found(program)\n"
-        "from bench.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    command = [sys.executable, "-c", script, "--smoke", "--only", "upgrade"]
-    result = subprocess.run(
-        [*command, "--against", "haproxy-splice", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT,
-        check=False,
+        "peers._find = lambda program: None if program == 'haproxy' else found(program)\n",
+        "--smoke",
+        "--only",
+        "upgrade",
+        "--against",
+        "haproxy-splice",
+        "--out",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert f"skipping haproxy-splice: {HAPROXY_MISSING}" in result.stderr
@@ -366,21 +375,14 @@ def test_tls_without_openssl_is_skipped_with_the_reason(tmp_path: Path) -> None:
     """Where libssl-dev is missing the load generator is built without TLS, ``--tls`` reports
     "skipped: libssl-dev missing" and exits 0, and that load generator refuses ``--tls``."""
     _need_compiler()
-    script = (
-        "import sys\n"
-        "import bench.build as build\n"
-        "build.openssl_missing = lambda cc: build.OPENSSL_MISSING\n"
-        "from bench.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    command = [sys.executable, "-c", script, "--smoke", "--tls", "--against", "none"]
-    result = subprocess.run(
-        [*command, "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT,
-        check=False,
+    result = _bench_patched(
+        "import bench.build as build\nbuild.openssl_missing = lambda cc: build.OPENSSL_MISSING\n",
+        "--smoke",
+        "--tls",
+        "--against",
+        "none",
+        "--out",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert "skipped: libssl-dev missing" in result.stderr
